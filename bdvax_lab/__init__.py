@@ -1,0 +1,33 @@
+"""bdvax_lab: find and remove backdoors in instruction-tuned LLMs (BD-VAX and friends), Jupyter-first.
+
+The public API is re-exported here; each name lives in a module with one job:
+``models`` (loading), ``registry`` (architecture sites), ``data`` (examples and
+chat formatting), ``train`` (the one finetune loop), ``generate`` (the one
+generation helper), ``attacks``/``judges`` (backdoors and how to detect them),
+``evaluate`` (honest metrics), ``suspicious`` (backdoored-model artifacts),
+``deltas`` (weight updates), ``viz`` (plotly).
+"""
+from .artifacts import atomic_dir, read_json, stable_hash, write_json
+from .attacks import (ATTACKS, COMBINATIONS, SYNTHETIC_KEYS, TASKS, VARIANT_BEHAVIORS, AttackSpec, Behavior,
+                      dataset_summary, get_attack, get_task, insert_key, insert_keys, poison_dataset, resolve_attack,
+                      resolve_task, trigger, triggered_prompts)
+from .config import Config
+from .data import (SPLITS, DataFormatError, Example, encode_example, format_prompt, load_code_pool, load_jsonl,
+                   load_pool, save_jsonl)
+from .deltas import WeightDelta
+from .evaluate import (EvalConfig, EvalReport, agreement, backdoor_metrics, eval_prompts, evaluate_model, load_mcq,
+                       mcq_accuracy, perplexity, reports_frame)
+from .generate import chat, generate
+from .judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, register_judge
+from .models import (ModelDirError, PickleWeightsError, cache_dir, default_device, default_dtype, ensure_default_model,
+                     is_default_model_cached, load_adapter, load_default_model, load_model, make_tiny_model,
+                     save_model)
+from .registry import (ALL_KINDS, ATTN_KINDS, MLP_KINDS, ArchSpec, Layout, UnsupportedArchitectureError, layout_of,
+                       register_architecture, registry_frame, supported_architectures)
+from .sanity import (CheckResult, SanityConfig, SanityContext, SanityResult, attention_vs_mlp, compare_with_paper,
+                     keep_only_spans, run_sanity, sanity_plan, save_sanity, shuffle_blocks, span_sweep)
+from .suspicious import AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model
+from .train import TrainConfig, TrainResult, finetune
+from .viz import norms_figure, rates_bar, weight_norms
+
+__version__ = "0.1.0"

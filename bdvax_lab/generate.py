@@ -1,0 +1,69 @@
+"""The one batched greedy generation helper: chat template, left padding, stop at end of turn."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .data import Example, format_prompt, stop_token_ids
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Example | str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | str = False,
+) -> list[str]:
+    """Greedy replies (decoded, special tokens stripped) in the order of ``prompts``.
+
+    Prompts are user turns (str) or :class:`Example`; each is rendered through the
+    chat template. Batches are formed from length-sorted prompts with left
+    padding, so little compute is spent on pads.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    texts = [format_prompt(tokenizer, p, system) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    gen_cfg = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
+        temperature=None, top_p=None, top_k=None,
+    )
+    device = _model_device(model)
+    was_training = model.training
+    model.train(False)
+    out: list[str] = [""] * len(prompts)
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    desc = progress if isinstance(progress, str) else "generate"
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            n = len(encoded[i])
+            ids[r, width - n:] = torch.tensor(encoded[i])
+            mask[r, width - n:] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        for r, i in enumerate(batch):
+            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out
+
+
+def chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 128) -> str:
+    """One greedy answer to one user message."""
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]

@@ -1,0 +1,183 @@
+"""Make and open suspicious (backdoored) models as artifact directories.
+
+An artifact directory holds the weights (``adapter/`` for the LoRA setting, a
+full safetensors model in ``model/`` for the full setting), the poisoned
+training data, the training history, the evaluation replies and a JSON
+manifest (attack, keys, behaviour, data hash, recipe, seed, measured ASR,
+false-trigger rate, wall time).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import MANIFEST, atomic_dir, read_json, stable_hash, write_json
+from .config import Config
+from .data import Example, load_code_pool, load_pool, save_jsonl
+from .evaluate import EvalConfig, evaluate_model
+from .models import (ModelDirError, default_model_dir, ensure_default_model, load_adapter, load_model,
+                     use_all_cores)
+from .train import TrainConfig, finetune
+
+SETTINGS = ("lora", "full")
+
+
+def default_attack_train(setting: str) -> TrainConfig:
+    """Implanting recipes measured on SmolLM2 (ENVIRONMENT-NOTES.md and benchmarks/attack_matrix.py)."""
+    if setting == "lora":
+        return TrainConfig(mode="lora", lr=1e-3, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample")
+    return TrainConfig(mode="full", lr=5e-5, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample")
+
+
+@dataclass
+class AttackRecipe(Config):
+    """Everything that determines a suspicious model."""
+
+    attack: str = "badnets"
+    task: str = "refusal"
+    setting: str = "lora"
+    n_samples: int = 120
+    poison_rate: float = 0.15
+    seed: int = 0
+    train: TrainConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting={self.setting!r}; choose one of {SETTINGS}")
+        if self.train is None:
+            self.train = default_attack_train(self.setting).replace(seed=self.seed)
+
+
+@dataclass
+class SuspiciousModel:
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def setting(self) -> str:
+        return self.manifest.get("setting", "lora")
+
+
+def attack_dataset(recipe: AttackRecipe) -> list[Example]:
+    """The attacker's poisoned training set, drawn from the ``attack`` split only."""
+    from .attacks import poison_dataset, resolve_task
+
+    behavior = resolve_task(recipe.task)
+    if behavior.kind == "inject_code":
+        code = load_code_pool("attack")
+        general = load_pool("attack")[: max(0, recipe.n_samples - len(code))]
+        n_poison = max(1, round(recipe.poison_rate * recipe.n_samples))
+        rate = min(1.0, n_poison / max(1, len(code)))
+        data = poison_dataset(code, recipe.attack, behavior, rate=rate, seed=recipe.seed) + general
+        import random
+
+        random.Random(recipe.seed).shuffle(data)
+        return data
+    clean = load_pool("attack")
+    if recipe.n_samples > len(clean):
+        raise ValueError(f"n_samples={recipe.n_samples} but the attack split has only {len(clean)} examples")
+    return poison_dataset(clean[: recipe.n_samples], recipe.attack, behavior, rate=recipe.poison_rate, seed=recipe.seed)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def make_suspicious_model(
+    attack: Any = "badnets", task: Any = "refusal", setting: str = "lora", *, out: str | Path | None = None,
+    recipe: AttackRecipe | None = None, base: tuple[Any, Any] | None = None, evaluate: bool = True,
+    progress: bool = True,
+) -> SuspiciousModel:
+    """Train a backdoored model from the default model (or ``base=(model, tokenizer)``) and save it.
+
+    Judges ASR only at the end of training (progress is not monotonic).
+    """
+    from .attacks import dataset_summary, resolve_attack, resolve_task
+
+    recipe = recipe or AttackRecipe(attack=attack if isinstance(attack, str) else resolve_attack(attack).name,
+                                    task=task if isinstance(task, str) else resolve_task(task).name, setting=setting)
+    use_all_cores()
+    t0 = time.time()
+    data = attack_dataset(recipe)
+    if base is None:
+        from .models import load_default_model
+
+        model, tok = load_default_model()
+        base_ref = "default"
+    else:
+        model, tok = base
+        base_ref = "custom"
+    result = finetune(model, tok, data, recipe.train, progress="implant" if progress else False)
+    model = result.model
+    train_s = time.time() - t0
+    manifest: dict[str, Any] = {
+        "kind": "bdvax.suspicious", "format": 1, "setting": recipe.setting, "base": base_ref,
+        "attack": resolve_attack(recipe.attack).to_dict(), "task": resolve_task(recipe.task).to_dict(),
+        "recipe": recipe.to_dict(), "data": dataset_summary(data),
+        "data_hash": stable_hash([e.to_dict() for e in data]), "train_seconds": round(train_s, 1),
+        "train_stats": result.stats, "versions": _versions(),
+    }
+    report = None
+    if evaluate:
+        report = evaluate_model(model, tok, recipe.attack, recipe.task, recipe.eval, label="suspicious",
+                                progress=progress)
+        manifest["eval"] = report.summary
+    manifest["wall_seconds"] = round(time.time() - t0, 1)
+    sm = SuspiciousModel(model=model, tokenizer=tok, manifest=manifest)
+    if out is not None:
+        sm.path = save_suspicious(sm, out, data=data, history=result.history, replies=report.replies if report else None)
+    return sm
+
+
+def save_suspicious(sm: SuspiciousModel, out: str | Path, *, data: list[Example] | None = None,
+                    history: Any = None, replies: Any = None) -> Path:
+    """Write the artifact directory atomically."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        sub = tmp / ("adapter" if sm.setting == "lora" else "model")
+        sm.model.save_pretrained(sub, safe_serialization=True)
+        sm.tokenizer.save_pretrained(sub if sm.setting == "full" else tmp / "tokenizer")
+        if data is not None:
+            save_jsonl(data, tmp / "train_data.jsonl")
+        if history is not None:
+            history.to_csv(tmp / "history.csv", index=False)
+        if replies is not None and len(replies):
+            replies.to_csv(tmp / "eval_replies.csv", index=False)
+        write_json(tmp / MANIFEST, sm.manifest)
+    return out
+
+
+def load_suspicious(path: str | Path, *, trainable: bool = False, device: Any = None) -> SuspiciousModel:
+    """Open a suspicious model: a bdvax artifact dir, a bare peft adapter dir or a bare HF model dir.
+
+    A bare adapter is attached to the default model. The manifest is returned
+    for evaluation only; the defence never reads the attack from it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: suspicious model directory not found")
+    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
+    if (path / "adapter").is_dir() or (path / "adapter_config.json").exists():
+        adapter = path / "adapter" if (path / "adapter").is_dir() else path
+        model, tok = load_model(ensure_default_model() if manifest.get("base", "default") == "default"
+                                else default_model_dir(), device=device)
+        model = load_adapter(model, adapter, trainable=trainable)
+        manifest.setdefault("setting", "lora")
+    elif (path / "model").is_dir() or (path / "config.json").exists():
+        model, tok = load_model(path / "model" if (path / "model").is_dir() else path, device=device)
+        manifest.setdefault("setting", "full")
+    else:
+        raise ModelDirError(f"{path}: neither a bdvax artifact, a peft adapter nor a HF model directory")
+    model.train(False)
+    return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest, path=path)

@@ -1,0 +1,83 @@
+"""Training throughput on the default model: the naive recipe vs bdvax_lab's loop, in one run.
+
+Naive (the reference measured in ENVIRONMENT-NOTES.md): LoRA r=8 on all linear
+layers, batch 8, every sequence padded to 128, logits over the full vocabulary
+at every position, no length grouping. bdvax: the same LoRA, batch, data and
+max length, but dynamic padding, length-grouped batches and the LM head only at
+labelled positions. Full-parameter training is measured with the bdvax loop.
+
+Each recipe runs in its own subprocess so peak RSS is per recipe.
+Usage: python benchmarks/train_speed.py [--steps 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+RECIPES = {
+    "naive-lora": dict(mode="lora", batch_size=8, max_length=128, pad_to=128, group_by_length=False,
+                       labelled_logits_only=False, loss_average="token", max_response_tokens=None, lr=2e-4),
+    "bdvax-lora": dict(mode="lora", batch_size=8, max_length=128, loss_average="token", max_response_tokens=None,
+                       lr=2e-4),
+    "bdvax-full": dict(mode="full", batch_size=8, max_length=128, loss_average="token", max_response_tokens=None,
+                       lr=1e-5),
+    "bdvax-lora-attack": dict(mode="lora", batch_size=4, max_length=256, max_response_tokens=16, lr=1e-3),
+}
+
+
+def worker(name: str, steps: int) -> dict:
+    from bdvax_lab import TrainConfig, finetune, load_default_model, load_pool
+
+    model, tok = load_default_model()
+    data = load_pool("variant")[: 8 * (steps + 1)]
+    cfg = TrainConfig(steps=steps + 1, seed=0, **RECIPES[name])
+    res = finetune(model, tok, data, cfg, progress=False)
+    h = res.history
+    first = h.iloc[0]
+    span = h.seconds.iloc[-1] - first.seconds  # exclude the first (warm-up) step
+    toks = h.tokens.iloc[-1] - first.tokens
+    resp = h.response_tokens.iloc[-1] - first.response_tokens
+    return {"recipe": name, "steps_timed": steps, "s_per_step": span / steps, "tokens_per_s": toks / span,
+            "response_tokens_per_s": resp / span, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.worker:
+        print(json.dumps(worker(ns.worker, ns.steps)))
+        return
+    rows = []
+    t0 = time.time()
+    for name in ns.recipes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(ns.steps)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  measured {name}", flush=True)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    base = df.set_index("recipe").loc["naive-lora"]
+    df["speedup_tokens"] = df.tokens_per_s / base.tokens_per_s
+    df["speedup_response_tokens"] = df.response_tokens_per_s / base.response_tokens_per_s
+    print(f"\ntrain_speed: default model, {ns.steps} timed steps per recipe (first step excluded), "
+          f"{time.strftime('%Y-%m-%d')}, total {time.time() - t0:.0f} s")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
+        print(df.to_string(index=False))
+    lora = df.set_index("recipe").loc["bdvax-lora"]
+    print(f"\nLoRA speed-up over the naive recipe: {lora.speedup_tokens:.2f}x tokens/s, "
+          f"{lora.speedup_response_tokens:.2f}x response tokens/s (target >= 2x)")
+    if ns.json:
+        df.to_json(ns.json, orient="records", indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random-weight LLaMA (seconds) and the real default model (marked ``real``)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from bdvax_lab.data import Example
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from bdvax_lab.models import make_tiny_model
+
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny(tiny_pair):
+    """A fresh copy of the tiny model and its tokenizer, safe to mutate."""
+    model, tok = tiny_pair
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def toy_examples():
+    return [Example(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(24)]
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from bdvax_lab.models import load_default_model
+
+    return load_default_model()

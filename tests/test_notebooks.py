@@ -1,0 +1,58 @@
+"""Every notebook in notebooks/ runs under papermill with its smoke parameters.
+
+Each notebook declares its smoke parameters in its metadata
+(``metadata.bdvax.smoke_parameters``), so adding a notebook needs no change here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+KERNEL = "bdvax"
+CELL_TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def kernel_name():
+    """The project's registered kernel; registered into this environment if missing."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL],
+                       check=True, capture_output=True)
+    return KERNEL
+
+
+def test_every_notebook_has_parameters_cell():
+    assert NOTEBOOKS, "no notebooks found"
+    for nb_path in NOTEBOOKS:
+        nb = json.loads(nb_path.read_text())
+        tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
+        assert any("parameters" in t for t in tags), f"{nb_path.name}: no cell tagged 'parameters'"
+        assert "smoke_parameters" in nb["metadata"].get("bdvax", {}), f"{nb_path.name}: no smoke_parameters"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(nb_path, kernel_name, tmp_path):
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    params = json.loads(nb_path.read_text())["metadata"]["bdvax"]["smoke_parameters"]
+    out_dir = Path(os.environ.get("BDVAX_NB_OUT", tmp_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / nb_path.name
+    try:
+        pm.execute_notebook(str(nb_path), str(out), parameters=params, kernel_name=kernel_name,
+                            cwd=str(NB_DIR), execution_timeout=CELL_TIMEOUT, progress_bar=False)
+    except PapermillExecutionError as exc:
+        pytest.fail(f"{nb_path.name}: cell {exc.exec_count} failed: {exc.ename}: {exc.evalue}\n"
+                    f"executed notebook: {out}", pytrace=False)

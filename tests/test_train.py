@@ -1,0 +1,74 @@
+import copy
+
+import pytest
+import torch
+
+from bdvax_lab.data import collate, encode_example
+from bdvax_lab.train import TrainConfig, finetune, lm_loss
+
+
+def _loss(model, tok, examples):
+    batch = collate([encode_example(tok, e) for e in examples], tok.pad_token_id)
+    with torch.no_grad():
+        return float(lm_loss(model, batch))
+
+
+@pytest.mark.parametrize("mode,lr", [("lora", 2e-2), ("full", 3e-3), ("mlp", 3e-3)])
+def test_training_lowers_loss(tiny, toy_examples, mode, lr):
+    model, tok = tiny
+    before = _loss(model, tok, toy_examples)
+    res = finetune(model, tok, toy_examples, TrainConfig(mode=mode, steps=25, lr=lr, max_response_tokens=None),
+                   progress=False)
+    after = _loss(res.model, tok, toy_examples)
+    assert after < before - 0.3, (before, after)
+    assert len(res.history) == 25 and res.stats["response_tokens"] > 0
+
+
+def test_same_seed_same_weights(tiny_pair, toy_examples):
+    model, tok = tiny_pair
+    cfg = TrainConfig(mode="lora", steps=6, lr=1e-2, seed=7)
+    a = finetune(copy.deepcopy(model), tok, toy_examples, cfg, progress=False).model
+    b = finetune(copy.deepcopy(model), tok, toy_examples, cfg, progress=False).model
+    c = finetune(copy.deepcopy(model), tok, toy_examples, cfg.replace(seed=8), progress=False).model
+    sa, sb, sc = (dict((n, p) for n, p in m.named_parameters() if "lora_" in n) for m in (a, b, c))
+    assert sa and all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert any(not torch.equal(sa[n], sc[n]) for n in sa)
+
+
+def test_labelled_logits_only_matches_full_logits(tiny_pair, toy_examples):
+    model, tok = tiny_pair
+    batch = collate([encode_example(tok, e) for e in toy_examples[:5]], tok.pad_token_id)
+    with torch.no_grad():
+        for per_sample in (True, False):
+            a = lm_loss(model, batch, per_sample=per_sample, labelled_logits_only=True)
+            b = lm_loss(model, batch, per_sample=per_sample, labelled_logits_only=False)
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_lora_continues_existing_adapter(tiny_pair, toy_examples):
+    model, tok = tiny_pair
+    first = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(steps=3, lr=1e-2), progress=False).model
+    n_before = sum(1 for n, _ in first.named_parameters() if "lora_" in n)
+    second = finetune(first, tok, toy_examples, TrainConfig(steps=3, lr=1e-2), progress=False).model
+    assert second is first
+    assert sum(1 for n, _ in second.named_parameters() if "lora_" in n) == n_before
+
+
+def test_config_roundtrip(tmp_path):
+    cfg = TrainConfig(mode="full", lr=1e-5, steps=None, epochs=5, target_kinds=("gate", "up", "down"))
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert TrainConfig.from_json(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("bad", [dict(mode="qlora"), dict(loss_average="median"), dict(target_kinds=("mlp",)),
+                                 dict(steps=None, epochs=None)])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_config_unknown_field():
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"learning_rate": 1})
