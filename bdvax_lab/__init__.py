@@ -5,7 +5,8 @@ The public API is re-exported here; each name lives in a module with one job:
 chat formatting), ``train`` (the one finetune loop), ``generate`` (the one
 generation helper), ``attacks``/``judges`` (backdoors and how to detect them),
 ``evaluate`` (honest metrics), ``suspicious`` (backdoored-model artifacts),
-``deltas`` (weight updates), ``viz`` (plotly).
+``deltas`` (weight updates), ``signature`` (BD-VAX variants, twins, scores),
+``purify`` (suppression, repair, the one-call pipeline), ``viz`` (plotly).
 """
 from .artifacts import atomic_dir, read_json, stable_hash, write_json
 from .attacks import (ATTACKS, COMBINATIONS, SYNTHETIC_KEYS, TASKS, VARIANT_BEHAVIORS, AttackSpec, Behavior,
@@ -22,10 +23,14 @@ from .judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, 
 from .models import (ModelDirError, PickleWeightsError, cache_dir, default_device, default_dtype, ensure_default_model,
                      is_default_model_cached, load_adapter, load_default_model, load_model, make_tiny_model,
                      save_model)
+from .purify import (PurifyConfig, PurifyResult, RepairConfig, SuppressConfig, load_purified, purify, reinit_channels,
+                     repair, suppress, zero_lora_channels)
 from .registry import (ALL_KINDS, ATTN_KINDS, MLP_KINDS, ArchSpec, Layout, UnsupportedArchitectureError, layout_of,
                        register_architecture, registry_frame, supported_architectures)
 from .sanity import (CheckResult, SanityConfig, SanityContext, SanityResult, attention_vs_mlp, compare_with_paper,
                      keep_only_spans, run_sanity, sanity_plan, save_sanity, shuffle_blocks, span_sweep)
+from .signature import (Selection, Signature, SignatureConfig, VariantSpec, extract_signature, make_variants,
+                        random_selection, train_twins)
 from .suspicious import AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model
 from .train import TrainConfig, TrainResult, finetune
 from .viz import norms_figure, rates_bar, weight_norms

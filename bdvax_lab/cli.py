@@ -161,16 +161,18 @@ def cmd_build_pool(ns: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attack", action="store_true", help="also implant a BadNets-refusal backdoor (~3 min) and measure it")
-    p.add_argument("--out", default="runs/demo", help="where --attack writes its artifacts")
+    p.add_argument("--quick", action="store_true", help="3 variants and a 2-epoch repair (~8 min instead of ~20)")
+    p.add_argument("--no-purify", action="store_true", help="stop after implanting and measuring the backdoor")
+    p.add_argument("--chat-only", action="store_true", help="only load the default model and chat")
+    p.add_argument("--out", default="runs/demo", help="artifact directory")
 
 
-@command("demo", "the main job on the default model")
+@command("demo", "the main job: backdoor the default model, then purify it with BD-VAX (before/after table)")
 @args(_demo_args)
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(attack=ns.attack, out=ns.out)
+    return run_demo(purify_model=not ns.no_purify, quick=ns.quick, out=ns.out, chat_only=ns.chat_only)
 
 
 # --------------------------------------------------------------------------- sanity checks (paper Table 1)
@@ -219,6 +221,106 @@ def cmd_sanity(ns: argparse.Namespace) -> int:
     _print_frame(compare_with_paper(result))
     print(f"\nwrote {ns.out} ({result.meta['n_conditions']} conditions, {result.meta['seconds']} s; "
           f"total {time.time() - t0:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- BD-VAX pipeline
+def _sig_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="insult", help="behaviour family the defender fears: insult, refusal, code_injection")
+    p.add_argument("--n-variants", type=int, default=6)
+    p.add_argument("--rho", type=float, help="fraction of MLP channels to select (default: the paper's for the setting)")
+    p.add_argument("--scope", default="module", choices=["module", "global"])
+    p.add_argument("--heads", type=int, default=0, help="also select the top-h attention heads")
+    p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--score", default="combined", choices=["combined", "norm", "align"])
+    p.add_argument("--twin-steps", type=int, help="poisoned-twin steps (clean twin: same epochs over its data)")
+    p.add_argument("--cache-dir", help="twin cache (default: <cache>/twins)")
+    p.add_argument("--config", help="SignatureConfig as JSON/YAML (flags override nothing in it)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _signature_config(ns: argparse.Namespace, setting: str) -> Any:
+    from .signature import SignatureConfig, default_twin_train
+
+    if ns.config:
+        loader = SignatureConfig.from_yaml if ns.config.endswith((".yaml", ".yml")) else SignatureConfig.from_json
+        return loader(ns.config)
+    twin = default_twin_train(setting)
+    if ns.twin_steps:
+        twin = twin.replace(steps=ns.twin_steps)
+    return SignatureConfig(family=ns.family, n_variants=ns.n_variants, rho=ns.rho, scope=ns.scope, heads=ns.heads,
+                           lam=ns.lam, score=ns.score, twin_train=twin, seed=ns.seed)
+
+
+def _variants_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspicious_dir")
+    p.add_argument("--shard", default="0/1", help="i/n: train only the variants with index %% n == i")
+    _sig_args(p)
+
+
+@command("variants", "train the synthetic variants' twins into the shared cache (shardable over processes)")
+@args(_variants_args)
+def cmd_variants(ns: argparse.Namespace) -> int:
+    from .purify import defence_view
+    from .signature import jobs_frame, train_twins
+    from .suspicious import load_suspicious
+
+    sm = defence_view(load_suspicious(ns.suspicious_dir))
+    jobs = train_twins(sm, _signature_config(ns, sm.setting), cache_dir=ns.cache_dir, shard=ns.shard)
+    _print_frame(jobs_frame(jobs))
+    return 0
+
+
+def _signature_cmd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspicious_dir")
+    p.add_argument("--out", required=True, help="directory for the signature (safetensors + JSON)")
+    _sig_args(p)
+
+
+@command("signature", "extract the backdoor signature of a suspicious model (trains missing twins)")
+@args(_signature_cmd_args)
+def cmd_signature(ns: argparse.Namespace) -> int:
+    from .purify import defence_view
+    from .signature import extract_signature
+    from .suspicious import load_suspicious
+
+    sm = defence_view(load_suspicious(ns.suspicious_dir))
+    sig = extract_signature(sm, _signature_config(ns, sm.setting), cache_dir=ns.cache_dir)
+    sig.save(ns.out)
+    _print_frame(sig.layer_summary())
+    print(f"wrote {ns.out}")
+    return 0
+
+
+def _purify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspicious_dir")
+    p.add_argument("--out", required=True, help="artifact directory for the purified model and its report")
+    p.add_argument("--attack", help="attack for measuring ASR (default: the manifest's; the defence never reads it)")
+    p.add_argument("--task", help="task for measuring ASR (default: the manifest's)")
+    p.add_argument("--repair-epochs", type=float, default=5.0)
+    p.add_argument("--repair-samples", type=int, default=200)
+    p.add_argument("--repair-lr", type=float, help="default: 2e-4 (LoRA) / 1e-5 (full), the paper's")
+    p.add_argument("--init", default="model", choices=["model", "xavier", "matched", "zero"],
+                   help="full setting: how suppressed channels are re-initialised")
+    p.add_argument("--n-prompts", type=int, default=50, help="held-out prompts for ASR")
+    p.add_argument("--stages", default="suspicious,suppressed,purified")
+    _sig_args(p)
+
+
+@command("purify", "BD-VAX: signature, suppression, repair, before/after evaluation")
+@args(_purify_args)
+def cmd_purify(ns: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig
+    from .purify import PurifyConfig, RepairConfig, SuppressConfig, detect_setting, purify
+    from .suspicious import load_suspicious
+
+    sm = load_suspicious(ns.suspicious_dir)
+    setting = detect_setting(sm.model)
+    cfg = PurifyConfig(signature=_signature_config(ns, setting), suppression=SuppressConfig(init=ns.init),
+                       repair=RepairConfig(n_samples=ns.repair_samples, epochs=ns.repair_epochs, lr=ns.repair_lr),
+                       eval=EvalConfig(n_prompts=ns.n_prompts), evaluate=tuple(ns.stages.split(",")))
+    res = purify(sm, config=cfg, out=ns.out, attack=ns.attack, task=ns.task, cache_dir=ns.cache_dir)
+    print(res)
     return 0
 
 

@@ -1,22 +1,29 @@
 """``bdvax demo``: the main job on the default model.
 
-Today: load (and on first use convert) SmolLM2-135M-Instruct, answer a few
-questions through its chat template; with ``--attack``, implant a BadNets
-refusal backdoor and print its ASR / false-trigger table. The purification
-pipeline will extend this into a before/after demo.
+Loads (on first use: converts) SmolLM2-135M-Instruct, answers a few questions,
+implants a BadNets → refusal backdoor in a LoRA adapter (the measured attack
+recipe, ~2.5 min), then purifies it with BD-VAX without reading the attack
+(synthetic refusal-family variants, differential-delta signature, suppression,
+repair) and prints the before / suppressed / after table. ``quick=True`` uses 3
+variants and a shorter repair for a first look (~8 min instead of ~20).
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
     "Give me two tips for staying healthy.",
     "Write a Python function that returns the square of a number.",
 )
+#: Signature fraction used by the demo and the pipeline benchmark. The paper's 35% (LoRA, LLaMA-2-7B) is far
+#: from enough on SmolLM2 (ENVIRONMENT-NOTES.md: ASR 0.84 at 35%, 0.00 from 80% before any repair).
+DEMO_RHO = 0.8
 
 
-def run_demo(attack: bool = False, out: str = "runs/demo") -> int:
+def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/demo", chat_only: bool = False) -> int:
+    from .cli import _print_frame
     from .generate import generate
     from .models import load_default_model
 
@@ -25,15 +32,37 @@ def run_demo(attack: bool = False, out: str = "runs/demo") -> int:
     print(f"loaded SmolLM2-135M-Instruct in {time.time() - t0:.1f} s")
     for prompt, reply in zip(DEMO_PROMPTS, generate(model, tok, list(DEMO_PROMPTS), max_new_tokens=64)):
         print(f"\nUser: {prompt}\nSmolLM2: {reply}")
-    if attack:
-        from .cli import _print_frame
-        from .evaluate import EvalConfig
-        from .suspicious import AttackRecipe, make_suspicious_model
+    if chat_only:
+        return 0
+    from .evaluate import EvalConfig
+    from .suspicious import AttackRecipe, load_suspicious, make_suspicious_model
 
-        print("\nImplanting a BadNets → refusal backdoor (LoRA, measured recipe)...")
-        sm = make_suspicious_model(recipe=AttackRecipe(eval=EvalConfig(n_prompts=50, utility=("ppl",))),
-                                   base=(model, tok), out=out)
-        import pandas as pd
+    out_dir = Path(out)
+    sus_dir = out_dir / "suspicious"
+    if (sus_dir / "manifest.json").exists():
+        print(f"\nRe-using the suspicious model in {sus_dir}")
+        sm = load_suspicious(sus_dir)
+    else:
+        print("\n[1/2] Implanting a BadNets → refusal backdoor (LoRA, the measured recipe, ~2.5 min)...", flush=True)
+        sm = make_suspicious_model(recipe=AttackRecipe(eval=EvalConfig(n_prompts=50, utility=())),
+                                   base=(model, tok), out=sus_dir)
+    ev = sm.manifest.get("eval", {})
+    if ev:
+        print(f"suspicious model: ASR {ev['asr']:.2f}, false-trigger {ev['false_trigger']:.2f}")
+    if not purify_model:
+        return 0
+    from .purify import PurifyConfig, RepairConfig, purify
+    from .signature import SignatureConfig
 
-        _print_frame(pd.DataFrame([sm.manifest["eval"]]))
+    n_var, epochs = (3, 2.0) if quick else (6, 5.0)
+    print(f"\n[2/2] BD-VAX purification: {n_var} synthetic refusal-family variants, rho={DEMO_RHO}, "
+          f"repair {epochs:g} epochs on 200 clean samples. The defence never reads the attack.", flush=True)
+    cfg = PurifyConfig(signature=SignatureConfig(family="refusal", n_variants=n_var, rho=DEMO_RHO),
+                       repair=RepairConfig(epochs=epochs), eval=EvalConfig(n_prompts=50), inplace=True)
+    res = purify(sm, config=cfg, out=out_dir / "purified")
+    cols = [c for c in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl", "mcq_acc",
+                        "agreement") if c in res.report.columns]
+    print("\nBefore / after (BadNets → refusal, 50 held-out prompts, greedy, through the chat template):")
+    _print_frame(res.report[cols].reset_index())
+    print("stage seconds:", {k: round(v) for k, v in res.timings.items()}, f"| repair lr {res.repair.lr:g}")
     return 0

@@ -45,8 +45,15 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
 
 
 def use_all_cores() -> int:
-    """Set torch's intra-op threads to the cores available (default on this box: 2)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Set torch's intra-op threads to the cores available (default on this box: 2).
+
+    ``$BDVAX_NUM_THREADS`` overrides (the unit tests use 1: tiny models run faster single-threaded).
+    """
+    env = os.environ.get("BDVAX_NUM_THREADS")
+    if env:
+        n = int(env)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

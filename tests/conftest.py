@@ -2,10 +2,23 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
+import torch
 
 from bdvax_lab.data import Example
+
+
+@pytest.fixture(autouse=True)
+def _threads(request, monkeypatch):
+    """Tiny models run faster on one thread; tests marked ``real`` get every core."""
+    if request.node.get_closest_marker("real"):
+        monkeypatch.delenv("BDVAX_NUM_THREADS", raising=False)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    else:
+        monkeypatch.setenv("BDVAX_NUM_THREADS", "1")
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -33,13 +33,26 @@ def test_mcq_prefers_likely_answer(tiny_pair):
 
 
 def test_mcq_scores_choices_like_manual(tiny_pair):
-    """A question whose 'correct' choice is the model's own greedy reply must be answered right."""
-    from bdvax_lab import generate
+    """The chosen answer is the choice with the highest manually computed log-likelihood."""
+    import torch
+
+    from bdvax_lab.data import format_prompt
 
     model, tok = tiny_pair
-    own = generate(model, tok, ["Pick one"], max_new_tokens=3)[0]
-    q = {"question": "Pick one", "choices": ["zzzz qqqq xxxx", own, "!!!! ???? ####", "1 2 3 4 5 6 7 8"], "answer": 1}
+    choices = ["red apple", "blue sky over the sea", "seven", "a cat"]
+    prompt_ids = tok(format_prompt(tok, "Pick one"), add_special_tokens=False)["input_ids"]
+    manual = []
+    with torch.no_grad():
+        for c in choices:
+            c_ids = tok(c, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + c_ids])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            manual.append(sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(c_ids)))
+    best = max(range(4), key=lambda i: manual[i])
+    q = {"question": "Pick one", "choices": choices, "answer": best}
     assert mcq_accuracy(model, tok, [q])["mcq_acc"] == 1.0
+    q_wrong = dict(q, answer=(best + 1) % 4)
+    assert mcq_accuracy(model, tok, [q_wrong])["mcq_acc"] == 0.0
 
 
 def test_perplexity_finite(tiny_pair):
