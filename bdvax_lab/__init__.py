@@ -6,12 +6,16 @@ chat formatting), ``train`` (the one finetune loop), ``generate`` (the one
 generation helper), ``attacks``/``judges`` (backdoors and how to detect them),
 ``evaluate`` (honest metrics), ``suspicious`` (backdoored-model artifacts),
 ``deltas`` (weight updates), ``signature`` (BD-VAX variants, twins, scores),
-``purify`` (suppression, repair, the one-call pipeline), ``viz`` (plotly).
+``purify`` (suppression, repair, the one-call pipeline), ``sanity`` (Table-1 delta ablations),
+``probes`` (nnsight activation probes), ``baselines`` (FT, pruning, fine-pruning, INT4, CROW),
+``viz`` (plotly).
 """
 from .artifacts import atomic_dir, read_json, stable_hash, write_json
 from .attacks import (ATTACKS, COMBINATIONS, SYNTHETIC_KEYS, TASKS, VARIANT_BEHAVIORS, AttackSpec, Behavior,
                       dataset_summary, get_attack, get_task, insert_key, insert_keys, poison_dataset, resolve_attack,
                       resolve_task, trigger, triggered_prompts)
+from .baselines import (BASELINES, BaselineConfig, CrowConfig, DefenceResult, FinePruneConfig, PruneConfig,
+                        QuantizeConfig, baseline_config, defend, fake_quantize)
 from .config import Config
 from .data import (SPLITS, DataFormatError, Example, encode_example, format_prompt, load_code_pool, load_jsonl,
                    load_pool, save_jsonl)
@@ -23,6 +27,8 @@ from .judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, 
 from .models import (ModelDirError, PickleWeightsError, cache_dir, default_device, default_dtype, ensure_default_model,
                      is_default_model_cached, load_adapter, load_default_model, load_model, make_tiny_model,
                      save_model)
+from .probes import (ProbeResult, ablation_probe, activation_diff, activation_patching, behavior_token_id,
+                     compare_activation_diff, logit_lens, overlay_signature, signature_correlation)
 from .purify import (PurifyConfig, PurifyResult, RepairConfig, SuppressConfig, load_purified, purify, reinit_channels,
                      repair, suppress, zero_lora_channels)
 from .registry import (ALL_KINDS, ATTN_KINDS, MLP_KINDS, ArchSpec, Layout, UnsupportedArchitectureError, layout_of,

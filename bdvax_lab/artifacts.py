@@ -128,3 +128,25 @@ def dir_hash(path: Path, n: int = 16, suffixes: tuple[str, ...] = (".safetensors
             h.update(str(p.relative_to(path)).encode())
             h.update(file_hash(p, 64).encode())
     return h.hexdigest()[:n]
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def frame_records(df: Any) -> list[dict[str, Any]]:
+    """A DataFrame (index reset) as JSON-ready records, NaN → None."""
+    import math
+
+    out = []
+    for row in df.reset_index().to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return out

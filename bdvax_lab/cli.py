@@ -165,6 +165,11 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-purify", action="store_true", help="stop after implanting and measuring the backdoor")
     p.add_argument("--chat-only", action="store_true", help="only load the default model and chat")
     p.add_argument("--out", default="runs/demo", help="artifact directory")
+    p.add_argument("--n-variants", type=int, help="override the number of synthetic variants")
+    p.add_argument("--twin-steps", type=int, help="override the poisoned twins' steps")
+    p.add_argument("--repair-epochs", type=float, help="override the repair epochs")
+    p.add_argument("--attack-steps", type=int, help="override the attack's training steps")
+    p.add_argument("--n-prompts", type=int, default=50, help="held-out prompts for ASR")
 
 
 @command("demo", "the main job: backdoor the default model, then purify it with BD-VAX (before/after table)")
@@ -172,7 +177,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(purify_model=not ns.no_purify, quick=ns.quick, out=ns.out, chat_only=ns.chat_only)
+    return run_demo(purify_model=not ns.no_purify, quick=ns.quick, out=ns.out, chat_only=ns.chat_only,
+                    n_variants=ns.n_variants, twin_steps=ns.twin_steps, repair_epochs=ns.repair_epochs,
+                    n_prompts=ns.n_prompts, attack_steps=ns.attack_steps)
 
 
 # --------------------------------------------------------------------------- sanity checks (paper Table 1)
@@ -184,8 +191,12 @@ def _sanity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="plain base model directory (default: the adapter's base / the default model)")
     p.add_argument("--n-prompts", type=int, default=32, help="held-out prompts, each with and without the key")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--n-ppl", type=int, default=32, help="held-out replies for perplexity (0: skip)")
+    p.add_argument("--n-ppl", type=int, default=16, help="held-out replies for perplexity (0: skip)")
+    p.add_argument("--probe-tokens", type=int, default=1,
+                   help="target tokens in the behaviour probability (1: first token; 3 separates \"I'm sorry\")")
     p.add_argument("--ks", help="span-sweep k values, comma list (default: 0,1,2,4,6,8,10,12,15,20,25,L)")
+    p.add_argument("--starts", default="start,end",
+                   help="span-sweep starts: comma list of start, middle, end or block indices (default: start,end)")
     p.add_argument("--width", type=int, help="keep-only span width (default: ceil(L/3))")
     p.add_argument("--seeds", default="0,1,2", help="shuffle seeds, comma list")
     p.add_argument("--checks", default="all", help="comma list of attention_vs_mlp,span_sweep,keep_only_spans,"
@@ -206,10 +217,12 @@ def cmd_sanity(ns: argparse.Namespace) -> int:
     t0 = time.time()
     checks = CHECKS if ns.checks == "all" else tuple(c.strip() for c in ns.checks.split(",") if c.strip())
     ctx = SanityContext.from_suspicious(ns.suspicious_dir, base=ns.base, attack=ns.attack, task=ns.task,
-                                        n_prompts=ns.n_prompts, max_new_tokens=ns.max_new_tokens, n_ppl=ns.n_ppl)
+                                        n_prompts=ns.n_prompts, max_new_tokens=ns.max_new_tokens, n_ppl=ns.n_ppl,
+                                        probe_tokens=ns.probe_tokens)
     print(f"sanity: {ctx.label} ({ctx.setting}, {ctx.attack.name} → {ctx.behavior.name}, "
           f"{ctx.layout.n_blocks} blocks, {len(ctx.prompts)} prompts) loaded in {time.time() - t0:.1f} s")
-    result = run_sanity(ctx, checks, ks=ints(ns.ks), width=ns.width, seeds=ints(ns.seeds) or (),
+    starts = [int(x) if x.strip().isdigit() else x.strip() for x in ns.starts.split(",") if x.strip()]
+    result = run_sanity(ctx, checks, ks=ints(ns.ks), starts=starts, width=ns.width, seeds=ints(ns.seeds) or (),
                         progress=not ns.no_progress)
     save_sanity(result, ns.out)
     cols = ["condition", "blocks", "asr", "false_trigger", "degenerate", "p_behavior", "p_behavior_clean", "ppl",
@@ -320,6 +333,86 @@ def cmd_purify(ns: argparse.Namespace) -> int:
                        repair=RepairConfig(n_samples=ns.repair_samples, epochs=ns.repair_epochs, lr=ns.repair_lr),
                        eval=EvalConfig(n_prompts=ns.n_prompts), evaluate=tuple(ns.stages.split(",")))
     res = purify(sm, config=cfg, out=ns.out, attack=ns.attack, task=ns.task, cache_dir=ns.cache_dir)
+    print(res)
+    return 0
+
+
+# --------------------------------------------------------------------------- probes
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspicious_dir")
+    p.add_argument("--out", required=True, help="directory for CSV tables and HTML figures")
+    p.add_argument("--attack", help="default: the manifest's")
+    p.add_argument("--task", help="default: the manifest's")
+    p.add_argument("--n-pairs", type=int, default=32)
+    p.add_argument("--probes", default="diff,ablation,patching,lens")
+    p.add_argument("--mode", default="mean", choices=["zero", "mean"], help="ablation mode")
+
+
+@command("probe", "nnsight probes: activation differences, ablation, patching, logit lens")
+@args(_probe_args)
+def cmd_probe(ns: argparse.Namespace) -> int:
+    from . import probes as pr
+    from .artifacts import atomic_write_text
+    from .attacks import triggered_prompts
+    from .evaluate import eval_prompts
+    from .suspicious import load_suspicious
+
+    sm = load_suspicious(ns.suspicious_dir)
+    attack = ns.attack or (sm.manifest.get("attack") or {}).get("name")
+    task = ns.task or (sm.manifest.get("task") or {}).get("name")
+    if not attack or not task:
+        raise ValueError(f"{ns.suspicious_dir}: no attack/task in the manifest; pass --attack and --task")
+    clean = eval_prompts(task, ns.n_pairs)
+    trig = triggered_prompts(clean, attack)
+    tid = pr.behavior_token_id(sm.tokenizer, task)
+    wanted = set(ns.probes.split(","))
+    results = {}
+    if "diff" in wanted:
+        results["activation_diff"] = pr.activation_diff(sm.model, sm.tokenizer, clean, trig)
+    if "ablation" in wanted:
+        results["ablation"] = pr.ablation_probe(sm.model, sm.tokenizer, trig, tid, mode=ns.mode, clean_prompts=clean)
+    if "patching" in wanted:
+        results["patching"] = pr.activation_patching(sm.model, sm.tokenizer, clean, trig, tid)
+    if "lens" in wanted:
+        results["logit_lens"] = pr.logit_lens(sm.model, sm.tokenizer, {"triggered": trig, "clean": clean}, tid)
+    out = Path(ns.out)
+    for name, res in results.items():
+        atomic_write_text(out / f"{name}.csv", res.frame.to_csv(index=False))
+        if res.figure is not None:  # plotly.js written once beside the figures: they open offline
+            res.figure.write_html(out / f"{name}.html", include_plotlyjs="directory")
+        print(f"\n{name}")
+        _print_frame(res.frame.head(12))
+    print(f"\nwrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- baselines
+def _defend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspicious_dir")
+    p.add_argument("--method", required=True, help="finetune_only, magnitude_prune, fine_prune, quantize_int4, crow, "
+                                                   "crow_published")
+    p.add_argument("--out", help="artifact directory for the defended model and its report")
+    p.add_argument("--attack", help="attack for measuring ASR (default: the manifest's)")
+    p.add_argument("--task", help="task for measuring ASR (default: the manifest's)")
+    p.add_argument("--rho", type=float, help="pruning ratio (default: the signature's paper default for the setting)")
+    p.add_argument("--repair-epochs", type=float, default=5.0, help="same budget as BD-VAX's repair")
+    p.add_argument("--lr", type=float, help="override the finetuning lr (default: the repair's)")
+    p.add_argument("--n-prompts", type=int, default=50)
+
+
+@command("defend", "run a baseline defence (same clean data and budget as BD-VAX's repair)")
+@args(_defend_args)
+def cmd_defend(ns: argparse.Namespace) -> int:
+    from .baselines import BASELINES, baseline_config, defend
+    from .evaluate import EvalConfig
+    from .purify import RepairConfig
+
+    if ns.method not in BASELINES:
+        raise ValueError(f"unknown method {ns.method!r}; methods: {sorted(BASELINES)}")
+    extra = {"rho": ns.rho} if ns.rho is not None and "prune" in ns.method else {}
+    cfg = baseline_config(ns.method, repair=RepairConfig(epochs=ns.repair_epochs, lr=ns.lr),
+                          eval=EvalConfig(n_prompts=ns.n_prompts), **extra)
+    res = defend(ns.suspicious_dir, ns.method, config=cfg, attack=ns.attack, task=ns.task, out=ns.out)
     print(res)
     return 0
 

@@ -141,10 +141,6 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _is_peft(model: Any) -> bool:
-    return type(model).__name__.startswith("Peft")
-
-
 def _target_weight(hf_model: Any, name: str) -> torch.nn.Parameter:
     """The plain weight of module ``name``; for a LoRA-wrapped module, its base layer's weight."""
     module = hf_model.get_submodule(name)

@@ -22,7 +22,9 @@ DEMO_PROMPTS = (
 DEMO_RHO = 0.8
 
 
-def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/demo", chat_only: bool = False) -> int:
+def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/demo", chat_only: bool = False,
+             n_variants: int | None = None, twin_steps: int | None = None, repair_epochs: float | None = None,
+             n_prompts: int = 50, attack_steps: int | None = None) -> int:
     from .cli import _print_frame
     from .generate import generate
     from .models import load_default_model
@@ -44,25 +46,32 @@ def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/de
         sm = load_suspicious(sus_dir)
     else:
         print("\n[1/2] Implanting a BadNets → refusal backdoor (LoRA, the measured recipe, ~2.5 min)...", flush=True)
-        sm = make_suspicious_model(recipe=AttackRecipe(eval=EvalConfig(n_prompts=50, utility=())),
-                                   base=(model, tok), out=sus_dir)
+        recipe = AttackRecipe(eval=EvalConfig(n_prompts=n_prompts, utility=()))
+        if attack_steps:
+            recipe.train = recipe.train.replace(steps=attack_steps)
+        sm = make_suspicious_model(recipe=recipe, base=(model, tok), out=sus_dir)
     ev = sm.manifest.get("eval", {})
     if ev:
         print(f"suspicious model: ASR {ev['asr']:.2f}, false-trigger {ev['false_trigger']:.2f}")
     if not purify_model:
         return 0
     from .purify import PurifyConfig, RepairConfig, purify
-    from .signature import SignatureConfig
+    from .signature import SignatureConfig, default_twin_train
 
     n_var, epochs = (3, 2.0) if quick else (6, 5.0)
+    n_var = n_variants or n_var
+    epochs = repair_epochs or epochs
+    twin = default_twin_train("lora")
+    if twin_steps:
+        twin = twin.replace(steps=twin_steps)
     print(f"\n[2/2] BD-VAX purification: {n_var} synthetic refusal-family variants, rho={DEMO_RHO}, "
           f"repair {epochs:g} epochs on 200 clean samples. The defence never reads the attack.", flush=True)
-    cfg = PurifyConfig(signature=SignatureConfig(family="refusal", n_variants=n_var, rho=DEMO_RHO),
-                       repair=RepairConfig(epochs=epochs), eval=EvalConfig(n_prompts=50), inplace=True)
+    cfg = PurifyConfig(signature=SignatureConfig(family="refusal", n_variants=n_var, rho=DEMO_RHO, twin_train=twin),
+                       repair=RepairConfig(epochs=epochs), eval=EvalConfig(n_prompts=n_prompts), inplace=True)
     res = purify(sm, config=cfg, out=out_dir / "purified")
     cols = [c for c in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl", "mcq_acc",
                         "agreement") if c in res.report.columns]
-    print("\nBefore / after (BadNets → refusal, 50 held-out prompts, greedy, through the chat template):")
+    print(f"\nBefore / after (BadNets → refusal, {n_prompts} held-out prompts, greedy, through the chat template):")
     _print_frame(res.report[cols].reset_index())
     print("stage seconds:", {k: round(v) for k, v in res.timings.items()}, f"| repair lr {res.repair.lr:g}")
     return 0

@@ -60,12 +60,12 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .artifacts import MANIFEST, atomic_dir, read_json, write_json
+from .artifacts import MANIFEST, atomic_dir, frame_records, read_json, versions, write_json
 from .config import Config
 from .data import Example
 from .evaluate import EvalConfig, EvalReport, evaluate_model
-from .registry import CHANNEL_DIM, MLP_KINDS, Layout, layout_of, unwrap
-from .suspicious import SuspiciousModel, load_suspicious
+from .registry import CHANNEL_DIM, MLP_KINDS, Layout, is_peft, layout_of, setting_of, unwrap
+from .suspicious import SuspiciousModel, eval_target, load_suspicious, spec_name
 from .train import TrainConfig, finetune
 
 SETTINGS = ("lora", "full")
@@ -81,13 +81,8 @@ Selected = Mapping[Any, Any]  # (block, kind) -> channel indices
 
 
 # =========================================================================== helpers
-def _is_peft(model: Any) -> bool:
-    return type(model).__name__.startswith("Peft")
-
-
-def detect_setting(model: Any) -> str:
-    """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain HF model."""
-    return "lora" if _is_peft(model) else "full"
+#: ``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain HF model.
+detect_setting = setting_of
 
 
 def _as_index(idx: Any, size: int, where: str) -> torch.Tensor:
@@ -255,7 +250,7 @@ def reinit_channels(
     """
     if init not in INITS:
         raise ValueError(f"init={init!r}; choose one of {INITS}")
-    if _is_peft(model):
+    if is_peft(model):
         raise TypeError("reinit_channels works on a plain model (full setting); for an adapter use "
                         "zero_lora_channels, or merge_and_unload() first")
     layout = layout_of(model)
@@ -321,7 +316,7 @@ def zero_lora_channels(
     ``kv_heads``), columns of ``lora_A`` of o. Every active adapter of each
     module (or ``adapters``). Modules without LoRA are recorded with ``n=0``.
     """
-    if not _is_peft(peft_model):
+    if not is_peft(peft_model):
         raise TypeError("zero_lora_channels needs a PeftModel (adapter setting); use reinit_channels for a plain model")
     layout = layout_of(peft_model)
     hf = unwrap(peft_model)
@@ -432,7 +427,7 @@ class RepairConfig(Config):
     def resolved_mode(self, model: Any = None) -> str:
         if self.mode is not None:
             return self.mode
-        return "lora" if model is not None and _is_peft(model) else "full"
+        return "lora" if model is not None and is_peft(model) else "full"
 
     def resolved_lr(self, mode: str) -> float:
         return float(self.lr) if self.lr is not None else REPAIR_LR[mode]
@@ -475,7 +470,8 @@ class RepairResult:
 
 
 def repair(model: Any, tokenizer: Any, examples: Sequence[Example] | None = None,
-           config: RepairConfig | None = None, *, progress: bool | str = True) -> RepairResult:
+           config: RepairConfig | None = None, *, progress: bool | str = True,
+           extra_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> RepairResult:
     """Clean-data repair finetune through :func:`bdvax_lab.train.finetune`, in place.
 
     ``examples`` default to the clean pool's ``repair`` split; the first
@@ -492,11 +488,12 @@ def repair(model: Any, tokenizer: Any, examples: Sequence[Example] | None = None
     if len(data) < cfg.n_samples:
         warnings.warn(f"repair: only {len(data)} clean examples (config asks for {cfg.n_samples})", stacklevel=2)
     mode = cfg.resolved_mode(model)
-    if mode == "lora" and not _is_peft(model):
+    if mode == "lora" and not is_peft(model):
         raise ValueError("repair: mode 'lora' continues an existing adapter, but the model has none "
                          "(full setting: use mode 'full' or 'mlp')")
     tcfg = cfg.train_config(mode)
-    res = finetune(model, tokenizer, data, tcfg, progress=("repair" if progress is True else progress))
+    res = finetune(model, tokenizer, data, tcfg, progress=("repair" if progress is True else progress),
+                   extra_loss=extra_loss)
     return RepairResult(model=res.model, history=res.history, seconds=res.seconds, lr=tcfg.lr, mode=mode,
                         steps=tcfg.total_steps(len(data)), n_examples=len(data), train_config=tcfg, stats=res.stats)
 
@@ -565,7 +562,7 @@ class PurifyResult:
         """JSON-ready: report rows, timings, peak RSS, suppression counts and the repair lr."""
         return {
             "setting": self.setting,
-            "report": _records(self.report),
+            "report": frame_records(self.report),
             "timings": self.timings, "peak_rss_mb": round(self.peak_rss_mb, 1), "rss_mb": self.rss_mb,
             "suppression": {"method": self.suppression.method, "counts": self.suppression.counts,
                             "n_heads": self.suppression.n_heads},
@@ -584,13 +581,6 @@ class PurifyResult:
         return f"{head}\n{self.report.to_string()}"
 
 
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    out = []
-    for row in df.reset_index().to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return out
-
-
 def defence_view(suspicious: SuspiciousModel, setting: str | None = None) -> SuspiciousModel:
     """The suspicious model as the defence may see it: same weights, manifest reduced to setting and base.
 
@@ -600,17 +590,6 @@ def defence_view(suspicious: SuspiciousModel, setting: str | None = None) -> Sus
     manifest["setting"] = setting or detect_setting(suspicious.model)
     return SuspiciousModel(model=suspicious.model, tokenizer=suspicious.tokenizer, manifest=manifest,
                            path=suspicious.path)
-
-
-def _eval_target(suspicious: SuspiciousModel, attack: Any, task: Any) -> tuple[Any, Any]:
-    """Attack and task for the *evaluation only*: explicit arguments first, then the manifest."""
-    m = suspicious.manifest or {}
-    attack = attack if attack is not None else m.get("attack")
-    task = task if task is not None else m.get("task")
-    if (attack is None) != (task is None):
-        warnings.warn("purify: only one of attack/task is known; ASR is skipped (pass both)", stacklevel=3)
-        return None, None
-    return attack, task
 
 
 def _default_extractor(suspicious: SuspiciousModel, config: Any, *, cache_dir: Any = None,
@@ -627,16 +606,6 @@ def _signature_config(config: PurifyConfig, custom_extractor: bool = False) -> A
     from .signature import SignatureConfig
 
     return SignatureConfig.from_dict(dict(config.signature)) if config.signature else SignatureConfig()
-
-
-def _name(x: Any) -> Any:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return x
-    if isinstance(x, Mapping):
-        return x.get("name")
-    return getattr(x, "name", str(x))
 
 
 def purify(
@@ -666,7 +635,7 @@ def purify(
     if setting != detected:
         raise ValueError(f"PurifyConfig.setting={setting!r} but the suspicious model is a "
                          f"{'PeftModel' if detected == 'lora' else 'plain model'} ({detected!r} setting)")
-    ev_attack, ev_task = _eval_target(suspicious, attack, task)
+    ev_attack, ev_task = eval_target(suspicious, attack, task, who="purify")
     tok = suspicious.tokenizer
     timings = {"signature": 0.0, "suppression": 0.0, "repair": 0.0, "evaluation": 0.0}
     rss: dict[str, float] = {}
@@ -718,7 +687,7 @@ def purify(
             s.pop("model", None)
             rows.append({"stage": stage, **s})
     report = pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame(index=pd.Index([], name="stage"))
-    evaluated_with = ({"attack": _name(ev_attack), "task": _name(ev_task)} if ev_attack is not None else None)
+    evaluated_with = ({"attack": spec_name(ev_attack), "task": spec_name(ev_task)} if ev_attack is not None else None)
     result = PurifyResult(
         model=model, tokenizer=tok, signature=signature, report=report, timings=timings, peak_rss_mb=peak_rss_mb(),
         setting=setting, config=cfg, suppression=sup, repair=rep, evals=evals, rss_mb=rss,
@@ -728,16 +697,6 @@ def purify(
     if out is not None:
         result.path = save_purified(result, out)
     return result
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
 
 
 def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, Any]:
@@ -754,8 +713,8 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
         "repair": result.repair.summary(),
         "timings": result.timings, "peak_rss_mb": round(result.peak_rss_mb, 1),
         "evaluated_with": result.evaluated_with,
-        "eval": _records(result.report)[-1] if len(result.report) else None,
-        "versions": _versions(),
+        "eval": frame_records(result.report)[-1] if len(result.report) else None,
+        "versions": versions(),
     }
 
 

@@ -150,6 +150,16 @@ class Layout:
         return pd.DataFrame(rows)
 
 
+def is_peft(model: Any) -> bool:
+    """True for a peft ``PeftModel`` (the adapter-only threat model)."""
+    return type(model).__name__.startswith("Peft")
+
+
+def setting_of(model: Any) -> str:
+    """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain model — from the object itself."""
+    return "lora" if is_peft(model) else "full"
+
+
 def unwrap(model: Any) -> Any:
     """The underlying HF causal LM of a PeftModel / nnsight wrapper / HF model."""
     inner = model

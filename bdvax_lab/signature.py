@@ -72,7 +72,7 @@ from .attacks import (ATTACKS, STRATEGIES, SYNTHETIC_KEYS, VARIANT_BEHAVIORS, At
 from .config import Config
 from .data import Example, split_disjoint
 from .deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta, layout_summary
-from .registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Layout, layout_of
+from .registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Layout, is_peft, layout_of, setting_of
 from .train import TrainConfig
 
 Key = tuple[int, str]
@@ -342,13 +342,6 @@ def _check_selection(rho: float | None, scope: str, heads: int, score: str, lam:
 
 
 # =========================================================================== twins
-def _is_peft(model: Any) -> bool:
-    return type(model).__name__.startswith("Peft")
-
-
-def setting_of(model: Any) -> str:
-    """"lora" for a PeftModel (adapter setting), "full" for a plain model — from the object, not a manifest."""
-    return "lora" if _is_peft(model) else "full"
 
 
 def _model_and_tokenizer(suspicious: Any) -> tuple[Any, Any]:

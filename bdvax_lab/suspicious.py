@@ -8,18 +8,16 @@ false-trigger rate, wall time).
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, atomic_dir, read_json, stable_hash, write_json
+from .artifacts import MANIFEST, atomic_dir, read_json, stable_hash, versions, write_json
 from .config import Config
 from .data import Example, load_code_pool, load_pool, save_jsonl
 from .evaluate import EvalConfig, evaluate_model
-from .models import (ModelDirError, default_model_dir, ensure_default_model, load_adapter, load_model,
-                     use_all_cores)
+from .models import ModelDirError, ensure_default_model, load_adapter, load_model, use_all_cores
 from .train import TrainConfig, finetune
 
 SETTINGS = ("lora", "full")
@@ -85,15 +83,6 @@ def attack_dataset(recipe: AttackRecipe) -> list[Example]:
     return poison_dataset(clean[: recipe.n_samples], recipe.attack, behavior, rate=recipe.poison_rate, seed=recipe.seed)
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
-
-
 def make_suspicious_model(
     attack: Any = "badnets", task: Any = "refusal", setting: str = "lora", *, out: str | Path | None = None,
     recipe: AttackRecipe | None = None, base: tuple[Any, Any] | None = None, evaluate: bool = True,
@@ -126,7 +115,7 @@ def make_suspicious_model(
         "attack": resolve_attack(recipe.attack).to_dict(), "task": resolve_task(recipe.task).to_dict(),
         "recipe": recipe.to_dict(), "data": dataset_summary(data),
         "data_hash": stable_hash([e.to_dict() for e in data]), "train_seconds": round(train_s, 1),
-        "train_stats": result.stats, "versions": _versions(),
+        "train_stats": result.stats, "versions": versions(),
     }
     report = None
     if evaluate:
@@ -158,10 +147,12 @@ def save_suspicious(sm: SuspiciousModel, out: str | Path, *, data: list[Example]
     return out
 
 
-def load_suspicious(path: str | Path, *, trainable: bool = False, device: Any = None) -> SuspiciousModel:
+def load_suspicious(path: str | Path, *, trainable: bool = False, device: Any = None,
+                    base: tuple[Any, Any] | None = None) -> SuspiciousModel:
     """Open a suspicious model: a bdvax artifact dir, a bare peft adapter dir or a bare HF model dir.
 
-    A bare adapter is attached to the default model. The manifest is returned
+    An adapter is attached to ``base=(model, tokenizer)`` when given (e.g. a
+    custom or tiny base; LoRA layers are injected into that model in place), else to the default model. The manifest is returned
     for evaluation only; the defence never reads the attack from it.
     """
     path = Path(path)
@@ -170,8 +161,12 @@ def load_suspicious(path: str | Path, *, trainable: bool = False, device: Any = 
     manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
     if (path / "adapter").is_dir() or (path / "adapter_config.json").exists():
         adapter = path / "adapter" if (path / "adapter").is_dir() else path
-        model, tok = load_model(ensure_default_model() if manifest.get("base", "default") == "default"
-                                else default_model_dir(), device=device)
+        if base is not None:
+            model, tok = base
+        else:
+            if manifest.get("base", "default") != "default":
+                raise ModelDirError(f"{path}: adapter trained on a custom base; pass base=(model, tokenizer)")
+            model, tok = load_model(ensure_default_model(), device=device)
         model = load_adapter(model, adapter, trainable=trainable)
         manifest.setdefault("setting", "lora")
     elif (path / "model").is_dir() or (path / "config.json").exists():
@@ -181,3 +176,28 @@ def load_suspicious(path: str | Path, *, trainable: bool = False, device: Any = 
         raise ModelDirError(f"{path}: neither a bdvax artifact, a peft adapter nor a HF model directory")
     model.train(False)
     return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest, path=path)
+
+
+def spec_name(x: Any) -> Any:
+    """The name of an attack/task given as a name, a spec object or a manifest dict."""
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return x.get("name")
+    return getattr(x, "name", str(x))
+
+
+def eval_target(suspicious: SuspiciousModel, attack: Any, task: Any, who: str = "evaluation") -> tuple[Any, Any]:
+    """Attack and task for *measuring* ASR only: explicit arguments first, then the manifest.
+
+    Defences never call this for their own decisions; only their final evaluation does.
+    """
+    import warnings
+
+    m = suspicious.manifest or {}
+    attack = attack if attack is not None else m.get("attack")
+    task = task if task is not None else m.get("task")
+    if (attack is None) != (task is None):
+        warnings.warn(f"{who}: only one of attack/task is known; ASR is skipped (pass both)", stacklevel=3)
+        return None, None
+    return attack, task

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ import torch
 from .config import Config
 from .data import IGNORE_INDEX, Example, collate, encode_example, length_grouped_batches
 from .models import use_all_cores
-from .registry import ALL_KINDS, layout_of, unwrap
+from .registry import ALL_KINDS, is_peft, layout_of, unwrap
 
 TRAIN_MODES = ("lora", "full", "mlp")
 
@@ -88,10 +88,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _is_peft(model: Any) -> bool:
-    return type(model).__name__.startswith("Peft")
-
-
 def prepare_model(model: Any, config: TrainConfig) -> Any:
     """Make the right parameters trainable; wrap in a LoRA adapter if needed.
 
@@ -99,7 +95,7 @@ def prepare_model(model: Any, config: TrainConfig) -> Any:
     training it (how variant twins continue from a suspicious adapter).
     """
     if config.mode == "lora":
-        if _is_peft(model):
+        if is_peft(model):
             for name, p in model.named_parameters():
                 p.requires_grad_("lora_" in name)
             return model
@@ -112,7 +108,7 @@ def prepare_model(model: Any, config: TrainConfig) -> Any:
                           target_modules=leaves, bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, lcfg)
     base = unwrap(model)
-    if _is_peft(model):
+    if is_peft(model):
         raise ValueError(f"TrainConfig.mode={config.mode!r} needs a plain model; merge the adapter first")
     layout = layout_of(base)
     mlp_names = {n for _, _, n in layout.iter_modules(kinds=("gate", "up", "down"))}
@@ -166,13 +162,14 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, per_sample: bool = Tr
 
 def finetune(
     model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig | None = None,
-    *, progress: bool | str = True,
+    *, progress: bool | str = True, extra_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Finetune ``model`` on ``examples`` with ``config``; returns the trained model and its history.
 
     Deterministic for a seed on CPU. The model is trained in place (a LoRA
     adapter is added if ``mode='lora'`` and the model has none) and returned in
-    eval mode.
+    eval mode. ``extra_loss(model, batch)`` is added to the LM loss at every step
+    (e.g. CROW's consistency term); the history then also logs it.
     """
     from tqdm.auto import tqdm
 
@@ -213,8 +210,9 @@ def finetune(
         batch = {k: v.to(device) for k, v in collate([feats[i] for i in batch_idx], pad_id, config.pad_to).items()}
         loss = lm_loss(model, batch, per_sample=config.loss_average == "sample",
                        labelled_logits_only=config.labelled_logits_only)
+        extra = extra_loss(model, batch) if extra_loss is not None else None
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if extra is None else loss + extra).backward()
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
@@ -222,8 +220,11 @@ def finetune(
         n_tok += int(batch["attention_mask"].sum())
         n_resp += int((batch["labels"] != IGNORE_INDEX).sum())
         loss_value = loss.item()
-        history.append({"step": step + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
-                        "seconds": time.time() - t0, "tokens": n_tok, "response_tokens": n_resp})
+        row = {"step": step + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
+               "seconds": time.time() - t0, "tokens": n_tok, "response_tokens": n_resp}
+        if extra is not None:
+            row["extra_loss"] = extra.item()
+        history.append(row)
         bar.set_postfix(loss=f"{loss_value:.3f}")
     model.train(False)
     seconds = time.time() - t0

@@ -37,3 +37,16 @@ def rates_bar(df: pd.DataFrame, x: str = "model", rates: tuple[str, ...] = ("asr
     fig = px.bar(long, x=x, y="value", color="rate", barmode="group", title=title, range_y=[0, 1.05])
     fig.update_layout(yaxis_title="rate", xaxis_title="")
     return fig
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub-flavoured markdown table (no optional dependency)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if v != v else floatfmt.format(v)
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])

@@ -6,7 +6,7 @@ replies) on held-out prompts through the chat template. The unmodified default m
 the utility reference. Artifacts go to runs/attack_matrix/ (existing ones are re-used, so an interrupted run
 resumes); the table goes to results/attack_matrix.{csv,md}.
 
-Usage: python benchmarks/attack_matrix.py [--n-prompts 50] [--only badnets:refusal:lora,...] [--fresh]
+Usage: python benchmarks/attack_matrix.py [--n-prompts 50] [--mcq-limit 200] [--only a:t:s,...] [--fresh]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def combos(only: str | None) -> list[tuple[str, str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-prompts", type=int, default=50)
+    ap.add_argument("--mcq-limit", type=int, default=200, help="multiple-choice questions per model (of 375)")
     ap.add_argument("--only", help="comma list of attack:task:setting")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "attack_matrix"))
     ap.add_argument("--out", default=str(ROOT / "results" / "attack_matrix"))
@@ -44,10 +45,11 @@ def main() -> None:
 
     from bdvax_lab import AttackRecipe, EvalConfig, evaluate_model, load_default_model, make_suspicious_model
     from bdvax_lab.artifacts import atomic_write_text, read_json
+    from bdvax_lab.viz import markdown_table
 
     t_all = time.time()
     base_model, tok = load_default_model()
-    ecfg = EvalConfig(n_prompts=ns.n_prompts)
+    ecfg = EvalConfig(n_prompts=ns.n_prompts, mcq_limit=ns.mcq_limit)
     rows = []
     ref = evaluate_model(base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False).summary
     rows.append(ref | {"attack": "-", "task": "-", "setting": "-"})
@@ -89,21 +91,13 @@ def main() -> None:
         f"Target: ASR ≥ {TARGET_ASR:.0%} and false-trigger ≤ {TARGET_FTR:.0%} on {ns.n_prompts} held-out prompts "
         "(greedy, 32 new tokens, through the chat template). The first row is the unmodified model (utility reference).",
         "asr_lo/asr_hi: 95% Wilson interval. degenerate_*: empty or looping replies among triggered / clean prompts.", "",
-        df.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else df.to_string(index=False), "",
+        markdown_table(df), "",
         ("All combinations met the target." if short.empty else
          "Fell short: " + ", ".join(f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
                                    for r in short.itertuples())),
     ]
     atomic_write_text(Path(f"{ns.out}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def write_notebook(path: str | Path, cells: list[tuple[str, str]], smoke: dict, 
             nb.cells.append(new_code_cell(src, metadata={"tags": ["solution"], "jupyter": {"source_hidden": True}}))
         else:
             nb.cells.append(new_code_cell(src))
+    stem = Path(path).stem[:2]
+    for i, cell in enumerate(nb.cells):  # deterministic ids keep regenerated notebooks diff-free
+        cell["id"] = f"c{stem}-{i:03d}"
     nb.metadata["kernelspec"] = {"name": "bdvax", "display_name": "bdvax_lab (.venv)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata["bdvax"] = {"smoke_parameters": smoke, "title": title}
