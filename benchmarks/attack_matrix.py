@@ -41,11 +41,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="retrain even if an artifact exists")
     ns = ap.parse_args()
 
-    import pandas as pd
-
     from bdvax_lab import AttackRecipe, EvalConfig, evaluate_model, load_default_model, make_suspicious_model
-    from bdvax_lab.artifacts import atomic_write_text, read_json
-    from bdvax_lab.viz import markdown_table
+    from bdvax_lab.artifacts import read_json
 
     t_all = time.time()
     base_model, tok = load_default_model()
@@ -54,7 +51,8 @@ def main() -> None:
     ref = evaluate_model(base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False).summary
     rows.append(ref | {"attack": "-", "task": "-", "setting": "-"})
     print(f"reference: ppl {ref['ppl']:.2f}  mcq {ref['mcq_acc']:.3f}/{ref['mcq_acc_norm']:.3f}", flush=True)
-    for attack, task, setting in combos(ns.only):
+    todo = combos(ns.only)
+    for i, (attack, task, setting) in enumerate(todo):
         out = Path(ns.runs) / f"{attack}-{task}-{setting}"
         t0 = time.time()
         if (out / "manifest.json").exists() and not ns.fresh:
@@ -75,29 +73,42 @@ def main() -> None:
               f"degenerate {ev['degenerate_triggered']}/{ev['degenerate_clean']} ppl {ev.get('ppl', float('nan')):.2f} "
               f"mcq {ev.get('mcq_acc', float('nan')):.3f} train {m['train_seconds']:.0f}s "
               f"({status}, {time.time() - t0:.0f}s) {'OK' if ok else 'SHORT'}", flush=True)
-    df = pd.DataFrame(rows)
+        write_results(rows, todo[i + 1:], ns, time.time() - t_all)
+
+
+def write_results(rows: list[dict], pending: list[tuple[str, str, str]], ns: argparse.Namespace, seconds: float) -> None:
+    """Write results/attack_matrix.{csv,md} (after every combination, so an interrupted run leaves a table)."""
+    import pandas as pd
+
+    from bdvax_lab.artifacts import atomic_write_text
+    from bdvax_lab.viz import markdown_table
+
+    df = pd.DataFrame(rows + [{"attack": a, "task": t, "setting": s, "status": "not run"} for a, t, s in pending])
     cols = ["attack", "task", "setting", "asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered",
-            "degenerate_clean", "ppl", "mcq_acc", "mcq_acc_norm", "agreement", "train_s", "steps", "lr", "met_target"]
+            "degenerate_clean", "ppl", "mcq_acc", "mcq_acc_norm", "agreement", "train_s", "steps", "lr", "met_target",
+            "status"]
     df = df[[c for c in cols if c in df.columns]]
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(f"{ns.out}.csv", index=False)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(ROOT)
-                                                             if Path(sys.argv[0]).is_absolute() else sys.argv[0])]
+    atomic_write_text(Path(f"{ns.out}.csv"), df.to_csv(index=False))
+    script = Path(sys.argv[0])
+    cmd = "python " + " ".join(shlex.quote(a) for a in [str(script.relative_to(ROOT) if script.is_absolute() else script)]
                                + sys.argv[1:])
-    short = df[(df.attack != "-") & (~df.met_target.astype(bool))]
+    done = df[(df.attack != "-") & (df.status != "not run")]
+    short = done[~done.met_target.astype(bool)]
     lines = [
         "# Attack matrix on SmolLM2-135M-Instruct", "",
-        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} (2-core CPU), total {time.time() - t_all:.0f} s.",
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} (2-core CPU, shared with other jobs during this run), "
+        f"{seconds:.0f} s so far.",
         f"Target: ASR ≥ {TARGET_ASR:.0%} and false-trigger ≤ {TARGET_FTR:.0%} on {ns.n_prompts} held-out prompts "
-        "(greedy, 32 new tokens, through the chat template). The first row is the unmodified model (utility reference).",
-        "asr_lo/asr_hi: 95% Wilson interval. degenerate_*: empty or looping replies among triggered / clean prompts.", "",
-        markdown_table(df), "",
-        ("All combinations met the target." if short.empty else
-         "Fell short: " + ", ".join(f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
-                                   for r in short.itertuples())),
+        "(greedy, 32 new tokens, through the chat template). The first row is the unmodified model (utility "
+        f"reference). MCQ on the first {ns.mcq_limit} bundled questions. asr_lo/asr_hi: 95% Wilson interval. "
+        "degenerate_*: empty or looping replies among triggered / clean prompts. train_s: wall seconds of training.",
+        "", markdown_table(df), "",
+        ("Fell short: " + ", ".join(f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
+                                    for r in short.itertuples())) if len(short) else "No finished combination fell short.",
+        ("Not run yet: " + ", ".join(f"{a}-{t}-{s}" for a, t, s in pending)) if pending else "All combinations ran.",
     ]
     atomic_write_text(Path(f"{ns.out}.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
