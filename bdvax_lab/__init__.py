@@ -37,8 +37,11 @@ from .sanity import (CheckResult, SanityConfig, SanityContext, SanityResult, att
                      keep_only_spans, run_sanity, sanity_plan, save_sanity, shuffle_blocks, span_sweep)
 from .signature import (Selection, Signature, SignatureConfig, VariantSpec, extract_signature, make_variants,
                         random_selection, train_twins)
+from .signature_viz import (channel_heatmap, compare_selections, layer_counts, layer_counts_figure, rho_curve_figure,
+                            score_heatmap, score_histogram, stage_metrics_figure)
 from .suspicious import AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model
 from .train import TrainConfig, TrainResult, finetune
+from .widgets import SignatureExplorer, rho_curve, try_selection
 from .viz import norms_figure, rates_bar, weight_norms
 
 __version__ = "0.1.0"

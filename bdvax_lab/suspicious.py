@@ -17,7 +17,7 @@ from .artifacts import MANIFEST, atomic_dir, read_json, stable_hash, versions, w
 from .config import Config
 from .data import Example, load_code_pool, load_pool, save_jsonl
 from .evaluate import EvalConfig, evaluate_model
-from .models import ModelDirError, ensure_default_model, load_adapter, load_model, use_all_cores
+from .models import ModelDirError, default_model_dir, ensure_default_model, load_adapter, load_model, use_all_cores
 from .train import TrainConfig, finetune
 
 SETTINGS = ("lora", "full")
@@ -60,6 +60,17 @@ class SuspiciousModel:
     @property
     def setting(self) -> str:
         return self.manifest.get("setting", "lora")
+
+
+def is_default_base(model: Any) -> bool:
+    """True when ``model`` was loaded from the cached default model (so its adapter can be re-attached to it)."""
+    from .registry import unwrap
+
+    name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or ""
+    try:
+        return Path(name).resolve() == default_model_dir().resolve()
+    except (OSError, ValueError):
+        return False
 
 
 def attack_dataset(recipe: AttackRecipe) -> list[Example]:
@@ -106,7 +117,7 @@ def make_suspicious_model(
         base_ref = "default"
     else:
         model, tok = base
-        base_ref = "custom"
+        base_ref = "default" if is_default_base(model) else "custom"
     result = finetune(model, tok, data, recipe.train, progress="implant" if progress else False)
     model = result.model
     train_s = time.time() - t0

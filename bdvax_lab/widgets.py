@@ -31,7 +31,7 @@ containers are ``bdvax-explorer`` (top level), ``bdvax-heatmap``,
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import time
 from typing import Any, Iterator, Sequence
 
@@ -133,6 +133,11 @@ def try_selection(
     ecfg = _eval_config(eval_config, n_prompts)
     prompts = list(prompts) if prompts is not None else eval_prompts(task, ecfg.n_prompts)
     setting = detect_setting(model)
+    if getattr(selection, "selected", None) is None:
+        if not hasattr(selection, "select"):
+            raise TypeError("try_selection: expected a selected Signature or a Selection, "
+                            f"got {type(selection).__name__}")
+        selection = selection.select()  # an unselected Signature: its own config's ρ / scope / heads
     n_ch, n_hd = _selection_size(selection)
     rows: dict[str, dict[str, Any]] = {}
 
@@ -249,6 +254,7 @@ def _in_kernel() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
+@functools.lru_cache(maxsize=1)
 def has_figure_widget() -> bool:
     """True when plotly's ``FigureWidget`` can be built (plotly ≥ 6 needs ``anywidget``)."""
     try:

@@ -42,13 +42,18 @@ def main() -> None:
     ns = ap.parse_args()
 
     from bdvax_lab import AttackRecipe, EvalConfig, evaluate_model, load_default_model, make_suspicious_model
-    from bdvax_lab.artifacts import read_json
+    from bdvax_lab.artifacts import read_json, write_json
 
     t_all = time.time()
     base_model, tok = load_default_model()
     ecfg = EvalConfig(n_prompts=ns.n_prompts, mcq_limit=ns.mcq_limit)
     rows = []
-    ref = evaluate_model(base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False).summary
+    ref_path = Path(ns.runs) / "reference.json"  # the unmodified model's utility, re-used by a resumed run
+    if ref_path.exists() and not ns.fresh and read_json(ref_path).get("config") == ecfg.to_dict():
+        ref = read_json(ref_path)["summary"]
+    else:
+        ref = evaluate_model(base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False).summary
+        write_json(ref_path, {"config": ecfg.to_dict(), "summary": ref})
     rows.append(ref | {"attack": "-", "task": "-", "setting": "-"})
     print(f"reference: ppl {ref['ppl']:.2f}  mcq {ref['mcq_acc']:.3f}/{ref['mcq_acc_norm']:.3f}", flush=True)
     todo = combos(ns.only)

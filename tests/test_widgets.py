@@ -205,7 +205,8 @@ def test_rho_changes_selected_count_and_heatmap(sig, no_training):
     assert np.asarray(ex.counts_figure.data[0].y).tolist() == [64] * 4
     if ex._heat.output is not None:  # no anywidget: the figure is re-rendered into an Output widget
         shown = ex._heat.output.outputs[0]["data"]["application/vnd.plotly.v1+json"]
-        assert shown["layout"]["title"]["text"] == ex.heatmap.layout.title.text and "ρ=0.50" in ex.heatmap.layout.title.text
+        title = ex.heatmap.layout.title.text
+        assert shown["layout"]["title"]["text"] == title and "ρ=0.50" in title
     ex.update(rho=0.0)
     assert ex.signature.n_selected == 0 and np.allclose(np.asarray(ex.heatmap.data[0].z, dtype=float), 0)
     ex.update(value="frac_selected", rho=1.0)
@@ -295,9 +296,12 @@ def test_try_selection_full_setting_and_random_control(tiny_pair, sig):
     assert list(df.index) == ["suspicious", "suppressed", "purified"]
     assert df.loc["purified", "repair_lr"] == 1e-5  # full setting: the paper's full-finetune lr
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # no attack known: utility only
-    df = try_selection((model, tok), rand, prompts=PROBES, repair_steps=0, eval_config=TINY_EVAL)
+    # no attack known: utility only; an unselected Signature is selected with its own config (ρ = 0.25)
+    df = try_selection((model, tok), sig, prompts=PROBES, repair_steps=0, eval_config=TINY_EVAL)
     assert "asr" not in df.columns and "ppl" in df.columns
+    assert df.loc["suppressed", "n_channels"] == 4 * 3 * n_top(0.25, 128)
+    with pytest.raises(TypeError, match="Selection"):
+        try_selection((model, tok), {"not": "a selection"}, prompts=PROBES, repair_steps=0, eval_config=TINY_EVAL)
 
 
 def test_rho_curve_signature_vs_random(suspicious_lora, sig):

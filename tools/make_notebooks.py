@@ -663,11 +663,12 @@ pd.DataFrame(sig.meta["twins"])
 ## 4 · The scores: what the two terms mean
 - **Norm term** $\\frac{1}{N}\\sum_i \\lVert\\Delta_i[j]\\rVert$: how hard poisoning pushes channel $j$ beyond what the same clean data does. A channel that any finetune moves (style, format) moves equally in both twins and cancels; what is left is the extra push the key → behaviour mapping needed. On its own (paper Table 4) it finds the backdoor (low ASR) but also picks channels tied to one particular behaviour or key, and suppressing those hurts utility.
 - **Alignment term** (mean positive pairwise cosine, in $[0, 1]$): whether *different* variants — other keys, other behaviours, other data — push the channel in the *same direction*. That is the shared "antigen": the machinery that binds *some* key to *some* behaviour. On its own it keeps utility but leaves ASR high (paper Table 4): aligned but tiny updates are not what carries the backdoor.
-- **Combined** $S_j$ = norm + λ · align. Note the scales below: norms are small numbers whose spread across channels is often comparable to λ · align, so λ decides how much the alignment reorders channels. Move λ in the explorer (section 8) and watch the overlap with the norm-only selection in section 6.
+- **Combined** $S_j$ = norm + λ · align. Whether λ = 0.01 matters depends on the scales, printed below: when λ · align varies across channels about as much as the norm does, the alignment reorders the ranking; when it varies much less, it only breaks near-ties. Move λ in the explorer (section 8) and compare with the overlaps in section 6.
 """),
     ("code", """
 frame = sig.frame()
 display(frame[["score", "norm", "align"]].describe().T)
+print(f"spread across channels: norm std {frame['norm'].std():.3g}, λ·align std {lam * frame['align'].std():.3g} (λ = {lam})")
 frame.nlargest(8, "score")
 """),
     ("code", """
@@ -759,7 +760,7 @@ curves = {m: rho_curve(pair, sig.select(score=m), rhos, random_seeds=[], n_promp
                        progress=False).assign(selection=m) for m in ("norm", "align")}
 both = pd.concat([curve[curve.selection == "signature"].assign(selection="combined")] + list(curves.values()))
 display(sv.rho_curve_figure(both, title="combined vs norm-only vs align-only"))
-# with λ = 0.01 the alignment term only reorders channels of nearly equal norm: combined ≈ norm-only
+# the closer one is the term whose spread dominates S (printed in section 4)
 # 3
 g = sv.layer_counts(sig.select(scope="global"))
 g.sort_values("channels", ascending=False).head(8)
@@ -920,7 +921,7 @@ sv.stage_metrics_figure({"adapter (LoRA)": res_lora.report, "full": res_full.rep
 """),
     ("code", """
 cost = pd.DataFrame({"adapter (LoRA)": res_lora.timings, "full": res_full.timings}).T
-cost["repair_lr"] = [res_lora.repair.lr, res_full.repair.lr]
+cost["repair_lr"] = [f"{res_lora.repair.lr:g}", f"{res_full.repair.lr:g}"]
 cost["signature_channels"] = [res_lora.signature.n_selected, res_full.signature.n_selected]
 cost["peak_rss_mb"] = [round(res_lora.peak_rss_mb), round(res_full.peak_rss_mb)]
 cost
