@@ -150,6 +150,7 @@ from .evaluate import EvalConfig, EvalReport, evaluate_model
 from .purify import (RepairConfig, RepairResult, SuppressionReport, detect_setting, peak_rss_mb,
                      reinit_channels, repair, zero_lora_channels)
 from .registry import ALL_KINDS, CHANNEL_DIM, MLP_KINDS, layout_of, unwrap
+from .signature import select_channels, top_indices
 from .suspicious import SuspiciousModel, eval_target, load_suspicious, spec_name
 
 Key = tuple[int, str]
@@ -322,21 +323,6 @@ def counts_like(selection: Any) -> dict[str, int]:
     return out
 
 
-def _n_top(rho: float, n: int) -> int:
-    """``max(1, floor(ρ·n))`` for ρ > 0, 0 for ρ = 0 (the signature's count rule)."""
-    from .signature import n_top
-
-    return n_top(rho, n)
-
-
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest scores (ties: lower index first), ascending."""
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
-    order = torch.sort(scores.double(), stable=True).indices[:k]
-    return torch.sort(order).values.long()
-
-
 def _resolved_rho(config: PruneConfig, setting: str) -> float:
     if config.rho is not None:
         return float(config.rho)
@@ -356,22 +342,13 @@ def select_lowest(scores: Mapping[Key, torch.Tensor], *, rho: float | None = Non
     keys = sorted(scores, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
     if counts is not None:
         want = {_parse_key(k): int(v) for k, v in counts.items()}
-        return {k: _lowest(scores[k], min(want.get(k, 0), scores[k].numel())) for k in keys if want.get(k, 0) > 0}
+        return {k: top_indices(scores[k], min(want.get(k, 0), scores[k].numel()), lowest=True)
+                for k in keys if want.get(k, 0) > 0}
     if rho is None:
         raise ValueError("select_lowest needs rho or counts")
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}; choose one of {SCOPES}")
-    if scope == "module":
-        return {k: _lowest(scores[k], _n_top(rho, scores[k].numel())) for k in keys}
-    flat = torch.cat([scores[k].double() for k in keys]) if keys else torch.zeros(0)
-    chosen = _lowest(flat, _n_top(rho, flat.numel()))
-    out, start = {}, 0
-    for k in keys:
-        size = scores[k].numel()
-        m = (chosen >= start) & (chosen < start + size)
-        out[k] = chosen[m] - start
-        start += size
-    return out
+    return select_channels(scores, rho, scope, lowest=True)
 
 
 def _prune(model: Any, selected: Mapping[Key, torch.Tensor], setting: str) -> SuppressionReport:

@@ -825,27 +825,33 @@ def n_top(rho: float, n: int) -> int:
     return min(n, max(1, math.floor(rho * n + 1e-9)))
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores (ties: lower index first), sorted ascending."""
+def top_indices(scores: torch.Tensor, k: int, lowest: bool = False) -> torch.Tensor:
+    """Indices of the k largest (``lowest``: smallest) scores (ties: lower index first), sorted ascending."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    order = torch.sort(scores.double(), descending=not lowest, stable=True).indices[:k]
     return torch.sort(order).values.long()
 
 
-def _select_channels(scores: Mapping[Key, torch.Tensor], rho: float, scope: str) -> dict[Key, torch.Tensor]:
-    keys = sorted(scores, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
-    if scope == "module":
-        return {k: _top(scores[k], n_top(rho, scores[k].numel())) for k in keys}
-    flat = torch.cat([scores[k].float() for k in keys])
-    chosen = _top(flat, n_top(rho, flat.numel()))
+def _split_flat(chosen: torch.Tensor, keys: Sequence[Any], sizes: Sequence[int]) -> dict[Any, torch.Tensor]:
+    """Map indices into a concatenation of per-key vectors back to per-key indices."""
     out, start = {}, 0
-    for k in keys:
-        size = scores[k].numel()
+    for k, size in zip(keys, sizes):
         m = (chosen >= start) & (chosen < start + size)
         out[k] = chosen[m] - start
         start += size
     return out
+
+
+def select_channels(scores: Mapping[Key, torch.Tensor], rho: float, scope: str, *,
+                    lowest: bool = False) -> dict[Key, torch.Tensor]:
+    """Top (``lowest``: bottom) channels per (block, kind): ``n_top(ρ, d_ff)`` per module, or over all modules
+    for ``scope="global"``. Shared by signatures (highest scores) and pruning baselines (lowest)."""
+    keys = sorted(scores, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
+    if scope == "module":
+        return {k: top_indices(scores[k], n_top(rho, scores[k].numel()), lowest) for k in keys}
+    flat = torch.cat([scores[k].double() for k in keys]) if keys else torch.zeros(0)
+    return _split_flat(top_indices(flat, n_top(rho, flat.numel()), lowest), keys, [scores[k].numel() for k in keys])
 
 
 def _select_heads(head_scores: Mapping[int, torch.Tensor], heads: int) -> dict[int, torch.Tensor]:
@@ -857,14 +863,7 @@ def _select_heads(head_scores: Mapping[int, torch.Tensor], heads: int) -> dict[i
     flat = torch.cat([head_scores[b].float() for b in blocks])
     if heads > flat.numel():
         raise ValueError(f"heads={heads} but the model has only {flat.numel()} attention heads")
-    chosen = _top(flat, heads)
-    out, start = {}, 0
-    for b in blocks:
-        size = head_scores[b].numel()
-        m = (chosen >= start) & (chosen < start + size)
-        out[b] = chosen[m] - start
-        start += size
-    return out
+    return _split_flat(top_indices(flat, heads), blocks, [head_scores[b].numel() for b in blocks])
 
 
 @dataclass
@@ -1014,7 +1013,7 @@ class Signature:
         if cfg.score == self.config.score and cfg.lam == self.config.lam:
             new._scores, new._head_scores = self._scores, self._head_scores
         r = cfg.resolved_rho(self.setting)
-        new.selected = _select_channels(new.scores, r, cfg.scope)
+        new.selected = select_channels(new.scores, r, cfg.scope)
         new.selected_heads = _select_heads(new.head_scores, int(cfg.heads))
         new.selection = {"rho": r, "scope": cfg.scope, "heads": int(cfg.heads), "score": cfg.score,
                          "lam": float(cfg.lam)}
