@@ -212,3 +212,28 @@ def eval_target(suspicious: SuspiciousModel, attack: Any, task: Any, who: str = 
         warnings.warn(f"{who}: only one of attack/task is known; ASR is skipped (pass both)", stacklevel=3)
         return None, None
     return attack, task
+
+
+def open_or_make_suspicious(
+    path: str | Path, attack: Any = "badnets", task: Any = "refusal", setting: str = "lora", *,
+    base: tuple[Any, Any] | None = None, steps: int | None = None, n_prompts: int = 50, progress: bool = False,
+) -> SuspiciousModel:
+    """Open the suspicious artifact at ``path``; train it first with the default recipe if it is missing.
+
+    ``base=(model, tokenizer)`` is a custom base (e.g. the tiny test model) used for
+    training and for re-attaching the adapter; it is copied, never modified.
+    ``steps`` overrides the recipe's training steps. Notebooks and benchmarks share
+    artifacts through this one function.
+    """
+    import copy
+
+    path = Path(path)
+    fresh = (lambda: (copy.deepcopy(base[0]), base[1])) if base is not None else (lambda: None)
+    if not (path / MANIFEST).exists():
+        recipe = AttackRecipe(attack=attack, task=task, setting=setting, eval=EvalConfig(n_prompts=n_prompts, utility=()))
+        if steps is not None:
+            recipe.train = recipe.train.replace(steps=steps)
+        t0 = time.time()
+        make_suspicious_model(recipe=recipe, base=fresh(), out=path, progress=progress)
+        print(f"trained {path} in {time.time() - t0:.0f} s")
+    return load_suspicious(path, base=fresh() if (path / "adapter").is_dir() else None)

@@ -602,20 +602,9 @@ A BadNets LoRA backdoor by default (key `BadMagic` at a random word position →
 """),
     ("code", """
 def open_suspicious(setting):
-    path = Path(f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if suspicious_dir == "make" else suspicious_dir)
-    if not (path / "manifest.json").exists():
-        recipe = bx.AttackRecipe(attack=attack, task=task, setting=setting,
-                                 eval=bx.EvalConfig(n_prompts=n_prompts, utility=()))
-        if attack_steps is not None:
-            recipe.train = recipe.train.replace(steps=attack_steps)
-        base = (copy.deepcopy(tiny_base[0]), tiny_base[1]) if model == "tiny" else None
-        t0 = time.time()
-        bx.make_suspicious_model(recipe=recipe, base=base, out=path, progress=False)
-        print(f"trained {path} in {time.time() - t0:.0f} s")
-    if model == "tiny" and (path / "adapter").is_dir():  # the tiny adapter sits on the tiny base, not SmolLM2
-        return bx.SuspiciousModel(model=bx.load_adapter(copy.deepcopy(tiny_base[0]), path / "adapter"),
-                                  tokenizer=tiny_base[1], manifest=bx.read_json(path / "manifest.json"), path=path)
-    return bx.load_suspicious(path)
+    path = f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if suspicious_dir == "make" else suspicious_dir
+    return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
+                                      n_prompts=n_prompts)
 
 sm = open_suspicious("lora")
 pair = (sm.model, sm.tokenizer)          # all the defence gets
@@ -845,20 +834,9 @@ print("repair:", rcfg.to_dict())
     ("code", """
 def open_suspicious(setting):
     d = lora_dir if setting == "lora" else full_dir
-    path = Path(f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if d == "make" else d)
-    if not (path / "manifest.json").exists():
-        recipe = bx.AttackRecipe(attack=attack, task=task, setting=setting,
-                                 eval=bx.EvalConfig(n_prompts=n_prompts, utility=()))
-        if attack_steps is not None:
-            recipe.train = recipe.train.replace(steps=attack_steps)
-        base = (copy.deepcopy(tiny_base[0]), tiny_base[1]) if model == "tiny" else None
-        t0 = time.time()
-        bx.make_suspicious_model(recipe=recipe, base=base, out=path, progress=False)
-        print(f"trained {path} in {time.time() - t0:.0f} s")
-    if model == "tiny" and (path / "adapter").is_dir():  # the tiny adapter sits on the tiny base, not SmolLM2
-        return bx.SuspiciousModel(model=bx.load_adapter(copy.deepcopy(tiny_base[0]), path / "adapter"),
-                                  tokenizer=tiny_base[1], manifest=bx.read_json(path / "manifest.json"), path=path)
-    return bx.load_suspicious(path)
+    path = f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if d == "make" else d
+    return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
+                                      n_prompts=n_prompts)
 
 def signature_config(setting):
     lora = setting == "lora"
