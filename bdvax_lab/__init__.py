@@ -33,6 +33,7 @@ from .purify import (PurifyConfig, PurifyResult, RepairConfig, SuppressConfig, l
                      repair, suppress, zero_lora_channels)
 from .registry import (ALL_KINDS, ATTN_KINDS, MLP_KINDS, ArchSpec, Layout, UnsupportedArchitectureError, layout_of,
                        register_architecture, registry_frame, supported_architectures)
+from .reproduce import PRESETS, ReproduceConfig, Reproduction, load_tables, reproduce
 from .sanity import (CheckResult, SanityConfig, SanityContext, SanityResult, attention_vs_mlp, compare_with_paper,
                      keep_only_spans, run_sanity, sanity_plan, save_sanity, shuffle_blocks, span_sweep)
 from .signature import (Selection, Signature, SignatureConfig, VariantSpec, extract_signature, make_variants,

@@ -30,6 +30,11 @@ def default_attack_train(setting: str) -> TrainConfig:
     return TrainConfig(mode="full", lr=5e-5, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample")
 
 
+#: Poisoning rate of the implant recipe per task (others: 15%). Measured on SmolLM2 (BadNets-refusal, 120 LoRA
+#: steps, 50 held-out prompts): 15% → ASR 0.74 / false-trigger 0.00, 20% → 0.96 / 0.02, 25% → 1.00 / 0.04.
+DEFAULT_POISON_RATE: dict[str, float] = {"refusal": 0.20}
+
+
 @dataclass
 class AttackRecipe(Config):
     """Everything that determines a suspicious model."""
@@ -38,7 +43,7 @@ class AttackRecipe(Config):
     task: str = "refusal"
     setting: str = "lora"
     n_samples: int = 120
-    poison_rate: float = 0.15
+    poison_rate: float | None = None  #: None → DEFAULT_POISON_RATE for the task, else 0.15
     seed: int = 0
     train: TrainConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -46,6 +51,10 @@ class AttackRecipe(Config):
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"setting={self.setting!r}; choose one of {SETTINGS}")
+        if self.poison_rate is None:
+            self.poison_rate = DEFAULT_POISON_RATE.get(self.task if isinstance(self.task, str) else "", 0.15)
+        if not 0.0 < float(self.poison_rate) <= 1.0:
+            raise ValueError(f"poison_rate={self.poison_rate!r}; expected a fraction in (0, 1]")
         if self.train is None:
             self.train = default_attack_train(self.setting).replace(seed=self.seed)
 

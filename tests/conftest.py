@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,3 +47,15 @@ def real_model():
     from bdvax_lab.models import load_default_model
 
     return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def kernel_name():
+    """The project's Jupyter kernel (``bdvax``), registered into this environment if missing."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = "bdvax"
+    if name not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name],
+                       check=True, capture_output=True)
+    return name

@@ -939,6 +939,108 @@ sv.rho_curve_figure(curve_full, title="full setting: re-initialisation before re
 """),
 ]
 
+BASELINES_NB = [
+    ("md", """
+# 05 · Baselines and the reproduction report
+
+**Learning goals**
+- read BD-VAX next to the alternatives *under the same clean data and training budget*: finetuning only, magnitude pruning and fine-pruning with the signature's structure, INT4 fake-quantization, CROW at its published and at the standard lr;
+- read every ASR with its false-trigger rate, its degenerate-reply count and a utility figure beside it;
+- see which parts of BD-VAX matter: the score's two terms (Table 4), the number of variants (Fig. 2), ρ as a trade-off between ASR and utility (Table 10), and whether one signature carries over to other attacks and tasks (Table 11).
+
+**Paper sections reproduced:** §5.1–5.2 (Tables 2 and 3: ASR and utility per attack × defence), §5.3 (Table 4: score composition; Fig. 2: number of variants), Appendix (Table 10: ρ; Table 11: signature transfer; Appendix C.2: CROW's learning rate).
+
+This notebook *renders saved results in seconds*. The numbers come from `python benchmarks/reproduce.py --preset full` (hours on the 2-core CPU) or `--preset smoke` (under 30 minutes); `RESULTS.md` holds the full preset's tables with our reading of where they differ from the paper. Set `recompute = True` to rerun a preset from here (rows already computed are reused from `runs/reproduce/`).
+"""),
+    ("params", """
+model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test; only with recompute)
+results_dir = "../results/reproduce"   # where benchmarks/reproduce.py writes its CSVs
+preset = "auto"            # "full", "smoke", or "auto" (full when present, else smoke)
+recompute = False          # True: run the preset now (resumable), then render
+overrides = {}             # ReproduceConfig fields for a recompute, e.g. {"methods": ["bdvax", "finetune_only"]}
+runs_dir = "../runs"
+"""),
+    ("code", """
+import json
+from pathlib import Path
+
+import pandas as pd
+import bdvax_lab as bx
+from bdvax_lab.reproduce import PRESETS, Reproduction, load_tables, pareto_figure, variants_figure
+from bdvax_lab.models import use_all_cores
+
+use_all_cores()
+pd.set_option("display.width", 200)
+pd.set_option("display.float_format", "{:.3f}".format)
+if preset == "auto":
+    preset = "full" if (Path(results_dir) / "full" / "table2_asr.csv").exists() else "smoke"
+out = Path(results_dir) / preset
+if recompute:
+    cfg = PRESETS[preset].replace(runs_dir=runs_dir, out_dir=str(out), **overrides)
+    base = bx.make_tiny_model() if model == "tiny" else None
+    Reproduction(cfg, base=base, command="notebooks/05_baselines.ipynb recompute=True").run()
+tables = load_tables(out)
+meta = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+print(f"{out}: {len(tables)} tables, produced {meta.get('date', '?')}")
+"""),
+    ("md", "## Table 2 analogue — ASR per attack × defence\nOne row per suspicious model (attack, task, setting), one column per defence; `none` is the suspicious model itself. Below it the false-trigger rate and degenerate replies of the same runs: a defence that makes the model babble is not a defence."),
+    ("code", """
+t2 = tables["table2_asr"]
+order = list(dict.fromkeys(t2.defence))
+asr = t2.pivot_table(index=["attack", "task", "setting"], columns="defence", values="asr", sort=False)[order]
+asr
+"""),
+    ("code", """
+t2.pivot_table(index=["attack", "task", "setting"], columns="defence",
+               values=["false_trigger", "degenerate_triggered"], sort=False)
+"""),
+    ("code", """
+import plotly.express as px
+px.bar(t2, x="defence", y="asr", color="task", barmode="group", facet_col="setting",
+       hover_data=["attack", "false_trigger", "mcq_acc", "ppl"], title="ASR after each defence (all attacks)",
+       template="plotly_white")
+"""),
+    ("md", "## Table 3 analogue — utility per defence\nMean over the targets of each setting. The suspicious model (`none`) is the reference: a defence should stay within 2 points of its multiple-choice accuracy and 5 % of its perplexity."),
+    ("code", """
+tables["table3_utility"]
+"""),
+    ("md", "## Table 4 — score composition\nBD-VAX on the primary target with the norm term only, the alignment term only, and both (λ = 0.01)."),
+    ("code", """
+tables["table4_score"][["score", "asr", "asr_hi", "false_trigger", "degenerate_triggered", "mcq_acc", "ppl", "n_channels"]]
+"""),
+    ("md", "## Fig. 2 — ASR vs number of variants N\nThe signature from the first N cached variants (no retraining), suppressed at the same ρ and repaired with the same budget."),
+    ("code", """
+variants_figure(tables["fig2_variants"])
+"""),
+    ("md", "## Table 10 — ρ: ASR vs utility\nEach point is a full purification (suppression + repair) at one ρ; the dotted line joins the non-dominated points."),
+    ("code", """
+display(tables["table10_rho"][["rho_requested", "asr", "false_trigger", "mcq_acc", "ppl", "n_channels"]])
+pareto_figure(tables["table10_rho"])
+"""),
+    ("md", "## Table 11 — one signature, other attacks and tasks\nThe signature extracted from the source model, applied unchanged to other suspicious models of the same setting (then the usual repair)."),
+    ("code", """
+t11 = tables["table11_transfer"]
+t11.pivot_table(index=["attack", "task"], columns="defence", values=["asr", "false_trigger"], sort=False)
+"""),
+    ("md", """
+## Exercises
+1. Which baseline comes closest to BD-VAX on ASR, and what does it cost in utility? Put both in one table.
+2. CROW at its published lr against CROW at the standard lr: how much of CROW's effect is the learning rate (paper Appendix C.2)?
+3. From Table 10, pick the smallest ρ whose ASR is within 5 points of the best; how many channels does it suppress?
+"""),
+    ("solution", """
+# 1
+cols = ["asr", "false_trigger", "mcq_acc", "ppl"]
+display(t2.groupby("defence", sort=False)[cols].mean())
+# 2
+display(t2[t2.defence.str.startswith("crow")][["attack", "task", "defence", "asr", "false_trigger", "mcq_acc"]])
+# 3
+t10 = tables["table10_rho"]
+ok = t10[t10.asr <= t10.asr.min() + 0.05]
+ok.sort_values("rho_requested").head(1)[["rho_requested", "asr", "n_channels"]]
+"""),
+]
+
 
 if __name__ == "__main__":
     write_notebook(NB / "00_quickstart.ipynb", QUICKSTART, smoke={"model": "tiny", "max_new_tokens": 8},
@@ -964,4 +1066,13 @@ if __name__ == "__main__":
                           "n_prompts": 2, "mcq_limit": 4, "n_ppl": 4, "runs_dir": "../runs/_smoke",
                           "cache_dir": "../runs/_smoke/twins", "out_dir": "../runs/_smoke/04_purify"},
                    title="Purify and evaluate")
+    write_notebook(NB / "05_baselines.ipynb", BASELINES_NB,
+                   smoke={"model": "tiny", "recompute": True, "results_dir": "../runs/_smoke/05_results",
+                          "runs_dir": "../runs/_smoke/05", "overrides": {
+                              "methods": ["bdvax", "finetune_only", "magnitude_prune"], "n_variants": 2,
+                              "variant_counts": [1, 2], "twin_steps": 2, "rhos": [0.5], "repair_steps": 1,
+                              "n_prompts": 2, "max_new_tokens": 4, "mcq_limit": 4, "n_ppl": 4, "attack_steps": 2,
+                              "transfer_targets": ["vpi:refusal:lora"],
+                              "cache_dir": "../runs/_smoke/twins"}},
+                   title="Baselines and the reproduction report")
     print("wrote notebooks")

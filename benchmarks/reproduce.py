@@ -1,0 +1,41 @@
+"""The paper's evaluation on SmolLM2 (Tables 2, 3, 4, 10, 11 and Fig. 2): CSVs + markdown under results/reproduce/.
+
+Presets: ``smoke`` (one suspicious model, N = 3 short twins, 20-step repairs, 16 prompts: under 30 minutes on the
+2-core CPU when the attack-matrix models exist, a few more to train them) and ``full`` (every attack of the matrix,
+N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>/rows,
+so an interrupted run resumes. The same as ``bdvax reproduce``.
+
+Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--fresh]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--tables", help="comma list (default: all)")
+    ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
+    ns = ap.parse_args()
+    os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
+
+    from bdvax_lab.models import use_all_cores
+    from bdvax_lab.reproduce import TABLES, reproduce
+
+    use_all_cores()
+    t0 = time.time()
+    frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
+                       command="python benchmarks/reproduce.py")
+    print(f"\n{ns.preset}: {len(frames)} tables in {(time.time() - t0) / 60:.1f} min "
+          f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')})")
+
+
+if __name__ == "__main__":
+    main()

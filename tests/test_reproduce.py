@@ -1,0 +1,46 @@
+"""The reproduction runner on the tiny model: every table is written, rows resume, bad input is named."""
+from __future__ import annotations
+
+import pytest
+
+from bdvax_lab.reproduce import TABLES, ReproduceConfig, Reproduction, load_tables, pareto_figure, variants_figure
+
+
+def _config(tmp_path, **kw):
+    base = dict(preset="t", targets=("badnets:refusal:lora",), methods=("bdvax", "finetune_only", "magnitude_prune"),
+                transfer_targets=("vpi:refusal:lora",), n_variants=2, variant_counts=(1, 2), twin_steps=2,
+                rhos=(0.5,), repair_steps=1, n_prompts=2, max_new_tokens=4, mcq_limit=4, n_ppl=4, attack_steps=2,
+                runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "twins"), out_dir=str(tmp_path / "out"))
+    return ReproduceConfig(**(base | kw))
+
+
+def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
+    cfg = _config(tmp_path)
+    frames = Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None).run()
+    assert set(frames) == set(TABLES)
+    t2 = frames["table2_asr"]
+    assert list(t2.defence) == ["none", "bdvax", "finetune_only", "magnitude_prune"]
+    assert t2.asr.between(0, 1).all() and t2.false_trigger.between(0, 1).all()
+    assert list(frames["fig2_variants"].n_variants) == [1, 2]
+    assert set(frames["table4_score"].score) == {"norm", "align", "combined"}
+    assert sorted(frames["table10_rho"].rho_requested) == [0.5, 0.8]
+    assert set(frames["table11_transfer"].defence) == {"none", "bdvax_transfer"}
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert md.count("python benchmarks/reproduce.py --preset t") == len(TABLES)
+    loaded = load_tables(tmp_path / "out")
+    assert set(loaded) == set(TABLES)
+    variants_figure(loaded["fig2_variants"]), pareto_figure(loaded["table10_rho"])
+
+    # A second run recomputes nothing: every row comes from runs/reproduce/t/rows.
+    calls = []
+    again = Reproduction(cfg, progress=False, base=tiny_pair, log=calls.append)
+    again.defence_row = again.baseline_row = lambda *a: pytest.fail("recomputed a cached row")
+    again.run(["table2_asr"])
+    assert not [c for c in calls if "ASR" in c]
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="unknown"):
+        ReproduceConfig(methods=("bdvax", "nope"))
+    with pytest.raises(ValueError, match="attack:task:setting"):
+        ReproduceConfig(targets=("badnets-refusal",))
