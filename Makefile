@@ -8,7 +8,7 @@ PIPQ    := $(PIP) install -q --disable-pip-version-check --progress-bar off
 QUIET   := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 STAMP   := $(VENV)/.bdvax-installed
 
-.PHONY: setup demo test test-fast bench clean-venv
+.PHONY: setup browser-deps demo test test-fast bench clean-venv
 
 setup: $(STAMP)
 
@@ -26,8 +26,19 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/bdvax demo
 
-# Whole test suite: unit (tiny model), notebooks (papermill, smoke parameters), real model (small budgets).
-test: setup
+# Debian's Chromium + ChromeDriver for the browser test (root + apt-get; otherwise that test is skipped, saying why).
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  chromium --version; \
+	else echo "note: no /usr/bin/chromium and not root: the browser test will be skipped"; fi
+
+# Whole test suite: unit (tiny model), notebooks (papermill, smoke parameters), real model (small budgets),
+# browser (JupyterLab in headless Chromium).
+test: setup browser-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: setup

@@ -34,8 +34,6 @@ import pandas as pd
 from .artifacts import atomic_write_text, read_json, write_json
 from .config import Config
 
-#: The behaviour family BD-VAX's variants imitate for each task (the defender's guess, not read from the model).
-FAMILY = {"refusal": "refusal", "sentiment": "insult", "code_injection": "code_injection"}
 METHODS = ("bdvax", "finetune_only", "magnitude_prune", "fine_prune", "quantize_int4", "crow", "crow_published")
 TABLES = ("table2_asr", "table3_utility", "table4_score", "fig2_variants", "table10_rho", "table11_transfer")
 KEEP = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean", "n_prompts", "ppl",
@@ -63,7 +61,8 @@ class ReproduceConfig(Config):
     n_variants: int = 3
     variant_counts: tuple[int, ...] = (1, 2, 3)
     twin_steps: int | None = 30  #: poisoned-twin steps (None → the twin recipe's 60)
-    rho: float = 0.8
+    rho: float = 0.8  #: adapter setting (0.8 removed the backdoor before repair on SmolLM2; paper 0.35)
+    rho_full: float | None = None  #: full setting; None → the paper's 0.03
     rhos: tuple[float, ...] = (0.35, 0.65, 0.9)
     repair_steps: int | None = 20  #: None → the paper's 5 epochs over 200 samples
     n_prompts: int = 16
@@ -172,8 +171,10 @@ class Reproduction:
             twin = default_twin_train(setting)
             if self.config.twin_steps is not None:
                 twin = twin.replace(steps=self.config.twin_steps)
-            cfg = SignatureConfig(family=FAMILY[parse_target(target)[1]], n_variants=self.config.n_variants,
-                                  twin_train=twin, rho=self.config.rho, seed=self.config.seed)
+            cfg = SignatureConfig(family=parse_target(target)[1],  # the family feared = the task measured (an alias)
+                                  n_variants=self.config.n_variants,
+                                  twin_train=twin, seed=self.config.seed,
+                                  rho=self.config.rho if setting == "lora" else self.config.rho_full)
             view = defence_view(sm, setting)
             self._sigs[target] = extract_signature((view.model, view.tokenizer), cfg, self.config.cache_dir,
                                                     progress=self.progress)
@@ -380,4 +381,4 @@ def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) ->
 
 
 __all__ = ["ReproduceConfig", "PRESETS", "Reproduction", "reproduce", "load_tables", "variants_figure",
-           "pareto_figure", "tables_markdown", "parse_target", "METHODS", "TABLES", "FAMILY"]
+           "pareto_figure", "tables_markdown", "parse_target", "METHODS", "TABLES"]

@@ -6,7 +6,9 @@ suppressed / after evaluation. Prints the stage table and checks the issue's tar
 scoring + suppression ≤ 2 % of the total, peak RSS ≤ 4 GB; and the quality target ASR ≤ 10 % with
 false-trigger ≤ 5 % and utility within 2 points MCQ / 5 % perplexity of the suspicious model.
 
-Usage: python benchmarks/pipeline.py [--task refusal] [--rho 0.8] [--n-variants 6] [--suspicious DIR]
+Usage: python benchmarks/pipeline.py [--task refusal] [--setting lora|full] [--rho 0.8] [--n-variants 6]
+       [--suspicious DIR]
+The full setting uses the paper's ρ (3 %) unless --rho is given; its twins are full finetunes.
 """
 from __future__ import annotations
 
@@ -19,19 +21,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILY = {"refusal": "refusal", "sentiment": "insult", "code_injection": "code_injection"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="refusal")
     ap.add_argument("--attack", default="badnets")
-    ap.add_argument("--rho", type=float, default=None, help="default: bdvax_lab.demo.DEMO_RHO")
+    ap.add_argument("--setting", default="lora", choices=("lora", "full"))
+    ap.add_argument("--rho", type=float, default=None,
+                    help="default: bdvax_lab.demo.DEMO_RHO (lora) / the paper's 0.03 (full)")
     ap.add_argument("--n-variants", type=int, default=6)
     ap.add_argument("--n-prompts", type=int, default=50)
     ap.add_argument("--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "pipeline"))
-    ap.add_argument("--json", default=str(ROOT / "results" / "pipeline.json"))
+    ap.add_argument("--json", help="default: results/pipeline-<attack>-<task>-<setting>.json")
     ns = ap.parse_args()
 
     import pandas as pd
@@ -40,24 +43,26 @@ def main() -> None:
     from bdvax_lab import make_suspicious_model, purify
     from bdvax_lab.demo import DEMO_RHO
 
-    rho = ns.rho if ns.rho is not None else DEMO_RHO
+    rho = ns.rho if ns.rho is not None else (DEMO_RHO if ns.setting == "lora" else None)
+    ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}.json")
     t0 = time.time()
-    sus_dir = Path(ns.suspicious or ROOT / "runs" / "attack_matrix" / f"{ns.attack}-{ns.task}-lora")
+    sus_dir = Path(ns.suspicious or ROOT / "runs" / "attack_matrix" / f"{ns.attack}-{ns.task}-{ns.setting}")
     if not (sus_dir / "manifest.json").exists():
         print(f"no suspicious model at {sus_dir}: training one (~2.5 min)", flush=True)
-        make_suspicious_model(recipe=AttackRecipe(attack=ns.attack, task=ns.task, eval=EvalConfig(utility=())),
+        make_suspicious_model(recipe=AttackRecipe(attack=ns.attack, task=ns.task, setting=ns.setting,
+                                                  eval=EvalConfig(utility=())),
                               out=sus_dir, progress=False)
     t_attack = time.time() - t0
     sm = load_suspicious(sus_dir)
     cache = Path(tempfile.mkdtemp(prefix="bdvax-twins-"))
-    cfg = PurifyConfig(signature=SignatureConfig(family=FAMILY[ns.task], n_variants=ns.n_variants, rho=rho),
+    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho),
                        repair=RepairConfig(), eval=EvalConfig(n_prompts=ns.n_prompts))
     res = purify(sm, config=cfg, out=ns.out, cache_dir=cache, progress=False)
     shutil.rmtree(cache, ignore_errors=True)
     timings = dict(res.timings)
     total = timings.get("total", sum(v for k, v in timings.items() if k != "total"))
     rep = res.report
-    print(f"\npipeline: {ns.attack}-{ns.task}, adapter setting, N={ns.n_variants}, rho={rho}, "
+    print(f"\npipeline: {ns.attack}-{ns.task}, {ns.setting} setting, N={ns.n_variants}, rho={rho}, "
           f"repair lr {res.repair.lr if res.repair else 'n/a'}, {time.strftime('%Y-%m-%d')}")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print(rep.to_string())
