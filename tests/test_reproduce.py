@@ -44,3 +44,10 @@ def test_bad_config_is_named():
         ReproduceConfig(methods=("bdvax", "nope"))
     with pytest.raises(ValueError, match="attack:task:setting"):
         ReproduceConfig(targets=("badnets-refusal",))
+
+
+def test_cli_names_an_unknown_preset(capsys):
+    from bdvax_lab.cli import main
+
+    assert main(["reproduce", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
