@@ -192,6 +192,32 @@ class Reproduction:
         return row | {"lr": res.repair.lr, "repair_steps": res.repair.steps, "n_channels": sel.n_channels,
                       "rho": (signature.selection or {}).get("rho")}
 
+    def bdvax_row(self, target: str, *, source: str | None = None, n: int | None = None, rho: float | None = None,
+                  score: str = "combined") -> dict[str, Any]:
+        """BD-VAX on ``target`` with the signature of ``source`` (default: its own) from its first ``n`` variants,
+        selected at ``rho`` with ``score``. Cached under one key, so the tables that share a configuration
+        (Table 2's BD-VAX, Table 4's combined, Fig. 2's N = n_variants, Table 10's default ρ) compute it once."""
+        source = source or target
+        n = self.config.n_variants if n is None else int(n)
+        if rho is None:
+            rho = self.config.rho if parse_target(source)[2] == "lora" else self.config.rho_full
+        key = f"{target}:from:{source}:N{n}:rho{rho if rho is None else f'{rho:g}'}:{score}"
+
+        def run() -> dict[str, Any]:
+            from .signature import compute_signature
+
+            sig = self.signature(source)
+            if n != self.config.n_variants:
+                sig = compute_signature(sig.meta["cache"][:n], sig.config.replace(n_variants=n),
+                                        meta={"setting": sig.meta.get("setting")})
+            return self._bdvax(target, sig.select(rho=rho, score=score))
+
+        return self._row("bdvax", key, run)
+
+    def none_row(self, target: str) -> dict[str, Any]:
+        """The suspicious model itself, evaluated like every defence (cached once per target)."""
+        return self._row("none", target, lambda: self.baseline_row(target))
+
     # ------------------------------------------------------------------ experiments
     def baseline_row(self, target: str) -> dict[str, Any]:
         from .evaluate import evaluate_model
@@ -202,7 +228,7 @@ class Reproduction:
 
     def defence_row(self, target: str, method: str) -> dict[str, Any]:
         if method == "bdvax":
-            return self._bdvax(target, self.signature(target))
+            return self.bdvax_row(target)
         from .baselines import BASELINE_CONFIGS, PruneConfig, defend
 
         a, t, _ = parse_target(target)
@@ -217,13 +243,13 @@ class Reproduction:
         for target in self.config.targets:
             a, t, s = parse_target(target)
             ident = {"attack": a, "task": t, "setting": s}
-            rows.append(ident | {"defence": "none"} | self._row("table2", f"{target}:none",
-                                                                  lambda: self.baseline_row(target)))
+            rows.append(ident | {"defence": "none"} | self.none_row(target))
             for m in self.config.methods:
                 if m == "crow_published" and s != "lora":
                     continue  # the published CROW lr is only known for the adapter setting
-                rows.append(ident | {"defence": m} | self._row("table2", f"{target}:{m}",
-                                                                lambda: self.defence_row(target, m)))
+                row = self.bdvax_row(target) if m == "bdvax" else self._row(
+                    "table2", f"{target}:{m}", lambda: self.defence_row(target, m))
+                rows.append(ident | {"defence": m} | row)
         return self._write("table2_asr", rows)
 
     def table3(self) -> pd.DataFrame:
@@ -237,35 +263,19 @@ class Reproduction:
 
     def table4(self) -> pd.DataFrame:
         target = self.config.primary
-        rows = [{"score": m} | self._row("table4", f"{target}:{m}",
-                                          lambda: self._bdvax(target, self.signature(target).select(score=m)))
-                for m in ("norm", "align", "combined")]
+        rows = [{"score": m} | self.bdvax_row(target, score=m) for m in ("norm", "align", "combined")]
         return self._write("table4_score", rows)
 
     def fig2(self) -> pd.DataFrame:
-        from .signature import compute_signature
-
         target = self.config.primary
-        rows = []
-        for n in self.config.variant_counts:
-            if n > self.config.n_variants:
-                continue
-
-            def run(n: int = n) -> dict[str, Any]:
-                sig = self.signature(target)
-                sub = compute_signature(sig.meta["cache"][:n], sig.config.replace(n_variants=n),
-                                        meta={"setting": sig.meta.get("setting")})
-                return self._bdvax(target, sub.select())
-
-            rows.append({"n_variants": n} | self._row("fig2", f"{target}:N{n}", run))
+        rows = [{"n_variants": n} | self.bdvax_row(target, n=n)
+                for n in self.config.variant_counts if n <= self.config.n_variants]
         return self._write("fig2_variants", rows)
 
     def table10(self) -> pd.DataFrame:
         target = self.config.primary
         rhos = sorted(set(self.config.rhos) | {self.config.rho})
-        rows = [{"rho_requested": r} | self._row("table10", f"{target}:rho{r:g}",
-                                                 lambda r=r: self._bdvax(target, self.signature(target).select(rho=r)))
-                for r in rhos]
+        rows = [{"rho_requested": r} | self.bdvax_row(target, rho=r) for r in rhos]
         return self._write("table10_rho", rows)
 
     def table11(self) -> pd.DataFrame:
@@ -276,10 +286,8 @@ class Reproduction:
             if s != parse_target(src)[2]:
                 continue  # a LoRA signature indexes adapter channels; it does not transfer across settings
             ident = {"source": src, "attack": a, "task": t, "setting": s}
-            rows.append(ident | {"defence": "none"} | self._row("table11", f"{target}:none",
-                                                                 lambda: self.baseline_row(target)))
-            rows.append(ident | {"defence": "bdvax_transfer"} | self._row(
-                "table11", f"{target}:from:{src}", lambda: self._bdvax(target, self.signature(src))))
+            rows.append(ident | {"defence": "none"} | self.none_row(target))
+            rows.append(ident | {"defence": "bdvax_transfer"} | self.bdvax_row(target, source=src))
         return self._write("table11_transfer", rows)
 
     def run(self, tables: Iterable[str] = TABLES) -> dict[str, pd.DataFrame]:
@@ -380,5 +388,23 @@ def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) ->
     return "\n".join(out)
 
 
+def splice_markdown(doc: str | Path, block: str, text: str) -> bool:
+    """Replace the text between ``<!-- block:begin -->`` and ``<!-- block:end -->`` in ``doc`` (atomically).
+
+    Returns False (and changes nothing) when the markers are missing, so hand-written prose is never lost.
+    """
+    doc = Path(doc)
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    if not doc.exists():
+        return False
+    s = doc.read_text()
+    if begin not in s or end not in s or s.index(begin) > s.index(end):
+        return False
+    head, rest = s.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(doc, f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
+
+
 __all__ = ["ReproduceConfig", "PRESETS", "Reproduction", "reproduce", "load_tables", "variants_figure",
-           "pareto_figure", "tables_markdown", "parse_target", "METHODS", "TABLES"]
+           "pareto_figure", "tables_markdown", "splice_markdown", "parse_target", "METHODS", "TABLES"]

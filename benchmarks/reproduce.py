@@ -27,12 +27,15 @@ def main() -> None:
     os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
 
     from bdvax_lab.models import use_all_cores
-    from bdvax_lab.reproduce import TABLES, reproduce
+    from bdvax_lab.reproduce import PRESETS, TABLES, reproduce, splice_markdown
 
     use_all_cores()
     t0 = time.time()
     frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
                        command="python benchmarks/reproduce.py")
+    tables_md = Path(PRESETS[ns.preset].out_dir) / "tables.md"
+    if splice_markdown(ROOT / "RESULTS.md", f"reproduce:{ns.preset}", tables_md.read_text()):
+        print(f"RESULTS.md: replaced the {ns.preset} tables")
     print(f"\n{ns.preset}: {len(frames)} tables in {(time.time() - t0) / 60:.1f} min "
           f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')})")
 

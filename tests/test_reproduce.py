@@ -25,6 +25,8 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     assert set(frames["table4_score"].score) == {"norm", "align", "combined"}
     assert sorted(frames["table10_rho"].rho_requested) == [0.5, 0.8]
     assert set(frames["table11_transfer"].defence) == {"none", "bdvax_transfer"}
+    # Tables share BD-VAX configurations: combined / N = 2 / ρ = 0.8 / Table 2's bdvax are one computed row.
+    assert len(list((tmp_path / "runs" / "reproduce" / "t" / "rows" / "bdvax").glob("*.json"))) == 6
     md = (tmp_path / "out" / "tables.md").read_text()
     assert md.count("python benchmarks/reproduce.py --preset t") == len(TABLES)
     loaded = load_tables(tmp_path / "out")
@@ -34,7 +36,7 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     # A second run recomputes nothing: every row comes from runs/reproduce/t/rows.
     calls = []
     again = Reproduction(cfg, progress=False, base=tiny_pair, log=calls.append)
-    again.defence_row = again.baseline_row = lambda *a: pytest.fail("recomputed a cached row")
+    again.defence_row = again.baseline_row = again._bdvax = lambda *a: pytest.fail("recomputed a cached row")
     again.run(["table2_asr"])
     assert not [c for c in calls if "ASR" in c]
 
@@ -51,3 +53,13 @@ def test_cli_names_an_unknown_preset(capsys):
 
     assert main(["reproduce", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_splice_markdown_keeps_prose(tmp_path):
+    from bdvax_lab.reproduce import splice_markdown
+
+    doc = tmp_path / "R.md"
+    doc.write_text("intro\n<!-- t:begin -->\nold\n<!-- t:end -->\nreading\n")
+    assert splice_markdown(doc, "t", "new table")
+    assert doc.read_text() == "intro\n<!-- t:begin -->\nnew table\n<!-- t:end -->\nreading\n"
+    assert not splice_markdown(doc, "other", "x") and "new table" in doc.read_text()
