@@ -98,6 +98,9 @@ def write_results(rows: list[dict], pending: list[tuple[str, str, str]], ns: arg
     script = Path(sys.argv[0])
     cmd = "python " + " ".join(shlex.quote(a) for a in [str(script.relative_to(ROOT) if script.is_absolute() else script)]
                                + sys.argv[1:])
+    from bdvax_lab.suspicious import DEFAULT_POISON_RATE
+
+    rates = ", ".join(f"{v:.0%} for {k}" for k, v in DEFAULT_POISON_RATE.items()) + ", 15% otherwise"
     done = df[(df.attack != "-") & (df.status != "not run")]
     short = done[~done.met_target.astype(bool)]
     lines = [
@@ -112,6 +115,10 @@ def write_results(rows: list[dict], pending: list[tuple[str, str, str]], ns: arg
         ("Fell short: " + ", ".join(f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
                                     for r in short.itertuples())) if len(short) else "No finished combination fell short.",
         ("Not run yet: " + ", ".join(f"{a}-{t}-{s}" for a, t, s in pending)) if pending else "All combinations ran.",
+        "", "Recipe (`bdvax_lab.suspicious.default_attack_train`, `AttackRecipe`): 120 samples of the attack split, "
+        f"poisoning rate {rates}; LoRA r 8 on all seven projections, lr 1e-3 constant, batch 4, responses cut to 16 "
+        "tokens, loss averaged per sample, 120 steps (full setting: lr 5e-5). Rows marked `reused` were trained by an "
+        "earlier invocation of this command (their `train_s` was measured then, possibly beside other jobs).",
     ]
     atomic_write_text(Path(f"{ns.out}.md"), "\n".join(lines) + "\n")
 

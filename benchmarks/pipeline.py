@@ -23,6 +23,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def keep_twins(tmp_cache: Path) -> int:
+    """Move the freshly trained twin entries into the shared bdvax cache (never over an existing entry)."""
+    from bdvax_lab.signature import twin_cache_root
+
+    shared, moved = twin_cache_root(), 0
+    for entry in sorted(tmp_cache.glob("*/variant-*")):
+        dest = shared / entry.parent.name / entry.name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(entry), str(dest))
+            moved += 1
+    shutil.rmtree(tmp_cache, ignore_errors=True)
+    return moved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="refusal")
@@ -58,7 +73,7 @@ def main() -> None:
     cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho),
                        repair=RepairConfig(), eval=EvalConfig(n_prompts=ns.n_prompts))
     res = purify(sm, config=cfg, out=ns.out, cache_dir=cache, progress=False)
-    shutil.rmtree(cache, ignore_errors=True)
+    kept = keep_twins(cache)  # the twins were really trained here; the notebooks and `bdvax purify` can reuse them
     timings = dict(res.timings)
     total = timings.get("total", sum(v for k, v in timings.items() if k != "total"))
     rep = res.report
@@ -80,7 +95,8 @@ def main() -> None:
         "MCQ within 2 points": abs(after.get("mcq_acc", 0) - before.get("mcq_acc", 0)) <= 0.02,
         "perplexity within 5%": after.get("ppl", 1e9) <= 1.05 * before.get("ppl", 0),
     }
-    print(f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s")
+    print(f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s; "
+          f"{kept} twin entries kept in the shared cache")
     for k, v in checks.items():
         print(f"  {'met ' if v else 'MISS'}  {k}")
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
