@@ -243,7 +243,7 @@ def default_twin_train(setting: str) -> TrainConfig:
     Same loop settings as the measured implanting recipe (batch 4, responses cut
     to 16 tokens, loss averaged per sample, constant lr), half its steps: the
     twins' 50 % poisoning rate gives 120 poisoned samples in 60 steps, more than
-    the attack's 72 in 120 steps.
+    the attack's 72 (15 %) or 96 (20 %, refusal) in 120 steps.
     """
     if setting == "lora":
         return TrainConfig(mode="lora", lr=1e-3, steps=60, batch_size=4, max_response_tokens=16, loss_average="sample")

@@ -47,6 +47,7 @@ def main() -> None:
                     help="default: bdvax_lab.demo.DEMO_RHO (lora) / the paper's 0.03 (full)")
     ap.add_argument("--n-variants", type=int, default=6)
     ap.add_argument("--n-prompts", type=int, default=50)
+    ap.add_argument("--twin-steps", type=int, help="poisoned-twin steps (default: the twin recipe's 60)")
     ap.add_argument("--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "pipeline"))
     ap.add_argument("--json", help="default: results/pipeline-<attack>-<task>-<setting>.json")
@@ -70,7 +71,10 @@ def main() -> None:
     t_attack = time.time() - t0
     sm = load_suspicious(sus_dir)
     cache = Path(tempfile.mkdtemp(prefix="bdvax-twins-"))
-    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho),
+    from bdvax_lab.signature import default_twin_train
+
+    twin = default_twin_train(ns.setting).replace(steps=ns.twin_steps) if ns.twin_steps else None
+    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho, twin_train=twin),
                        repair=RepairConfig(), eval=EvalConfig(n_prompts=ns.n_prompts))
     res = purify(sm, config=cfg, out=ns.out, cache_dir=cache, progress=False)
     kept = keep_twins(cache)  # the twins were really trained here; the notebooks and `bdvax purify` can reuse them
