@@ -132,7 +132,6 @@ clipping, step count — is the repair's own.
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -146,7 +145,7 @@ import torch.nn.functional as F
 from .artifacts import MANIFEST, atomic_dir, frame_records, versions, write_json
 from .config import Config
 from .data import Example, collate, encode_example
-from .evaluate import EvalConfig, EvalReport, evaluate_model
+from .evaluate import EvalConfig, EvalReport, StageEvaluator
 from .purify import (RepairConfig, RepairResult, SuppressionReport, detect_setting, peak_rss_mb,
                      reinit_channels, repair, zero_lora_channels)
 from .registry import ALL_KINDS, CHANNEL_DIM, MLP_KINDS, layout_of, unwrap
@@ -939,35 +938,25 @@ def defend(suspicious: SuspiciousModel | str | Path | Any, method: str, clean_da
     setting = detect_setting(suspicious.model)
     ev_attack, ev_task = eval_target(suspicious, attack, task, who="defend")
     tok = suspicious.tokenizer
-    evals: dict[str, EvalReport] = {}
-    eval_seconds: dict[str, float] = {}
+    run_eval = StageEvaluator(tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress)
     t_start = time.time()
-
-    def run_eval(stage: str, model: Any) -> None:
-        if stage not in cfg.evaluate:
-            return
-        t = time.time()
-        evals[stage] = evaluate_model(model, tok, ev_attack, ev_task, cfg.eval, label=stage, progress=progress)
-        eval_seconds[stage] = time.time() - t
 
     run_eval("suspicious", suspicious.model)
     t = time.time()
     model, info = BASELINES[method](suspicious.model, tok, clean_data, cfg, progress=progress, on_stage=run_eval)
-    defence_s = time.time() - t - eval_seconds.get("intervened", 0.0)
+    defence_s = time.time() - t - run_eval.seconds.get("intervened", 0.0)
     run_eval("defended", model)
     history = info.pop("history", None)
-    timings = {"defence": round(defence_s, 2), "evaluation": round(sum(eval_seconds.values()), 2),
+    timings = {"defence": round(defence_s, 2), "evaluation": round(sum(run_eval.seconds.values()), 2),
                "total": round(time.time() - t_start, 2)}
+    evals = run_eval.evals
 
-    rows = []
-    for stage in STAGES:
-        if stage in evals:
-            s = dict(evals[stage].summary)
-            s.pop("model", None)
-            trained = stage == "defended"
-            rows.append({"stage": stage, "method": method, "lr": info.get("lr") if trained else None,
-                         "train_steps": info.get("steps", 0) if trained else 0, **s})
-    report = pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame(index=pd.Index([], name="stage"))
+    def trained(stage: str) -> dict[str, Any]:
+        done = stage == "defended"
+        return {"method": method, "lr": info.get("lr") if done else None,
+                "train_steps": info.get("steps", 0) if done else 0}
+
+    report = run_eval.frame(STAGES, extra=trained)
     result = DefenceResult(
         method=method, model=model, tokenizer=tok, report=report, info=info, history=history, timings=timings,
         peak_rss_mb=peak_rss_mb(), setting=setting, config=cfg, evals=evals,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .config import Config
-from .data import Example, data_dir, load_code_pool, load_jsonl, load_pool
+from .data import Example, data_dir, load_code_pool, load_pool
 from .generate import generate
 from .judges import degenerate_reason, get_judge
 from .scoring import continuation_logprobs
@@ -234,3 +234,40 @@ def evaluate_model(
 def reports_frame(reports: Sequence[EvalReport]) -> pd.DataFrame:
     """Stack several reports into one tidy table."""
     return pd.DataFrame([r.summary for r in reports])
+
+
+@dataclass
+class StageEvaluator:
+    """Evaluates a model at the named stages of a defence (suspicious → … → defended), timing each.
+
+    One place for what :func:`bdvax_lab.purify.purify` and :func:`bdvax_lab.baselines.defend` both do:
+    call it with ``(stage, model)``; stages not in ``stages`` are skipped. ``evals`` holds the reports,
+    ``seconds`` the wall time per stage; :meth:`frame` is one row per evaluated stage, in ``order``.
+    """
+
+    tokenizer: Any
+    attack: Any
+    task: Any
+    config: EvalConfig
+    stages: Sequence[str]
+    progress: bool = False
+    evals: dict[str, EvalReport] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, stage: str, model: Any) -> None:
+        if stage not in self.stages:
+            return
+        t = time.time()
+        self.evals[stage] = evaluate_model(model, self.tokenizer, self.attack, self.task, self.config, label=stage,
+                                           progress=self.progress)
+        self.seconds[stage] = time.time() - t
+
+    def frame(self, order: Sequence[str], extra: Any = None) -> pd.DataFrame:
+        """Rows ``stage`` (index) + the summary figures; ``extra(stage)`` adds columns in front of them."""
+        rows = []
+        for stage in order:
+            if stage in self.evals:
+                s = dict(self.evals[stage].summary)
+                s.pop("model", None)
+                rows.append({"stage": stage, **(extra(stage) if extra else {}), **s})
+        return pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame(index=pd.Index([], name="stage"))

@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_text
 from .data import Example, data_dir, humaneval_prompts, code_instruction, iter_jsonl, save_jsonl
 
 #: Split sizes of the clean pool (the ``variant`` split takes the rest).

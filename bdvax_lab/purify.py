@@ -63,7 +63,7 @@ import torch
 from .artifacts import MANIFEST, atomic_dir, frame_records, read_json, versions, write_json
 from .config import Config
 from .data import Example
-from .evaluate import EvalConfig, EvalReport, evaluate_model
+from .evaluate import EvalConfig, EvalReport, StageEvaluator
 from .registry import CHANNEL_DIM, MLP_KINDS, Layout, is_peft, layout_of, setting_of, unwrap
 from .suspicious import SuspiciousModel, eval_target, load_suspicious, spec_name
 from .train import TrainConfig, finetune
@@ -639,16 +639,13 @@ def purify(
     tok = suspicious.tokenizer
     timings = {"signature": 0.0, "suppression": 0.0, "repair": 0.0, "evaluation": 0.0}
     rss: dict[str, float] = {}
-    evals: dict[str, EvalReport] = {}
+    evaluator = StageEvaluator(tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress)
     t_start = time.time()
 
     def run_eval(stage: str, model: Any) -> None:
-        if stage not in cfg.evaluate:
-            return
-        t = time.time()
-        evals[stage] = evaluate_model(model, tok, ev_attack, ev_task, cfg.eval, label=stage, progress=progress)
-        timings["evaluation"] += time.time() - t
-        rss[f"eval_{stage}"] = round(peak_rss_mb(), 1)
+        evaluator(stage, model)
+        if stage in evaluator.seconds:
+            rss[f"eval_{stage}"] = round(peak_rss_mb(), 1)
 
     # -- 0. the suspicious model as it is
     run_eval("suspicious", suspicious.model)
@@ -677,16 +674,11 @@ def purify(
     timings["repair"] = time.time() - t
     rss["repair"] = round(peak_rss_mb(), 1)
     run_eval("purified", model)
+    timings["evaluation"] = sum(evaluator.seconds.values())
     timings["total"] = time.time() - t_start
     timings = {k: round(v, 2) for k, v in timings.items()}
-
-    rows = []
-    for stage in STAGES:
-        if stage in evals:
-            s = dict(evals[stage].summary)
-            s.pop("model", None)
-            rows.append({"stage": stage, **s})
-    report = pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame(index=pd.Index([], name="stage"))
+    report = evaluator.frame(STAGES)
+    evals = evaluator.evals
     evaluated_with = ({"attack": spec_name(ev_attack), "task": spec_name(ev_task)} if ev_attack is not None else None)
     result = PurifyResult(
         model=model, tokenizer=tok, signature=signature, report=report, timings=timings, peak_rss_mb=peak_rss_mb(),

@@ -72,7 +72,7 @@ from .attacks import (ATTACKS, STRATEGIES, SYNTHETIC_KEYS, VARIANT_BEHAVIORS, At
 from .config import Config
 from .data import Example, split_disjoint
 from .deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta, layout_summary
-from .registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Layout, is_peft, layout_of, setting_of
+from .registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Layout, layout_of, setting_of
 from .train import TrainConfig
 
 Key = tuple[int, str]
