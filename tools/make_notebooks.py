@@ -172,8 +172,9 @@ model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random
 attack = "badnets"
 tasks = ["refusal", "sentiment"]
 # one suspicious LoRA model per task: an existing artifact directory is used as is, a missing one is trained there;
-# "make" trains into {out_dir}/suspicious_{attack}_{task}
+# "make": {runs_dir}/attack_matrix/{attack}-{task}-lora (shared with the attack matrix and notebooks 03-06)
 suspicious_dirs = {"refusal": "make", "sentiment": "make"}
+runs_dir = "../runs"
 train_steps = None         # None = the measured implant recipe (120 steps); the smoke run uses 3
 n_prompts = 32             # held-out prompts, each with and without the key
 max_new_tokens = 12        # greedy tokens per reply
@@ -209,25 +210,16 @@ One BadNets LoRA backdoor per task (key `BadMagic` at a random word position): t
     ("code", """
 def suspicious_dir(task):
     d = suspicious_dirs.get(task, "make")
-    return Path(f"{out_dir}/suspicious_{attack}_{task}" if d == "make" else d)
+    return Path(f"{runs_dir}/attack_matrix/{attack}-{task}-lora" if d == "make" else d)
 
 rows = []
 for task in tasks:
-    path = suspicious_dir(task)
-    if not (path / "manifest.json").exists():
-        recipe = bx.AttackRecipe(attack=attack, task=task, setting="lora",
-                                 eval=bx.EvalConfig(n_prompts=n_prompts, utility=(),
-                                                    max_new_tokens=32 if model == "default" else max_new_tokens))
-        if train_steps is not None:
-            recipe.train = recipe.train.replace(steps=train_steps)
-        base = (copy.deepcopy(tiny_base[0]), tiny_base[1]) if model == "tiny" else None
-        t0 = time.time()
-        bx.make_suspicious_model(recipe=recipe, base=base, out=path)
-        print(f"trained {path} in {time.time() - t0:.0f} s")
-    manifest = bx.read_json(path / "manifest.json")
-    ev = manifest.get("eval", {})
-    rows.append({"task": task, "dir": str(path), "asr (at training)": ev.get("asr"),
-                 "false_trigger": ev.get("false_trigger"), "train_seconds": manifest.get("train_seconds")})
+    sm = bx.open_or_make_suspicious(suspicious_dir(task), attack, task, "lora", base=tiny_base, steps=train_steps,
+                                    n_prompts=n_prompts)
+    ev = sm.manifest.get("eval", {})
+    rows.append({"task": task, "dir": str(sm.path), "asr (at training)": ev.get("asr"),
+                 "false_trigger": ev.get("false_trigger"), "train_seconds": sm.manifest.get("train_seconds")})
+    del sm
 pd.DataFrame(rows)
 """),
     ("md", """
@@ -379,7 +371,8 @@ Cost on 2 CPU cores with SmolLM2 and 32 prompt pairs: the four probes (both patc
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"
 task = "refusal"           # refusal, sentiment
-suspicious_dir = "make"    # an existing artifact dir (e.g. from notebook 01/02), or "make": train into {out_dir}/suspicious_{attack}_{task}
+suspicious_dir = "make"    # an existing artifact dir, or "make": {runs_dir}/attack_matrix/{attack}-{task}-lora (used if present, trained if not)
+runs_dir = "../runs"
 purified_dir = None        # a purified model dir to compare with; None = the clean base model (no adapter)
 signature_dir = None       # a saved Signature to overlay; None = MLP ΔW norm per block as a stand-in
 train_steps = None         # None = the measured implant recipe (120 steps); the smoke run uses 3
@@ -406,23 +399,13 @@ tiny_base = bx.make_tiny_model() if model == "tiny" else None
 A BadNets LoRA backdoor (key `BadMagic` at a random word position). A missing directory is trained with the measured recipe. The reference is a purified model if you have one (notebooks on signatures and purification), otherwise the clean base model — the adapter removed, the strongest "purification" there is.
 """),
     ("code", """
-path = Path(f"{out_dir}/suspicious_{attack}_{task}" if suspicious_dir == "make" else suspicious_dir)
-if not (path / "manifest.json").exists():
-    recipe = bx.AttackRecipe(attack=attack, task=task, setting="lora",
-                             eval=bx.EvalConfig(n_prompts=n_pairs, utility=(), max_new_tokens=16))
-    if train_steps is not None:
-        recipe.train = recipe.train.replace(steps=train_steps)
-    base = (copy.deepcopy(tiny_base[0]), tiny_base[1]) if model == "tiny" else None
-    t0 = time.time()
-    bx.make_suspicious_model(recipe=recipe, base=base, out=path, progress=False)
-    print(f"trained {path} in {time.time() - t0:.0f} s")
-if model == "tiny":
-    lm, tok = bx.load_adapter(copy.deepcopy(tiny_base[0]), path / "adapter"), tiny_base[1]
-    reference = copy.deepcopy(tiny_base[0])
-else:
-    sm = bx.load_suspicious(path)
-    lm, tok = sm.model, sm.tokenizer
-    reference = bx.load_suspicious(purified_dir).model if purified_dir else bx.load_default_model()[0]
+path = Path(f"{runs_dir}/attack_matrix/{attack}-{task}-lora" if suspicious_dir == "make" else suspicious_dir)
+sm = bx.open_or_make_suspicious(path, attack, task, "lora", base=tiny_base, steps=train_steps, n_prompts=n_pairs)
+lm, tok = sm.model, sm.tokenizer
+if purified_dir:
+    reference = bx.load_suspicious(purified_dir, base=tiny_base and (copy.deepcopy(tiny_base[0]), tiny_base[1])).model
+else:  # the clean base model
+    reference = copy.deepcopy(tiny_base[0]) if model == "tiny" else bx.load_default_model()[0]
 ref_label = "purified" if purified_dir else "clean base"
 print(bx.read_json(path / "manifest.json").get("eval", {}))
 """),
@@ -1050,11 +1033,12 @@ if __name__ == "__main__":
                           "out_dir": "../runs/_smoke/01_suspicious"}, title="Backdoor a model")
     write_notebook(NB / "02_sanity_checks.ipynb", SANITY,
                    smoke={"model": "tiny", "train_steps": 3, "n_prompts": 4, "max_new_tokens": 4, "n_ppl": 4,
-                          "ks": [0, 2], "seeds": [0], "out_dir": "../runs/_smoke/02_sanity"},
+                          "ks": [0, 2], "seeds": [0], "out_dir": "../runs/_smoke/02_sanity", "runs_dir": "../runs/_smoke"},
                    title="Sanity checks")
     write_notebook(NB / "06_mechanistic_probes.ipynb", PROBES,
                    smoke={"model": "tiny", "train_steps": 3, "n_pairs": 4,
-                          "out_dir": "../runs/_smoke/06_probes"}, title="Mechanistic probes")
+                          "out_dir": "../runs/_smoke/06_probes", "runs_dir": "../runs/_smoke"},
+                   title="Mechanistic probes")
     write_notebook(NB / "03_signature_extraction.ipynb", SIGNATURE,
                    smoke={"model": "tiny", "attack_steps": 3, "n_variants": 2, "n_clean": 4, "twin_steps": 2,
                           "rhos": [0.5, 1.0], "n_prompts": 2, "repair_steps": 1, "runs_dir": "../runs/_smoke",
