@@ -225,6 +225,42 @@ def load_default_model(
     return load_model(ensure_default_model(), device=device, dtype=dtype)
 
 
+def working_copy(model: Any, share_frozen_base: bool = False) -> Any:
+    """A copy of ``model`` to edit or train without touching the original.
+
+    ``share_frozen_base=True`` (for a peft model whose adapter alone will change:
+    LoRA training, zeroing LoRA rows) copies only the ``lora_`` tensors and shares
+    the frozen base weights with the original, which saves a full copy of the base
+    (~540 MB and ~1 s for SmolLM2). Never use it when the base weights will be
+    edited (merging, quantizing, full finetuning): the original would change too.
+    """
+    import copy
+
+    if share_frozen_base:
+        memo = {id(p): p for name, p in model.named_parameters() if "lora_" not in name}
+        return copy.deepcopy(model, memo)
+    return copy.deepcopy(model)
+
+
+def release_memory() -> None:
+    """Give freed memory back now: Python's garbage, CUDA's cache and glibc's heap (malloc_trim).
+
+    Without the trim, RSS on Linux keeps the high-water mark of every freed
+    twin, delta and copy (measured: 4.4 GB peak for the default pipeline).
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def save_model(model: Any, tokenizer: Any, path: str | Path) -> Path:
     """Save a model (or peft adapter) and tokenizer as safetensors, atomically."""
     path = Path(path)

@@ -47,7 +47,6 @@ manifest, and ASR is skipped when neither is known.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import resource
@@ -64,6 +63,7 @@ from .artifacts import MANIFEST, atomic_dir, frame_records, read_json, versions,
 from .config import Config
 from .data import Example
 from .evaluate import EvalConfig, EvalReport, StageEvaluator
+from .models import release_memory, working_copy
 from .registry import CHANNEL_DIM, MLP_KINDS, Layout, is_peft, layout_of, setting_of, unwrap
 from .suspicious import SuspiciousModel, eval_target, load_suspicious, spec_name
 from .train import TrainConfig, finetune
@@ -658,9 +658,13 @@ def purify(
         signature = (extractor or _default_extractor)(view, sig_cfg, cache_dir=cache_dir, progress=progress)
     timings["signature"] = time.time() - t
     rss["signature"] = round(peak_rss_mb(), 1)
+    release_memory()  # the twins' deltas are gone; hand their pages back before the copy below
 
     # -- 2. suppression
-    model = suspicious.model if cfg.inplace else copy.deepcopy(suspicious.model)
+    # Adapter setting with an adapter-only repair: suppression and repair touch LoRA tensors only, so the
+    # copy shares the frozen base with the suspicious model (one base in memory instead of two).
+    adapter_only = setting == "lora" and (cfg.repair.mode or "lora") == "lora"
+    model = suspicious.model if cfg.inplace else working_copy(suspicious.model, share_frozen_base=adapter_only)
     t = time.time()
     sup = suppress(model, signature, cfg.suppression, setting=setting)
     timings["suppression"] = time.time() - t

@@ -52,8 +52,6 @@ with long responses), i.e. ≈ 15–18 min for N = 6 — TODO: measure on a real
 """
 from __future__ import annotations
 
-import copy
-import gc
 import math
 import random
 import shutil
@@ -72,6 +70,7 @@ from .attacks import (ATTACKS, STRATEGIES, SYNTHETIC_KEYS, VARIANT_BEHAVIORS, At
 from .config import Config
 from .data import Example, split_disjoint
 from .deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta, layout_summary
+from .models import release_memory, working_copy
 from .registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Layout, layout_of, setting_of
 from .train import TrainConfig
 
@@ -479,10 +478,7 @@ def _fresh_twin(model: Any, setting: str) -> Any:
     saves a full copy of the base (~540 MB and ~1 s for SmolLM2). Full
     setting: a complete deep copy.
     """
-    if setting == "lora":
-        memo = {id(p): p for name, p in model.named_parameters() if "lora_" not in name}
-        return copy.deepcopy(model, memo)
-    return copy.deepcopy(model)
+    return working_copy(model, share_frozen_base=setting == "lora")
 
 
 def _twin_delta(twin: Any, suspicious_model: Any, setting: str) -> WeightDelta:
@@ -497,9 +493,7 @@ def _twin_delta(twin: Any, suspicious_model: Any, setting: str) -> WeightDelta:
 
 def _collect() -> None:
     """Return a freed twin's memory now (the caller drops its references first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def _run_job(job: TwinJob, model: Any, tok: Any, config: SignatureConfig, fingerprint: str, progress: bool) -> None:

@@ -105,7 +105,8 @@ def main() -> None:
         print(f"  {'met ' if v else 'MISS'}  {k}")
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rho": rho, "n_variants": ns.n_variants,
-                                         "timings": timings, "peak_rss_gb": peak, "checks": checks,
+                                         "timings": timings, "peak_rss_gb": peak, "rss_mb_after_stage": res.rss_mb,
+                                         "checks": checks,
                                          "report": json.loads(rep.to_json(orient="index"))}, indent=2, default=str))
 
 

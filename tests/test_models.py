@@ -66,3 +66,25 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("BDVAX_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     assert default_model_dir().is_relative_to(tmp_path / "c")
+
+
+def test_working_copy_shares_only_the_frozen_base(tiny):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from bdvax_lab.models import release_memory, working_copy
+
+    model, _ = tiny
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj"], init_lora_weights=False))
+    shared = working_copy(peft_model, share_frozen_base=True)
+    full = working_copy(peft_model)
+    orig = dict(peft_model.named_parameters())
+    for name, p in shared.named_parameters():
+        assert (p is orig[name]) == ("lora_" not in name), name
+    assert not any(p is orig[n] for n, p in full.named_parameters())
+    with torch.no_grad():  # editing the copy's adapter leaves the original's alone
+        for name, p in shared.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert all(orig[n].abs().sum() > 0 for n in orig if "lora_B" in n)
+    release_memory()
