@@ -99,6 +99,7 @@ def main() -> None:
         "MCQ within 2 points": abs(after.get("mcq_acc", 0) - before.get("mcq_acc", 0)) <= 0.02,
         "perplexity within 5%": after.get("ppl", 1e9) <= 1.05 * before.get("ppl", 0),
     }
+    checks = {k: bool(v) for k, v in checks.items()}  # numpy bools would serialise as strings
     print(f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s; "
           f"{kept} twin entries kept in the shared cache")
     for k, v in checks.items():
