@@ -3,7 +3,8 @@
 One :class:`ReproduceConfig` per preset (:data:`PRESETS`: ``smoke`` = minutes,
 ``full`` = hours on the 2-core CPU). :func:`reproduce` runs the experiments in
 order and writes ``<out_dir>/<table>.csv`` after each one; every finished row
-is also kept as JSON under ``<runs_dir>/rows/`` so an interrupted run resumes
+is also kept as JSON under ``<runs_dir>/reproduce/<preset>-<config hash>/rows/`` so an interrupted run
+resumes
 where it stopped. Suspicious models come from (or go to) the attack-matrix
 directory (:func:`bdvax_lab.open_or_make_suspicious`), twin deltas from the
 shared twin cache, so a full run re-uses everything the notebooks trained.
@@ -126,7 +127,15 @@ class Reproduction:
     # ------------------------------------------------------------------ plumbing
     @property
     def rows_dir(self) -> Path:
-        return Path(self.config.runs_dir) / "reproduce" / self.config.preset / "rows"
+        """``<runs_dir>/reproduce/<preset>-<hash>/rows``: the hash covers every field that changes a number,
+        so a changed budget never re-uses rows measured under another one."""
+        from .artifacts import stable_hash
+
+        cfg = self.config.to_dict()
+        for where in ("runs_dir", "out_dir", "cache_dir", "preset", "targets", "methods", "transfer_targets",
+                      "variant_counts", "rhos"):
+            cfg.pop(where, None)  # where things go, and which rows exist, do not change a row's value
+        return Path(self.config.runs_dir) / "reproduce" / f"{self.config.preset}-{stable_hash(cfg, 8)}" / "rows"
 
     def _row(self, table: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The cached row ``table/key``, computed by ``fn`` (and saved atomically) if missing."""

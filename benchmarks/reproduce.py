@@ -2,7 +2,7 @@
 
 Presets: ``smoke`` (one suspicious model, N = 3 short twins, 20-step repairs, 16 prompts: under 30 minutes on the
 2-core CPU when the attack-matrix models exist, a few more to train them) and ``full`` (every attack of the matrix,
-N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>/rows,
+N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows,
 so an interrupted run resumes. The same as ``bdvax reproduce``.
 
 Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--fresh]

@@ -26,14 +26,14 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     assert sorted(frames["table10_rho"].rho_requested) == [0.5, 0.8]
     assert set(frames["table11_transfer"].defence) == {"none", "bdvax_transfer"}
     # Tables share BD-VAX configurations: combined / N = 2 / ρ = 0.8 / Table 2's bdvax are one computed row.
-    assert len(list((tmp_path / "runs" / "reproduce" / "t" / "rows" / "bdvax").glob("*.json"))) == 6
+    assert len(list((tmp_path / "runs" / "reproduce").glob("t-*/rows/bdvax/*.json"))) == 6
     md = (tmp_path / "out" / "tables.md").read_text()
     assert md.count("python benchmarks/reproduce.py --preset t") == len(TABLES)
     loaded = load_tables(tmp_path / "out")
     assert set(loaded) == set(TABLES)
     variants_figure(loaded["fig2_variants"]), pareto_figure(loaded["table10_rho"])
 
-    # A second run recomputes nothing: every row comes from runs/reproduce/t/rows.
+    # A second run recomputes nothing: every row comes from runs/reproduce/t-<hash>/rows.
     calls = []
     again = Reproduction(cfg, progress=False, base=tiny_pair, log=calls.append)
     again.defence_row = again.baseline_row = again._bdvax = lambda *a: pytest.fail("recomputed a cached row")
@@ -63,3 +63,9 @@ def test_splice_markdown_keeps_prose(tmp_path):
     assert splice_markdown(doc, "t", "new table")
     assert doc.read_text() == "intro\n<!-- t:begin -->\nnew table\n<!-- t:end -->\nreading\n"
     assert not splice_markdown(doc, "other", "x") and "new table" in doc.read_text()
+
+
+def test_changed_budget_gets_new_rows(tmp_path):
+    a = Reproduction(_config(tmp_path)).rows_dir
+    assert Reproduction(_config(tmp_path, repair_steps=5)).rows_dir != a
+    assert Reproduction(_config(tmp_path, out_dir=str(tmp_path / "elsewhere"), rhos=(0.1,))).rows_dir == a
