@@ -378,6 +378,24 @@ def pareto_figure(df: pd.DataFrame, utility: str = "mcq_acc") -> Any:
     return fig
 
 
+INT_COLUMNS = ("degenerate_triggered", "degenerate_clean", "n_prompts", "repair_steps", "n_channels", "n_variants",
+               "n_targets", "seconds")
+
+
+def _readable(df: pd.DataFrame) -> pd.DataFrame:
+    """Learning rates as 2e-04, counts and seconds as integers, other floats to 3 decimals; no date column."""
+    df = df.drop(columns=[c for c in ("date",) if c in df]).copy()
+    for c in df.columns:
+        col = df[c]
+        if c == "lr":
+            df[c] = [f"{v:.0e}" if isinstance(v, float) and v == v else "" for v in col]
+        elif c in INT_COLUMNS:
+            df[c] = ["" if pd.isna(v) else int(v) for v in col]
+        elif pd.api.types.is_float_dtype(col):
+            df[c] = col.round(3)
+    return df
+
+
 def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) -> str:
     """All tables as markdown sections, each naming the command and date that produced it."""
     from .viz import markdown_table
@@ -393,7 +411,7 @@ def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) ->
         if name not in tables:
             out.append("_not run_\n")
             continue
-        out.append(markdown_table(tables[name].round(3)) + "\n")
+        out.append(markdown_table(_readable(tables[name])) + "\n")
     return "\n".join(out)
 
 
