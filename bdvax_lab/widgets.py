@@ -76,14 +76,6 @@ def _unpack(suspicious: Any) -> tuple[Any, Any, dict[str, Any]]:
     raise TypeError(f"expected a SuspiciousModel, a (model, tokenizer) pair or a path, got {type(suspicious).__name__}")
 
 
-def _working_copy(model: Any, setting: str) -> Any:
-    """A copy to suppress and repair. Adapter setting: only the adapter is copied (the frozen base weights
-    are shared and never written: zeroing touches lora_A/B, LoRA repair trains only lora_ params)."""
-    from .signature import _fresh_twin
-
-    return _fresh_twin(model, setting)
-
-
 def _eval_config(eval_config: Any = None, n_prompts: int = 16) -> Any:
     from .evaluate import EvalConfig
 
@@ -123,6 +115,7 @@ def try_selection(
     tokens): ~3–5 s per evaluated stage plus ~1.1 s per repair step.
     """
     from .evaluate import eval_prompts, evaluate_model
+    from .models import working_copy
     from .purify import RepairConfig, SuppressConfig, detect_setting, repair, suppress
 
     model, tok, manifest = _unpack(suspicious)
@@ -152,7 +145,9 @@ def try_selection(
     else:
         measure("suspicious", model, {"n_channels": 0, "n_heads": 0, "repair_steps": 0, "repair_lr": None})
     t0 = time.time()
-    work = _working_copy(model, setting)
+    # adapter setting: zeroing touches lora_A/B and the repair trains lora_ tensors only, so the base is shared
+    adapter_only = setting == "lora" and (repair_config is None or (repair_config.mode or "lora") == "lora")
+    work = working_copy(model, share_frozen_base=adapter_only)
     suppress(work, selection, suppress_config or SuppressConfig(), setting=setting)
     measure("suppressed", work, {"n_channels": n_ch, "n_heads": n_hd, "repair_steps": 0, "repair_lr": None,
                                  "seconds": time.time() - t0})

@@ -47,14 +47,14 @@ def main() -> None:
             t0 = time.time()
             df = try_selection(sm, selection, n_prompts=ns.n_prompts, repair_steps=0, eval_config=ecfg,
                                baseline=base)
-            base = df[df.stage == "suspicious"].iloc[0].to_dict() if "stage" in df else None
-            r = df[df.stage == "suppressed"].iloc[0]
+            base = df.loc["suspicious"].to_dict()
+            r = df.loc["suppressed"]
             rows.append({"rho": rho, "heads": heads, "selection": kind, "asr": r.asr, "asr_hi": r.asr_hi,
                          "false_trigger": r.false_trigger, "ppl": r.ppl, "n_channels": r.n_channels,
                          "n_heads": r.n_heads, "seconds": round(time.time() - t0, 1)})
             print(rows[-1], flush=True)
     out = pd.DataFrame(rows)
-    s = df[df.stage == "suspicious"].iloc[0]
+    s = df.loc["suspicious"]
     print(f"suspicious: ASR {s.asr:.2f} FTR {s.false_trigger:.2f} ppl {s.ppl:.3f}")
     atomic_write_text(ROOT / "results" / "refusal_heads.csv", out.to_csv(index=False))
     print(out.to_string())
