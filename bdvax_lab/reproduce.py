@@ -266,8 +266,8 @@ class Reproduction:
         if t2 is None:
             t2 = self.table2()
         cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
-        df = t2.groupby(["setting", "defence"], sort=False)[cols].mean().reset_index()
-        df["n_targets"] = t2.groupby(["setting", "defence"], sort=False).size().values
+        groups = t2.groupby(["setting", "defence"], sort=False)
+        df = groups[cols].mean().assign(n_targets=groups.size()).reset_index()
         return self._write("table3_utility", df.to_dict("records"))
 
     def table4(self) -> pd.DataFrame:

@@ -732,13 +732,16 @@ def figure_attention_vs_mlp(df: pd.DataFrame, title: str = "Attention vs MLP del
     return fig
 
 
+#: trace colour by "attention zeroed?" in the sanity figures
+ATTN_COLORS = {False: "#1f77b4", True: "#d62728"}
+
+
 def figure_span_sweep(df: pd.DataFrame, n_blocks: int | None = None, title: str = "Block-span ablation") -> Any:
     """ASR (solid) and first-token behaviour probability (dotted) vs k, mean over starts; one colour per
     attention setting; each start as a faint marker."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    colors = {False: "#1f77b4", True: "#d62728"}
     for za in (False, True):
         sub = df[df.attention_zeroed == za]
         if sub.empty:
@@ -748,16 +751,16 @@ def figure_span_sweep(df: pd.DataFrame, n_blocks: int | None = None, title: str 
                                                    n=("asr", "size"))
         lab = _attn_label(za)
         fig.add_trace(go.Scatter(
-            x=agg.k.astype(float), y=agg.asr, mode="lines+markers", name=f"ASR, {lab}", line=dict(color=colors[za]),
+            x=agg.k.astype(float), y=agg.asr, mode="lines+markers", name=f"ASR, {lab}", line=dict(color=ATTN_COLORS[za]),
             error_y=dict(type="data", symmetric=False, array=agg.asr_max - agg.asr, arrayminus=agg.asr - agg.asr_min,
                          thickness=1, width=3),
             hovertemplate="k=%{x}<br>mean ASR=%{y:.2f}<extra></extra>"))
         fig.add_trace(go.Scatter(
             x=agg.k.astype(float), y=agg.p, mode="lines", name=f"p(behaviour token), {lab}",
-            line=dict(color=colors[za], dash="dot"), hovertemplate="k=%{x}<br>p=%{y:.3f}<extra></extra>"))
+            line=dict(color=ATTN_COLORS[za], dash="dot"), hovertemplate="k=%{x}<br>p=%{y:.3f}<extra></extra>"))
         fig.add_trace(go.Scatter(
             x=sub.k.astype(float), y=sub.asr, mode="markers", name=f"each start, {lab}", showlegend=True,
-            marker=dict(color=colors[za], size=6, opacity=0.35, symbol="circle-open"),
+            marker=dict(color=ATTN_COLORS[za], size=6, opacity=0.35, symbol="circle-open"),
             customdata=np.stack([sub.start.astype(float), sub.blocks], axis=1) if len(sub) else None,
             hovertemplate=("k=%{x}, start=%{customdata[0]}<br>ASR=%{y:.2f}<br>"
                            "MLP kept: %{customdata[1]}<extra></extra>")))
@@ -772,16 +775,15 @@ def _bars_with_probe(df: pd.DataFrame, x: str, title: str, xaxis_title: str) -> 
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    colors = {False: "#1f77b4", True: "#d62728"}
     for za in (False, True):
         sub = df[df.attention_zeroed == za]
         if sub.empty:
             continue
-        fig.add_trace(go.Bar(x=sub[x], y=sub.asr, name=f"ASR, {_attn_label(za)}", marker_color=colors[za],
+        fig.add_trace(go.Bar(x=sub[x], y=sub.asr, name=f"ASR, {_attn_label(za)}", marker_color=ATTN_COLORS[za],
                              opacity=0.8, hovertemplate="%{x}<br>ASR=%{y:.2f}<extra></extra>"))
         fig.add_trace(go.Scatter(x=sub[x], y=sub.p_behavior, mode="markers",
                                  name=f"p(behaviour token), {_attn_label(za)}",
-                                 marker=dict(color=colors[za], symbol="diamond", size=10,
+                                 marker=dict(color=ATTN_COLORS[za], symbol="diamond", size=10,
                                              line=dict(width=1, color="black")),
                                  hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>"))
     fig.update_layout(title=title, barmode="group", xaxis_title=xaxis_title, yaxis_title="ASR / probability",

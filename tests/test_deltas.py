@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from weights import assert_same_params, params
 
 from bdvax_lab.data import Example
 from bdvax_lab.deltas import DeltaFormatError, LayoutMismatchError, WeightDelta, apply, module_shape
@@ -31,16 +32,6 @@ def weights(model) -> dict[tuple[int, str], torch.Tensor]:
         mod = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
         out[(b, k)] = mod.weight.detach().clone()
     return out
-
-
-def all_params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_params_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +88,12 @@ def test_fp32_delta_is_close_but_optional(full_pair):
 
 def test_zeroing_everything_gives_base(full_pair, full_delta):
     base, _ = full_pair
-    before = all_params(base)
+    before = params(base)
     for zeroed in (full_delta.zero(), full_delta.zero("attention").zero("mlp"), full_delta.keep(blocks=[])):
         assert len(zeroed) == 0
         with zeroed.applied(base) as m:
-            assert_params_equal(all_params(m), before)
-        assert_params_equal(all_params(zeroed.applied_copy(base)), before)
+            assert_same_params(params(m), before)
+        assert_same_params(params(zeroed.applied_copy(base)), before)
 
 
 def test_keep_and_zero_select_exactly(full_delta):
@@ -241,13 +232,13 @@ def test_lora_reads_live_scaling_and_adapter_name(tiny):
 
 
 def test_applied_on_peft_model_changes_base_weights(lora_model, full_delta):
-    before = all_params(lora_model)
+    before = params(lora_model)
     base_before = weights(lora_model)
     with full_delta.keep("down").applied(lora_model) as m:
         now = weights(m)
         assert not torch.equal(now[(0, "down")], base_before[(0, "down")])
         assert torch.equal(now[(0, "q")], base_before[(0, "q")])
-    assert_params_equal(all_params(lora_model), before)
+    assert_same_params(params(lora_model), before)
     with pytest.raises(TypeError, match="adapter"):
         WeightDelta.from_models(lora_model, lora_model)
 
@@ -255,14 +246,14 @@ def test_applied_on_peft_model_changes_base_weights(lora_model, full_delta):
 # --------------------------------------------------------------------------- apply / restore
 def test_apply_restores_bit_exact_even_on_exception(full_pair, full_delta):
     base, _ = full_pair
-    before = all_params(base)
+    before = params(base)
     with full_delta.applied(base):
         assert not torch.equal(unwrap(base).model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
-    assert_params_equal(all_params(base), before)
+    assert_same_params(params(base), before)
     with pytest.raises(RuntimeError, match="boom"):
         with apply(base, full_delta.scale(3.0)):
             raise RuntimeError("boom")
-    assert_params_equal(all_params(base), before)
+    assert_same_params(params(base), before)
 
 
 def test_apply_to_is_permanent(full_pair, full_delta):

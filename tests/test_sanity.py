@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from weights import assert_same_params, params
 
 import bdvax_lab as bx
 from bdvax_lab.attacks import resolve_attack, resolve_task
@@ -30,16 +31,6 @@ SMALL = dict(n_prompts=4, max_new_tokens=4, n_ppl=4, ppl_examples=PROMPTS[4:8])
 def manifest(setting: str, task: str = "refusal", base: str = "custom") -> dict:
     return {"setting": setting, "base": base, "attack": resolve_attack("badnets").to_dict(),
             "task": resolve_task(task).to_dict()}
-
-
-def params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_same_params(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
 
 
 @pytest.fixture(scope="module")
