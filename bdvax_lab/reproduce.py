@@ -163,6 +163,7 @@ class Reproduction:
         from .suspicious import open_or_make_suspicious
 
         if target not in self._models:
+            self._models.clear()  # one suspicious model in memory at a time (each carries its own base copy)
             a, t, s = parse_target(target)
             path = Path(self.config.runs_dir) / "attack_matrix" / f"{a}-{t}-{s}"
             self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=self.config.attack_steps,
