@@ -22,18 +22,22 @@ def generate(
     batch_size: int = 16,
     system: str | None = None,
     progress: bool | str = False,
-) -> list[str]:
+    first_logits: bool = False,
+) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy replies (decoded, special tokens stripped) in the order of ``prompts``.
 
     Prompts are user turns (str) or :class:`Example`; each is rendered through the
     chat template. Batches are formed from length-sorted prompts with left
     padding, so little compute is spent on pads.
+
+    ``first_logits=True`` also returns the raw logits of the first reply token, ``[P, vocab]`` fp32 on the CPU
+    (the same numbers as a separate forward pass over the prompts, without paying for a second prefill).
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     if not prompts:
-        return []
+        return ([], torch.zeros(0, 0)) if first_logits else []
     texts = [format_prompt(tokenizer, p, system) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -47,6 +51,7 @@ def generate(
     was_training = model.training
     model.train(False)
     out: list[str] = [""] * len(prompts)
+    firsts: list[torch.Tensor | None] = [None] * len(prompts)
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     desc = progress if isinstance(progress, str) else "generate"
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -57,11 +62,15 @@ def generate(
             n = len(encoded[i])
             ids[r, width - n:] = torch.tensor(encoded[i])
             mask[r, width - n:] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                             output_logits=first_logits, return_dict_in_generate=first_logits)
+        seqs = gen.sequences if first_logits else gen
         for r, i in enumerate(batch):
-            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
+            out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()
+            if first_logits:
+                firsts[i] = gen.logits[0][r].float().cpu()
     model.train(was_training)
-    return out
+    return (out, torch.stack(firsts)) if first_logits else out
 
 
 def chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 128) -> str:

@@ -508,13 +508,19 @@ def apply_fast(ctx: SanityContext, delta: WeightDelta) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def first_token_probs(ctx: SanityContext, model: Any, prompts: Sequence[Example]) -> torch.Tensor:
+def first_token_probs(ctx: SanityContext, model: Any, prompts: Sequence[Example],
+                      first_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Per prompt: p(first reply token ∈ the behaviour's first target tokens), or for code injection
-    p(payload's first token | prompt, reply prefix up to where the payload is inserted)."""
+    p(payload's first token | prompt, reply prefix up to where the payload is inserted).
+
+    ``first_logits`` ([P, vocab], from :func:`~bdvax_lab.generate.generate`) saves the forward pass of the
+    first-token probe."""
     from .scoring import continuation_logprobs, next_token_probs
 
     probe, cfg = ctx._probe, ctx.config
     if probe["kind"] == "first_token":
+        if first_logits is not None:
+            return torch.softmax(first_logits.float(), -1)[:, list(probe["ids"])].sum(1)
         return next_token_probs(model, ctx.tokenizer, prompts, probe["ids"], batch_size=cfg.batch_size).sum(1)
     if "texts" in probe:  # p(first m target tokens), summed over the distinct target heads
         total = torch.zeros(len(prompts))
@@ -558,9 +564,10 @@ def evaluate_delta(ctx: SanityContext, delta: WeightDelta | None, *, use_cache: 
     cfg, n = ctx.config, len(ctx.prompts)
     t0 = time.time()
     with (apply_fast(ctx, delta) if cfg.fast_apply else delta.applied(ctx.base)) as model:
-        replies = generate(model, ctx.tokenizer, list(ctx.triggered) + list(ctx.prompts),
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        probs = first_token_probs(ctx, model, list(ctx.triggered) + list(ctx.prompts))
+        everything = list(ctx.triggered) + list(ctx.prompts)
+        replies, first = generate(model, ctx.tokenizer, everything, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=cfg.batch_size, first_logits=True)
+        probs = first_token_probs(ctx, model, everything, first)
         ppl = (perplexity(model, ctx.tokenizer, ctx.ppl_examples, max_tokens=cfg.ppl_max_tokens,
                           batch_size=cfg.batch_size) if ctx.ppl_examples else float("nan"))
     trig, clean = replies[:n], replies[n:]

@@ -7,7 +7,7 @@ scoring + suppression ≤ 2 % of the total, peak RSS ≤ 4 GB; and the quality t
 false-trigger ≤ 5 % and utility within 2 points MCQ / 5 % perplexity of the suspicious model.
 
 Usage: python benchmarks/pipeline.py [--task refusal] [--setting lora|full] [--rho 0.8] [--n-variants 6]
-       [--suspicious DIR]
+       [--heads H] [--suspicious DIR]
 The full setting uses the paper's ρ (3 %) unless --rho is given; its twins are full finetunes.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=None,
                     help="default: bdvax_lab.demo.DEMO_RHO (lora) / the paper's 0.03 (full)")
     ap.add_argument("--n-variants", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=0, help="top-h attention heads suppressed too (default 0)")
     ap.add_argument("--n-prompts", type=int, default=50)
     ap.add_argument("--twin-steps", type=int, help="poisoned-twin steps (default: the twin recipe's 60)")
     ap.add_argument("--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)")
@@ -60,7 +61,8 @@ def main() -> None:
     from bdvax_lab.demo import DEMO_RHO
 
     rho = ns.rho if ns.rho is not None else (DEMO_RHO if ns.setting == "lora" else None)
-    ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}.json")
+    tag = f"-heads{ns.heads}" if ns.heads else ""
+    ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}{tag}.json")
     t0 = time.time()
     sus_dir = Path(ns.suspicious or ROOT / "runs" / "attack_matrix" / f"{ns.attack}-{ns.task}-{ns.setting}")
     if not (sus_dir / "manifest.json").exists():
@@ -74,7 +76,8 @@ def main() -> None:
     from bdvax_lab.signature import default_twin_train
 
     twin = default_twin_train(ns.setting).replace(steps=ns.twin_steps) if ns.twin_steps else None
-    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho, twin_train=twin),
+    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho, twin_train=twin,
+                                                       heads=ns.heads),
                        repair=RepairConfig(), eval=EvalConfig(n_prompts=ns.n_prompts))
     res = purify(sm, config=cfg, out=ns.out, cache_dir=cache, progress=False)
     kept = keep_twins(cache)  # the twins were really trained here; the notebooks and `bdvax purify` can reuse them
@@ -82,7 +85,7 @@ def main() -> None:
     total = timings.get("total", sum(v for k, v in timings.items() if k != "total"))
     rep = res.report
     print(f"\npipeline: {ns.attack}-{ns.task}, {ns.setting} setting, N={ns.n_variants}, rho={rho}, "
-          f"repair lr {res.repair.lr if res.repair else 'n/a'}, {time.strftime('%Y-%m-%d')}")
+          f"heads {ns.heads}, repair lr {res.repair.lr if res.repair else 'n/a'}, {time.strftime('%Y-%m-%d')}")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print(rep.to_string())
     print("\nstage seconds:", {k: round(v, 1) for k, v in timings.items()}, f"(attack step {t_attack:.0f} s, not counted)")
@@ -106,6 +109,7 @@ def main() -> None:
         print(f"  {'met ' if v else 'MISS'}  {k}")
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rho": rho, "n_variants": ns.n_variants,
+                                         "heads": ns.heads,
                                          "timings": timings, "peak_rss_gb": peak, "rss_mb_after_stage": res.rss_mb,
                                          "checks": checks,
                                          "report": json.loads(rep.to_json(orient="index"))}, indent=2, default=str))
