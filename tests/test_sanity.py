@@ -381,3 +381,27 @@ def test_fast_apply_matches_weight_delta_applied_bit_for_bit(ctx):
     a, b = evaluate_delta(ctx, d, use_cache=False), evaluate_delta(c2, d, use_cache=False)
     assert a.triggered_replies == b.triggered_replies and torch.equal(a.p_triggered, b.p_triggered)
     assert a.metrics["ppl"] == b.metrics["ppl"]
+
+
+def test_cli_evaluate_measures_the_manifests_own_attack(full_sm, tmp_path, pool_dir, monkeypatch, capsys):
+    """A custom key recorded in the manifest reaches the evaluation whole (not re-read as a built-in by name)."""
+    import bdvax_lab.evaluate as ev
+    from bdvax_lab.attacks import AttackSpec
+    from bdvax_lab.cli import main
+
+    custom = AttackSpec(name="badnets", keys=("zqxv",))
+    sm = SuspiciousModel(model=full_sm.model, tokenizer=full_sm.tokenizer,
+                         manifest={**full_sm.manifest, "attack": custom.to_dict()})
+    sus = save_suspicious(sm, tmp_path / "custom")
+    seen = {}
+    real = ev.evaluate_model
+
+    def spy(model, tok, attack=None, task=None, *a, **kw):
+        seen["attack"], seen["task"] = attack, task
+        return real(model, tok, attack, task, *a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate_model", spy)
+    assert main(["evaluate", str(sus), "--n-prompts", "2", "--max-new-tokens", "2", "--utility", "none"]) == 0
+    assert tuple(resolve_attack(seen["attack"]).keys) == ("zqxv",)
+    assert resolve_task(seen["task"]).name == "refusal"
+    assert "asr" in capsys.readouterr().out
