@@ -37,7 +37,7 @@ from .reproduce import PRESETS, ReproduceConfig, Reproduction, load_tables, repr
 from .sanity import (CheckResult, SanityConfig, SanityContext, SanityResult, attention_vs_mlp, compare_with_paper,
                      keep_only_spans, run_sanity, sanity_plan, save_sanity, shuffle_blocks, span_sweep)
 from .signature import (Selection, Signature, SignatureConfig, VariantSpec, extract_signature, make_variants,
-                        random_selection, train_twins)
+                        random_selection, train_twins, twin_cache_frame, clean_twin_cache)
 from .signature_viz import (channel_heatmap, compare_selections, layer_counts, layer_counts_figure, rho_curve_figure,
                             score_heatmap, score_histogram, stage_metrics_figure)
 from .suspicious import (AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model,

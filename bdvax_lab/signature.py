@@ -385,6 +385,43 @@ def _complete(path: Path) -> bool:
     return (path / DELTA_JSON).is_file() and (path / DELTA_TENSORS).is_file()
 
 
+def twin_cache_frame(cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per cached (or half-written) twin entry: model fingerprint, variant, complete, MB, age in days.
+
+    Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth watching.
+    """
+    root, now, rows = twin_cache_root(cache_dir), time.time(), []
+    for entry in sorted(root.glob("*/variant-*")) if root.is_dir() else []:
+        files = [f for f in entry.rglob("*") if f.is_file()]
+        mtime = max((f.stat().st_mtime for f in files), default=entry.stat().st_mtime)
+        rows.append({"model": entry.parent.name, "variant": entry.name, "complete": _complete(entry),
+                     "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+                     "age_days": round((now - mtime) / 86400, 2), "path": str(entry)})
+    return pd.DataFrame(rows, columns=["model", "variant", "complete", "mb", "age_days", "path"])
+
+
+def clean_twin_cache(cache_dir: str | Path | None = None, *, older_than_days: float | None = None,
+                     model: str | None = None, dry_run: bool = False) -> pd.DataFrame:
+    """Delete twin entries (all, or those older than ``older_than_days`` / of one model fingerprint).
+
+    Returns the rows of :func:`twin_cache_frame` that were (or, with ``dry_run``, would be) removed.
+    A removed twin is simply retrained the next time a signature needs it.
+    """
+    df = twin_cache_frame(cache_dir)
+    if older_than_days is not None:
+        df = df[df.age_days >= older_than_days]
+    if model is not None:
+        df = df[df.model == model]
+    if not dry_run:
+        for path in df.path:
+            shutil.rmtree(path, ignore_errors=True)
+        root = twin_cache_root(cache_dir)
+        for d in (root.iterdir() if root.is_dir() else []):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return df.reset_index(drop=True)
+
+
 @dataclass
 class TwinJob:
     """One variant's twin pair: where its differential delta lives and what happened to it."""
@@ -1213,7 +1250,8 @@ def extract_signature(
 
 __all__ = [
     "VariantSpec", "make_variants", "SignatureConfig", "default_twin_train", "TwinJob", "plan_twins", "train_twins",
-    "jobs_frame", "parse_shard", "model_fingerprint", "twin_cache_root", "setting_of", "channel_terms",
+    "jobs_frame", "parse_shard", "model_fingerprint", "twin_cache_root", "twin_cache_frame",
+    "clean_twin_cache", "setting_of", "channel_terms",
     "combine_terms", "terms_from_gram", "compute_terms", "compute_signature", "Signature", "SignatureFormatError",
     "Selection",
     "random_selection", "extract_signature", "n_top", "resolve_family", "FAMILY_ALIASES", "PAPER_RHO",

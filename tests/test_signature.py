@@ -403,3 +403,40 @@ def test_config_roundtrip():
     assert SignatureConfig().resolved_rho("full") == 0.03 and SignatureConfig().resolved_rho("lora") == 0.35
     with pytest.raises(ValueError, match="poison_ratio"):
         SignatureConfig(poison_ratio=0.7)
+
+
+def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
+    import os
+    import time
+
+    from bdvax_lab.cli import main
+    from bdvax_lab.deltas import DELTA_JSON, DELTA_TENSORS
+    from bdvax_lab.signature import clean_twin_cache, twin_cache_frame
+
+    def entry(model, name, age_days, complete=True):
+        d = tmp_path / model / name
+        d.mkdir(parents=True)
+        (d / DELTA_TENSORS).write_bytes(b"x" * 2_000_000)
+        if complete:
+            (d / DELTA_JSON).write_text("{}")
+        old = time.time() - age_days * 86400
+        for f in d.iterdir():
+            os.utime(f, (old, old))
+
+    entry("m1", "variant-00-a", 10)
+    entry("m1", "variant-01-b", 0)
+    entry("m2", "variant-00-c", 3, complete=False)
+    df = twin_cache_frame(tmp_path)
+    assert list(df.variant) == ["variant-00-a", "variant-01-b", "variant-00-c"]
+    assert list(df.complete) == [True, True, False] and df.mb.iloc[0] == pytest.approx(2.0, abs=0.01)
+    assert df.age_days.iloc[0] == pytest.approx(10, abs=0.01)
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--older-than", "5", "--dry-run"]) == 0
+    assert "would delete 1 entries" in capsys.readouterr().out and len(twin_cache_frame(tmp_path)) == 3
+    gone = clean_twin_cache(tmp_path, older_than_days=2)
+    assert sorted(gone.variant) == ["variant-00-a", "variant-00-c"]
+    assert list(twin_cache_frame(tmp_path).variant) == ["variant-01-b"] and not (tmp_path / "m2").exists()
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    assert "1 entries" in capsys.readouterr().out
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--model", "m1"]) == 0
+    assert twin_cache_frame(tmp_path).empty and twin_cache_frame(tmp_path / "nowhere").empty
+    assert main(["cache", "--older-than", "-1", "--clean"]) == 2
