@@ -23,6 +23,7 @@ from .deltas import WeightDelta
 from .evaluate import (EvalConfig, EvalReport, agreement, backdoor_metrics, eval_prompts, evaluate_model, load_mcq,
                        mcq_accuracy, perplexity, reports_frame)
 from .generate import chat, generate
+from .notebook_magics import load_ipython_extension  # `%load_ext bdvax_lab`: the %%solution magic
 from .judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, register_judge
 from .models import (ModelDirError, PickleWeightsError, cache_dir, default_device, default_dtype, ensure_default_model,
                      is_default_model_cached, load_adapter, load_default_model, load_model, make_tiny_model,
