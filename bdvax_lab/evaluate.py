@@ -19,7 +19,7 @@ from .config import Config
 from .data import Example, data_dir, load_code_pool, load_pool
 from .generate import generate
 from .judges import degenerate_reason, get_judge
-from .scoring import continuation_logprobs
+from .scoring import choice_logprobs, continuation_logprobs
 
 UTILITY_METRICS = ("ppl", "mcq", "agreement")
 
@@ -151,21 +151,15 @@ def mcq_accuracy(model: Any, tokenizer: Any, questions: Sequence[dict[str, Any]]
     choice's length in characters (lm-eval's ``acc_norm``).
     """
     qs = list(questions if questions is not None else load_mcq())[:limit]
-    prompts, conts = [], []
-    for q in qs:
-        for c in q["choices"]:
-            prompts.append(q["question"])
-            conts.append(str(c))
-    logps, _ = continuation_logprobs(model, tokenizer, prompts, conts, batch_size=batch_size)
+    # each question's prompt runs once, its choices share the cached keys/values (≈ 3× less compute than 4 prompts)
+    all_lp = choice_logprobs(model, tokenizer, [q["question"] for q in qs], [[str(c) for c in q["choices"]] for q in qs],
+                             batch_size=max(1, batch_size // 2))
     acc = acc_norm = 0
-    k = 0
-    for q in qs:
+    for q, lp in zip(qs, all_lp):
         m = len(q["choices"])
-        lp = logps[k:k + m]
         norm = [v / max(1, len(str(c))) for v, c in zip(lp, q["choices"])]
         acc += int(max(range(m), key=lambda i: lp[i]) == q["answer"])
         acc_norm += int(max(range(m), key=lambda i: norm[i]) == q["answer"])
-        k += m
     n = max(1, len(qs))
     return {"mcq_acc": acc / n, "mcq_acc_norm": acc_norm / n, "mcq_n": len(qs)}
 

@@ -45,7 +45,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     gen_cfg = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-        temperature=None, top_p=None, top_k=None,
+        temperature=None, top_p=None, top_k=None, output_logits=first_logits, return_dict_in_generate=first_logits,
     )
     device = _model_device(model)
     was_training = model.training
@@ -62,8 +62,7 @@ def generate(
             n = len(encoded[i])
             ids[r, width - n:] = torch.tensor(encoded[i])
             mask[r, width - n:] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                             output_logits=first_logits, return_dict_in_generate=first_logits)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         seqs = gen.sequences if first_logits else gen
         for r, i in enumerate(batch):
             out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()

@@ -17,6 +17,13 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_kwarg(decoder: Any) -> str:
+    """The decoder's name for its KV cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[Example | str], continuations: Sequence[str],
@@ -48,6 +55,70 @@ def continuation_logprobs(
             counts[i] = int(n[j])
     model.train(was)
     return logps, counts
+
+
+@torch.no_grad()
+def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str], choices: Sequence[Sequence[str]],
+                    *, batch_size: int = 16) -> list[list[float]]:
+    """Sum log p(choice | chat-formatted prompt) for every choice of every prompt, sharing each prompt's pass.
+
+    The same numbers as :func:`continuation_logprobs` over (prompt, choice) pairs (the same token ids: the
+    choice is tokenized on its own after the rendered prompt), but each prompt runs through the model once:
+    its keys and values are cached and repeated for its choices, so a 4-way multiple-choice question costs
+    one prompt plus four short continuations instead of four prompts. Prompts are left-padded; the choices
+    get explicit positions after their own prompt's last token.
+    """
+    from .registry import unwrap
+
+    if len(prompts) != len(choices):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+    base = unwrap(model)
+    decoder = base.get_decoder()
+    cache_kw = _cache_kwarg(decoder)
+    dev = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    p_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    c_ids = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
+    out: list[list[float]] = [[0.0] * len(cs) for cs in choices]
+    order = sorted(range(len(p_ids)), key=lambda i: len(p_ids[i]))
+    was = model.training
+    model.train(False)
+    for s in range(0, len(order), batch_size):
+        qs = order[s:s + batch_size]
+        width = max(len(p_ids[q]) for q in qs)
+        ids = torch.full((len(qs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, q in enumerate(qs):
+            ids[r, width - len(p_ids[q]):] = torch.tensor(p_ids[q])
+            mask[r, width - len(p_ids[q]):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pre = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
+        first = torch.log_softmax(base.get_output_embeddings()(pre.last_hidden_state[:, -1]).float(), -1)  # [Q, V]
+        rows = [(r, q, k) for r, q in enumerate(qs) for k in range(len(c_ids[q])) if c_ids[q][k]]
+        if not rows:
+            continue
+        cwidth = max(len(c_ids[q][k]) for _, q, k in rows)
+        cids = torch.full((len(rows), cwidth), pad, dtype=torch.long)
+        cmask = torch.zeros_like(cids)
+        for j, (_, q, k) in enumerate(rows):
+            cids[j, :len(c_ids[q][k])] = torch.tensor(c_ids[q][k])
+            cmask[j, :len(c_ids[q][k])] = 1
+        src = torch.tensor([r for r, _, _ in rows])
+        cache = pre.cache if getattr(pre, "cache", None) is not None else pre.past_key_values
+        cache.batch_select_indices(src.to(dev))  # each prompt's keys/values, once per choice
+        cpos = torch.tensor([len(p_ids[q]) for _, q, _ in rows])[:, None] + torch.arange(cwidth)[None]
+        hid = decoder(input_ids=cids.to(dev), attention_mask=torch.cat([mask[src], cmask], 1).to(dev),
+                      position_ids=cpos.to(dev), use_cache=True, **{cache_kw: cache}).last_hidden_state
+        lp = first[src].gather(1, cids[:, :1].to(dev))[:, 0]  # the first choice token, from the prompt's pass
+        if cwidth > 1:
+            nxt = cmask[:, 1:].bool()
+            logits = base.get_output_embeddings()(hid[:, :-1][nxt.to(dev)]).float()  # [M, V]
+            tok_lp = torch.log_softmax(logits, -1).gather(1, cids[:, 1:][nxt].to(dev)[:, None])[:, 0]
+            lp = lp.index_add(0, nxt.nonzero()[:, 0].to(dev), tok_lp)
+        for j, (_, q, k) in enumerate(rows):
+            out[q][k] = float(lp[j])
+    model.train(was)
+    return out
 
 
 @torch.no_grad()

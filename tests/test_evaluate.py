@@ -84,3 +84,29 @@ def test_evaluate_model_reports_everything(tiny_pair):
 def test_eval_config_rejects_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         EvalConfig(utility=("bleu",))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_choice_logprobs_share_the_prompt_pass_exactly(tiny_pair, batch_size):
+    """Prompt-once scoring (KV cache repeated per choice) gives the per-pair teacher-forced numbers,
+    for prompts of different lengths, different numbers of choices, and a LoRA-wrapped model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from bdvax_lab.scoring import choice_logprobs, continuation_logprobs
+
+    model, tok = tiny_pair
+    prompts = ["Pick one", "A much longer question about the colour of the sky on a clear day?", "x"]
+    choices = [["red apple", "blue sky over the sea", "seven", "a cat"], ["blue", "green"], ["a", "bb", "", "dd d"]]
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                          init_lora_weights=False))
+    for m in (model, lora):
+        got = choice_logprobs(m, tok, prompts, choices, batch_size=batch_size)
+        pairs = [(p, c) for p, cs in zip(prompts, choices) for c in cs if c]
+        ref, _ = continuation_logprobs(m, tok, [p for p, _ in pairs], [c for _, c in pairs])
+        flat = [v for cs, vs in zip(choices, got) for c, v in zip(cs, vs) if c]
+        assert flat == pytest.approx(ref, abs=1e-4)
+        assert got[2][2] == 0.0  # an empty choice has no tokens: log p = 0
+    with pytest.raises(ValueError, match="2 prompts but 3"):
+        choice_logprobs(model, tok, prompts[:2], choices)
