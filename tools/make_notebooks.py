@@ -176,13 +176,13 @@ tasks = ["refusal", "sentiment"]
 suspicious_dirs = {"refusal": "make", "sentiment": "make"}
 runs_dir = "../runs"
 train_steps = None         # None = the measured implant recipe (120 steps); the smoke run uses 3
-n_prompts = 20             # held-out prompts, each with and without the key (`bdvax sanity` uses 32)
-max_new_tokens = 12        # greedy tokens per reply
-n_ppl = 16                 # held-out clean replies for the perplexity column
+n_prompts = 16             # held-out prompts, each with and without the key (`bdvax sanity` uses 32)
+max_new_tokens = 10        # greedy tokens per reply (both targets show within 6; `bdvax sanity` uses 12)
+n_ppl = 8                  # held-out clean replies for the perplexity column
 probe_tokens = 1           # behaviour probability over the first m target tokens (1 = first token; 3 separates
                            # "I'm sorry" from SmolLM2's many replies that start with "I")
-ks = [0, 1, 2, 4, 8, 12, 16, 20, 25, 30]  # span-sweep k values (30 = all of SmolLM2's blocks);
-                           # None = 0,1,2,4,6,8,10,12,15,20,25,L (+8 conditions per task)
+ks = [0, 2, 4, 8, 12, 16, 20, 25, 30]  # span-sweep k values (30 = all of SmolLM2's blocks);
+                           # None = 0,1,2,4,6,8,10,12,15,20,25,L (+12 conditions per task, ≈ +2 min)
 starts = None              # span-sweep starts; None = ["start", "end"]; add "middle" for +20 conditions (~5 min)
 width = None               # keep-only span width; None = ceil(L/3)
 seeds = [0, 1, 2]          # shuffle seeds
