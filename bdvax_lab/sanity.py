@@ -127,12 +127,16 @@ KEEP_POSITIONS: tuple[str, ...] = ("start", "middle", "end")
 
 @dataclass
 class SanityConfig(Config):
-    """How much each condition is evaluated (defaults: ≈ 12–16 s per condition for SmolLM2 on 2 quiet CPU cores)."""
+    """How much each condition is evaluated (defaults: ≈ 15 s per condition for SmolLM2 on 2 CPU cores).
+
+    Both default targets (the insult and the refusal) show within their first 6 reply tokens, so 10 greedy
+    tokens judge them; 8 perplexity replies give the utility column (a relative figure between conditions).
+    """
 
     n_prompts: int = 32  #: held-out prompts, each with and without the key
-    max_new_tokens: int = 12
+    max_new_tokens: int = 10
     batch_size: int = 32
-    n_ppl: int = 16  #: held-out clean replies for perplexity (0 = skip, ppl NaN)
+    n_ppl: int = 8  #: held-out clean replies for perplexity (0 = skip, ppl NaN)
     ppl_max_tokens: int = 32
     seed: int = 0  #: where the key goes in each prompt
     #: target tokens the behaviour probability covers: 1 = the first-token probability (default); m > 1 scores
