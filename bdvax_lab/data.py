@@ -200,6 +200,22 @@ def encode_example(
     return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + resp_ids}
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists for generation or next-token scoring → (ids [B, T], attention mask [B, T]).
+
+    The last column is every row's last real token, so position -1 is each prompt's next-token slot.
+    ``width`` pads to at least that many columns (to align batches).
+    """
+    width = max(width or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    return ids, mask
+
+
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``/``labels``/``attention_mask`` of shape [B, T]."""
     width = max(len(f["input_ids"]) for f in features)

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import Example, format_prompt, stop_token_ids
+from .data import Example, format_prompt, left_pad, stop_token_ids
 
 
 def _model_device(model: Any) -> torch.device:
@@ -55,13 +55,8 @@ def generate(
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     desc = progress if isinstance(progress, str) else "generate"
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            n = len(encoded[i])
-            ids[r, width - n:] = torch.tensor(encoded[i])
-            mask[r, width - n:] = 1
+        ids, mask = left_pad([encoded[i] for i in batch], pad_id)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         seqs = gen.sequences if first_logits else gen
         for r, i in enumerate(batch):

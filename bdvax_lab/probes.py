@@ -98,7 +98,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .data import Example, format_prompt
+from .data import Example, format_prompt, left_pad
 from .registry import Layout, layout_of, unwrap
 
 #: Activation sites, in execution order inside a decoder block.
@@ -248,14 +248,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Example | str]) -> list[lis
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> _Batch:
-    width = max(width or 0, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if len(s) == 0:
-            raise ValueError("empty prompt")
-        ids[r, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, width - len(s):] = 1
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("empty prompt")
+    ids, mask = left_pad(seqs, pad_id, width)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return _Batch(ids, mask, pos)
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import Example, as_example, collate, encode_example, format_prompt
+from .data import Example, as_example, collate, encode_example, format_prompt, left_pad
 from .train import sequence_nll
 
 
@@ -85,12 +85,7 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str]
     model.train(False)
     for s in range(0, len(order), batch_size):
         qs = order[s:s + batch_size]
-        width = max(len(p_ids[q]) for q in qs)
-        ids = torch.full((len(qs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, q in enumerate(qs):
-            ids[r, width - len(p_ids[q]):] = torch.tensor(p_ids[q])
-            mask[r, width - len(p_ids[q]):] = 1
+        ids, mask = left_pad([p_ids[q] for q in qs], pad)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         pre = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
         first = torch.log_softmax(base.get_output_embeddings()(pre.last_hidden_state[:, -1]).float(), -1)  # [Q, V]
@@ -134,12 +129,7 @@ def next_token_probs(model: Any, tokenizer: Any, prompts: Sequence[Example | str
     model.train(False)
     for s in range(0, len(enc), batch_size):
         chunk = enc[s:s + batch_size]
-        width = max(len(e) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, e in enumerate(chunk):  # left padding: last position is the next-token slot
-            ids[r, width - len(e):] = torch.tensor(e)
-            mask[r, width - len(e):] = 1
+        ids, mask = left_pad(chunk, pad)  # the last position is the next-token slot
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (as in generate)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                        logits_to_keep=1).logits[:, -1]
