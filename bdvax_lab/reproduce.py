@@ -58,14 +58,14 @@ class ReproduceConfig(Config):
     methods: tuple[str, ...] = METHODS
     primary: str = "badnets:refusal:lora"  #: the target of Tables 4 and 10 and Fig. 2
     transfer_source: str = "badnets:refusal:lora"
-    transfer_targets: tuple[str, ...] = ("vpi:refusal:lora", "badnets:sentiment:lora")
+    transfer_targets: tuple[str, ...] = ("badnets:sentiment:lora",)  #: smoke: the other task only (one implant)
     n_variants: int = 3
     variant_counts: tuple[int, ...] = (1, 3)
     twin_steps: int | None = 30  #: poisoned-twin steps (None → the twin recipe's 60)
     rho: float = 0.8  #: adapter setting (0.8 removed the backdoor before repair on SmolLM2; paper 0.35)
     rho_full: float | None = None  #: full setting; None → the paper's 0.03
-    rhos: tuple[float, ...] = (0.35, 0.6, 0.95)
-    repair_steps: int | None = 20  #: None → the paper's 5 epochs over 200 samples
+    rhos: tuple[float, ...] = (0.35, 0.95)  #: with ``rho`` itself: three points of the Pareto curve
+    repair_steps: int | None = 12  #: None → the paper's 5 epochs over 200 samples
     n_prompts: int = 16
     max_new_tokens: int = 24
     mcq_limit: int | None = 40

@@ -16,6 +16,7 @@ import argparse
 import json
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,10 @@ def main() -> None:
     from bdvax_lab import make_suspicious_model, purify
     from bdvax_lab.demo import DEMO_RHO
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine_speed import measure_in_subprocess
+
+    speed = measure_in_subprocess()  # before anything else, in a child process: today's speed of this machine
     rho = ns.rho if ns.rho is not None else (DEMO_RHO if ns.setting == "lora" else None)
     tag = f"-heads{ns.heads}" if ns.heads else ""
     ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}{tag}.json")
@@ -105,11 +110,14 @@ def main() -> None:
     checks = {k: bool(v) for k, v in checks.items()}  # numpy bools would serialise as strings
     print(f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s; "
           f"{kept} twin entries kept in the shared cache")
+    print(f"machine speed today: {speed['slowdown']:.2f}× the 2026-11-23 reference step time → the total would be "
+          f"{total / 60 / speed['slowdown']:.1f} min at reference speed (the check above uses the raw total)")
     for k, v in checks.items():
         print(f"  {'met ' if v else 'MISS'}  {k}")
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rho": rho, "n_variants": ns.n_variants,
-                                         "heads": ns.heads,
+                                         "heads": ns.heads, "machine_speed": speed,
+                                         "total_min_at_reference_speed": round(total / 60 / speed["slowdown"], 1),
                                          "timings": timings, "peak_rss_gb": peak, "rss_mb_after_stage": res.rss_mb,
                                          "checks": checks,
                                          "report": json.loads(rep.to_json(orient="index"))}, indent=2, default=str))

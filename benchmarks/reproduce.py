@@ -1,6 +1,6 @@
 """The paper's evaluation on SmolLM2 (Tables 2, 3, 4, 10, 11 and Fig. 2): CSVs + markdown under results/reproduce/.
 
-Presets: ``smoke`` (one suspicious model, N = 3 short twins, 20-step repairs, 16 prompts: under 30 minutes on the
+Presets: ``smoke`` (one suspicious model, N = 3 short twins, 12-step repairs, 16 prompts: under 30 minutes on the
 2-core CPU when the attack-matrix models exist, a few more to train them) and ``full`` (every attack of the matrix,
 N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows,
 so an interrupted run resumes. The same as ``bdvax reproduce``.
@@ -30,6 +30,10 @@ def main() -> None:
     from bdvax_lab.reproduce import PRESETS, TABLES, reproduce, splice_markdown
 
     use_all_cores()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine_speed import measure_in_subprocess
+
+    speed = measure_in_subprocess()  # today's speed of this machine, printed beside the wall time
     t0 = time.time()
     frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
                        command="python benchmarks/reproduce.py")
@@ -37,7 +41,8 @@ def main() -> None:
     if splice_markdown(ROOT / "RESULTS.md", f"reproduce:{ns.preset}", tables_md.read_text()):
         print(f"RESULTS.md: replaced the {ns.preset} tables")
     print(f"\n{ns.preset}: {len(frames)} tables in {(time.time() - t0) / 60:.1f} min "
-          f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')})")
+          f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')}; machine at {speed['slowdown']:.2f}× the "
+          f"reference step time)")
 
 
 if __name__ == "__main__":

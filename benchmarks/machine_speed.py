@@ -1,0 +1,65 @@
+"""How fast is this machine today? One fixed LoRA training workload on SmolLM2, in seconds per step.
+
+The same 2-core machine kind ran identical work up to 2.2× slower on some days than on others (RESULTS.md §3),
+so every timed benchmark here records this figure beside its own: a wall time is comparable across days only
+together with the speed of the day. The workload is the one ENVIRONMENT-NOTES.md measured at 1.1 s per step on
+2026-11-23: a LoRA step (r = 8 on every projection), batch 4, clean-pool examples with responses cut to 16
+tokens, loss averaged per sample. One warm-up step, then ``steps`` timed ones.
+
+Usage: python benchmarks/machine_speed.py [--steps 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+#: seconds per step of this workload in ENVIRONMENT-NOTES.md ("LoRA step, batch 4, responses ≤ 16 tokens"), 2026-11-23
+REFERENCE_STEP_S = 1.1
+
+
+def reference_step_seconds(steps: int = 4) -> float:
+    """Mean wall seconds of ``steps`` LoRA steps of the fixed workload (after one warm-up step)."""
+    from bdvax_lab.data import load_pool
+    from bdvax_lab.models import load_default_model
+    from bdvax_lab.train import TrainConfig, finetune
+
+    model, tok = load_default_model()
+    examples = load_pool("variant")[:4 * (steps + 1)]
+    cfg = TrainConfig(mode="lora", lr=1e-4, steps=steps + 1, batch_size=4, max_response_tokens=16,
+                      loss_average="sample", group_by_length=False, seed=0)
+    hist = finetune(model, tok, examples, cfg, progress=False).history
+    return float((hist.seconds.iloc[-1] - hist.seconds.iloc[0]) / steps)
+
+
+def speed_record(steps: int = 4) -> dict[str, float]:
+    """``{"reference_step_s", "slowdown"}``: today's seconds per step and its ratio to :data:`REFERENCE_STEP_S`."""
+    t = time.time()
+    s = reference_step_seconds(steps)
+    rec = {"reference_step_s": round(s, 3), "slowdown": round(s / REFERENCE_STEP_S, 2),
+           "measured_in_s": round(time.time() - t, 1)}
+    print(f"machine speed: reference LoRA step {s:.2f} s (ENVIRONMENT-NOTES 2026-11-23: {REFERENCE_STEP_S} s) "
+          f"→ {rec['slowdown']:.2f}× the reference time", flush=True)
+    return rec
+
+
+def measure_in_subprocess(steps: int = 4) -> dict[str, float]:
+    """:func:`speed_record` in a child process, so its memory never counts in the caller's peak RSS."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    print(out[-2] if len(out) > 1 else "", flush=True)
+    return json.loads(out[-1])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", action="store_true", help="also print the record as one JSON line (last line)")
+    ns = ap.parse_args()
+    record = speed_record(ns.steps)
+    if ns.json:
+        print(json.dumps(record))
+
