@@ -5,7 +5,7 @@ Presets: ``smoke`` (one suspicious model, N = 3 short twins, 12-step repairs, 16
 N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows,
 so an interrupted run resumes. The same as ``bdvax reproduce``.
 
-Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--fresh]
+Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--targets a:t:s,...] [--fresh]
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--tables", help="comma list (default: all)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
+    ap.add_argument("--targets", help="comma list of attack:task:setting to run now (a slice of the preset; rows are "
+                                      "cached per target, and a last run without --targets collects every table)")
     ns = ap.parse_args()
     os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
 
@@ -35,8 +37,9 @@ def main() -> None:
 
     speed = measure_in_subprocess()  # today's speed of this machine, printed beside the wall time
     t0 = time.time()
+    over = {"targets": tuple(t.strip() for t in ns.targets.split(",") if t.strip())} if ns.targets else {}
     frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
-                       command="python benchmarks/reproduce.py")
+                       command="python benchmarks/reproduce.py", **over)
     tables_md = Path(PRESETS[ns.preset].out_dir) / "tables.md"
     if splice_markdown(ROOT / "RESULTS.md", f"reproduce:{ns.preset}", tables_md.read_text()):
         print(f"RESULTS.md: replaced the {ns.preset} tables")

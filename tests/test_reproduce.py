@@ -69,3 +69,31 @@ def test_changed_budget_gets_new_rows(tmp_path):
     a = Reproduction(_config(tmp_path)).rows_dir
     assert Reproduction(_config(tmp_path, repair_steps=5)).rows_dir != a
     assert Reproduction(_config(tmp_path, out_dir=str(tmp_path / "elsewhere"), rhos=(0.1,))).rows_dir == a
+
+
+def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, tiny_pair):
+    """`--targets` runs part of a preset; a later run of the whole preset only computes what is still missing."""
+    two = ("badnets:refusal:lora", "vpi:refusal:lora")
+    cfg = _config(tmp_path, targets=two, methods=("bdvax", "finetune_only"))
+    Reproduction(cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None).run(["table2_asr"])
+    seen = []
+    whole = Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None)
+    real = whole.defence_row
+    whole.defence_row = lambda target, method: seen.append(target) or real(target, method)
+    t2 = whole.run(["table2_asr"])["table2_asr"]
+    assert seen == ["vpi:refusal:lora"]  # the first target's rows came from the slice
+    assert list(t2.attack) == ["badnets"] * 3 + ["vpi"] * 3
+
+
+def test_cli_targets_reach_the_config(monkeypatch):
+    import sys
+
+    from bdvax_lab.cli import main
+
+    rp = sys.modules["bdvax_lab.reproduce"]  # the package re-exports the function under the module's name
+
+    got = {}
+    monkeypatch.setattr(rp, "reproduce", lambda preset, **kw: got.update(kw, preset=preset) or {})
+    assert main(["reproduce", "--preset", "full", "--targets", "vpi:refusal:lora, badnets:refusal:full",
+                 "--tables", "table2_asr"]) == 0
+    assert got["targets"] == ("vpi:refusal:lora", "badnets:refusal:full") and got["preset"] == "full"
