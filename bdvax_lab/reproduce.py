@@ -49,6 +49,16 @@ def parse_target(target: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``"a:t:s, a2:t2:s2"`` (a command-line list) → validated targets."""
+    targets = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not targets:
+        raise ValueError(f"targets {text!r}: expected a comma list of attack:task:setting")
+    for t in targets:
+        parse_target(t)
+    return targets
+
+
 @dataclass
 class ReproduceConfig(Config):
     """One preset of the reproduction. ``targets`` are ``attack:task:setting`` strings."""
@@ -434,5 +444,5 @@ def splice_markdown(doc: str | Path, block: str, text: str) -> bool:
     return True
 
 
-__all__ = ["ReproduceConfig", "PRESETS", "Reproduction", "reproduce", "load_tables", "variants_figure",
+__all__ = ["ReproduceConfig", "PRESETS", "parse_targets", "Reproduction", "reproduce", "load_tables", "variants_figure",
            "pareto_figure", "tables_markdown", "splice_markdown", "parse_target", "METHODS", "TABLES"]

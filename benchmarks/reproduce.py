@@ -29,7 +29,7 @@ def main() -> None:
     os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
 
     from bdvax_lab.models import use_all_cores
-    from bdvax_lab.reproduce import PRESETS, TABLES, reproduce, splice_markdown
+    from bdvax_lab.reproduce import PRESETS, TABLES, parse_targets, reproduce, splice_markdown
 
     use_all_cores()
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -37,7 +37,7 @@ def main() -> None:
 
     speed = measure_in_subprocess()  # today's speed of this machine, printed beside the wall time
     t0 = time.time()
-    over = {"targets": tuple(t.strip() for t in ns.targets.split(",") if t.strip())} if ns.targets else {}
+    over = {"targets": parse_targets(ns.targets)} if ns.targets else {}
     frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
                        command="python benchmarks/reproduce.py", **over)
     tables_md = Path(PRESETS[ns.preset].out_dir) / "tables.md"

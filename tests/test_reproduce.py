@@ -46,6 +46,13 @@ def test_bad_config_is_named():
         ReproduceConfig(methods=("bdvax", "nope"))
     with pytest.raises(ValueError, match="attack:task:setting"):
         ReproduceConfig(targets=("badnets-refusal",))
+    from bdvax_lab.reproduce import parse_targets
+
+    assert parse_targets(" vpi:refusal:lora,badnets:sentiment:full ") == ("vpi:refusal:lora", "badnets:sentiment:full")
+    with pytest.raises(ValueError, match="'badnets-refusal'"):
+        parse_targets("vpi:refusal:lora,badnets-refusal")
+    with pytest.raises(ValueError, match="comma list"):
+        parse_targets(" , ")
 
 
 def test_cli_names_an_unknown_preset(capsys):
