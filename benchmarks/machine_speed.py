@@ -48,8 +48,10 @@ def measure_in_subprocess(steps: int = 4) -> dict[str, float]:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()
+    run = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"benchmarks/machine_speed.py failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
+    out = run.stdout.strip().splitlines()
     print(out[-2] if len(out) > 1 else "", flush=True)
     return json.loads(out[-1])
 

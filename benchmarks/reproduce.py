@@ -1,8 +1,9 @@
 """The paper's evaluation on SmolLM2 (Tables 2, 3, 4, 10, 11 and Fig. 2): CSVs + markdown under results/reproduce/.
 
-Presets: ``smoke`` (one suspicious model, N = 3 short twins, 12-step repairs, 16 prompts: under 30 minutes on the
-2-core CPU when the attack-matrix models exist, a few more to train them) and ``full`` (every attack of the matrix,
-N = 6, the paper's repair budget, 50 prompts: hours). Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows,
+Presets: ``smoke`` (two suspicious models, N = 3 short twins, 12-step repairs, 16 prompts: 31.6 min from a fresh
+clone with empty caches on 2026-12-01, when the machine ran at 1.48x the reference step time, so about 21 min at
+reference speed) and ``full`` (every attack of the matrix, N = 6, the paper's repair budget, 50 prompts: about
+15 hours at reference speed; run it in slices with --targets). Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows,
 so an interrupted run resumes. The same as ``bdvax reproduce``.
 
 Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--targets a:t:s,...] [--fresh]
@@ -31,13 +32,18 @@ def main() -> None:
     from bdvax_lab.models import use_all_cores
     from bdvax_lab.reproduce import PRESETS, TABLES, parse_targets, reproduce, splice_markdown
 
+    if ns.preset not in PRESETS:
+        ap.error(f"unknown preset {ns.preset!r}; presets: {list(PRESETS)}")
+    try:
+        over = {"targets": parse_targets(ns.targets)} if ns.targets else {}
+    except ValueError as e:
+        ap.error(str(e))
     use_all_cores()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine_speed import measure_in_subprocess
 
     speed = measure_in_subprocess()  # today's speed of this machine, printed beside the wall time
     t0 = time.time()
-    over = {"targets": parse_targets(ns.targets)} if ns.targets else {}
     frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
                        command="python benchmarks/reproduce.py", **over)
     tables_md = Path(PRESETS[ns.preset].out_dir) / "tables.md"
