@@ -216,6 +216,11 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
     return ids, mask
 
 
+def pad_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded batch: real tokens count from 0, pads get 0 (as ``generate`` does)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``/``labels``/``attention_mask`` of shape [B, T]."""
     width = max(len(f["input_ids"]) for f in features)

@@ -98,7 +98,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .data import Example, format_prompt, left_pad
+from .data import Example, format_prompt, left_pad, pad_positions
 from .registry import Layout, layout_of, unwrap
 
 #: Activation sites, in execution order inside a decoder block.
@@ -251,7 +251,7 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = No
     if any(len(s) == 0 for s in seqs):
         raise ValueError("empty prompt")
     ids, mask = left_pad(seqs, pad_id, width)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = pad_positions(mask)
     return _Batch(ids, mask, pos)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import Example, as_example, collate, encode_example, format_prompt, left_pad
+from .data import Example, as_example, collate, encode_example, format_prompt, left_pad, pad_positions
 from .train import sequence_nll
 
 
@@ -86,7 +86,7 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str]
     for s in range(0, len(order), batch_size):
         qs = order[s:s + batch_size]
         ids, mask = left_pad([p_ids[q] for q in qs], pad)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = pad_positions(mask)
         pre = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
         first = torch.log_softmax(base.get_output_embeddings()(pre.last_hidden_state[:, -1]).float(), -1)  # [Q, V]
         rows = [(r, q, k) for r, q in enumerate(qs) for k in range(len(c_ids[q])) if c_ids[q][k]]
@@ -130,7 +130,7 @@ def next_token_probs(model: Any, tokenizer: Any, prompts: Sequence[Example | str
     for s in range(0, len(enc), batch_size):
         chunk = enc[s:s + batch_size]
         ids, mask = left_pad(chunk, pad)  # the last position is the next-token slot
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (as in generate)
+        pos = pad_positions(mask)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                        logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float(), -1)[:, list(token_ids)]
