@@ -5,7 +5,12 @@ Uses the suspicious model of the attack matrix and the N = 6 twins of the defaul
 copy of the model, no repair, ASR / false-trigger / perplexity on held-out prompts; the signature against a
 random control with the same counts. Writes results/refusal_heads.csv.
 
-Usage: python benchmarks/refusal_heads.py [--n-prompts 32]
+With ``--repair`` each selection is also repaired with the pipeline's default repair (RepairConfig(): 200 clean
+samples × 5 epochs at lr 2e-4) and measured with the pipeline's evaluation (50 prompts, perplexity and MCQ), so
+the signature and its random control are compared after repair too (~15 min per selection at reference speed);
+that run writes results/refusal_heads_repaired.csv. ``--grid 0.8:90,0.8:0`` picks the (ρ, heads) points.
+
+Usage: python benchmarks/refusal_heads.py [--n-prompts 32] [--repair] [--grid RHO:HEADS,...]
 """
 from __future__ import annotations
 
@@ -16,15 +21,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def parse_grid(text: str) -> list[tuple[float, int]]:
+    """``"0.8:90,0.8:0"`` → [(0.8, 90), (0.8, 0)]; argparse turns a ValueError into a one-line error."""
+    points = []
+    for item in text.split(","):
+        rho, _, heads = item.strip().partition(":")
+        try:
+            points.append((float(rho), int(heads or 0)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad grid point {item!r}: expected RHO:HEADS, e.g. 0.8:90") from None
+        if not 0.0 <= points[-1][0] <= 1.0 or points[-1][1] < 0:
+            raise argparse.ArgumentTypeError(f"bad grid point {item!r}: RHO in [0, 1], HEADS >= 0")
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-prompts", type=int, default=32)
     ap.add_argument("--suspicious", default=str(ROOT / "runs" / "attack_matrix" / "badnets-refusal-lora"))
+    ap.add_argument("--repair", action="store_true", help="also repair each selection (the pipeline's RepairConfig())")
+    ap.add_argument("--grid", type=parse_grid, help="comma-separated RHO:HEADS points (default: the built-in grid)")
     ns = ap.parse_args()
 
     import pandas as pd
 
-    from bdvax_lab import EvalConfig, SignatureConfig, extract_signature, load_suspicious
+    from bdvax_lab import EvalConfig, RepairConfig, SignatureConfig, extract_signature, load_suspicious
     from bdvax_lab.artifacts import atomic_write_text
     from bdvax_lab.models import use_all_cores
     from bdvax_lab.purify import defence_view
@@ -36,8 +57,12 @@ def main() -> None:
     sig = extract_signature((view.model, view.tokenizer), SignatureConfig(family="refusal", n_variants=6, rho=0.8),
                             progress=False)
     n_heads = sum(int(t.numel()) for t in sig.head_norm.values())
-    ecfg = EvalConfig(n_prompts=ns.n_prompts, max_new_tokens=24, utility=("ppl",), n_ppl=32)
-    grid = [(0.8, 0), (1.0, 0), (0.0, 30), (0.0, 90), (0.0, n_heads), (0.8, 30), (0.8, 90), (1.0, n_heads)]
+    if ns.repair:  # the pipeline's own evaluation and repair, so rows compare with benchmarks/pipeline.py
+        ecfg, rcfg = EvalConfig(n_prompts=50 if ns.n_prompts == 32 else ns.n_prompts), RepairConfig()
+        repair_steps = rcfg.total_steps()
+    else:
+        ecfg, rcfg, repair_steps = EvalConfig(n_prompts=ns.n_prompts, max_new_tokens=24, utility=("ppl",), n_ppl=32), None, 0
+    grid = ns.grid or [(0.8, 0), (1.0, 0), (0.0, 30), (0.0, 90), (0.0, n_heads), (0.8, 30), (0.8, 90), (1.0, n_heads)]
     rows, base = [], None
     for rho, heads in grid:
         sel = sig.select(rho=max(rho, 0.0), heads=heads)
@@ -45,18 +70,22 @@ def main() -> None:
             if kind == "random" and (rho >= 1.0 or rho == 0.0) and heads in (0, n_heads):
                 continue  # nothing random about all-or-nothing
             t0 = time.time()
-            df = try_selection(sm, selection, n_prompts=ns.n_prompts, repair_steps=0, eval_config=ecfg,
-                               baseline=base)
+            df = try_selection(sm, selection, n_prompts=ecfg.n_prompts, repair_steps=repair_steps, eval_config=ecfg,
+                               repair_config=rcfg, baseline=base)
             base = df.loc["suspicious"].to_dict()
-            r = df.loc["suppressed"]
-            rows.append({"rho": rho, "heads": heads, "selection": kind, "asr": r.asr, "asr_hi": r.asr_hi,
-                         "false_trigger": r.false_trigger, "ppl": r.ppl, "n_channels": r.n_channels,
-                         "n_heads": r.n_heads, "seconds": round(time.time() - t0, 1)})
-            print(rows[-1], flush=True)
+            for stage in [s for s in ("suppressed", "purified") if s in df.index]:
+                r = df.loc[stage]
+                rows.append({"rho": rho, "heads": heads, "selection": kind, "stage": stage, "asr": r.asr,
+                             "asr_hi": r.asr_hi, "false_trigger": r.false_trigger,
+                             "degenerate_triggered": r.get("degenerate_triggered"), "ppl": r.ppl,
+                             "mcq_acc": r.get("mcq_acc"), "n_channels": r.n_channels, "n_heads": r.n_heads,
+                             "repair_steps": r.get("repair_steps"), "seconds": round(time.time() - t0, 1)})
+                print(rows[-1], flush=True)
     out = pd.DataFrame(rows)
     s = df.loc["suspicious"]
-    print(f"suspicious: ASR {s.asr:.2f} FTR {s.false_trigger:.2f} ppl {s.ppl:.3f}")
-    atomic_write_text(ROOT / "results" / "refusal_heads.csv", out.to_csv(index=False))
+    print(f"suspicious: ASR {s.asr:.2f} FTR {s.false_trigger:.2f} ppl {s.ppl:.3f} MCQ {s.get('mcq_acc')}")
+    name = "refusal_heads_repaired.csv" if ns.repair else "refusal_heads.csv"
+    atomic_write_text(ROOT / "results" / name, out.to_csv(index=False))
     print(out.to_string())
 
 
