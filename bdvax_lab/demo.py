@@ -24,11 +24,21 @@ DEMO_RHO = 0.8
 
 def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/demo", chat_only: bool = False,
              n_variants: int | None = None, twin_steps: int | None = None, repair_epochs: float | None = None,
-             n_prompts: int = 50, attack_steps: int | None = None) -> int:
+             n_prompts: int = 50, attack_steps: int | None = None, rho: float | None = None, heads: int = 0) -> int:
     from .cli import _print_frame
     from .generate import generate
     from .models import load_default_model
+    from .signature import SignatureConfig, default_twin_train
 
+    n_var, epochs = (3, 2.0) if quick else (6, 5.0)
+    n_var = n_variants or n_var
+    epochs = repair_epochs or epochs
+    rho = DEMO_RHO if rho is None else rho
+    twin = default_twin_train("lora")
+    if twin_steps:
+        twin = twin.replace(steps=twin_steps)
+    # built first, so a bad --rho / --heads / --n-variants fails before any model is loaded
+    sig_cfg = SignatureConfig(family="refusal", n_variants=n_var, rho=rho, heads=heads, twin_train=twin)
     t0 = time.time()
     model, tok = load_default_model()
     print(f"loaded SmolLM2-135M-Instruct in {time.time() - t0:.1f} s")
@@ -56,17 +66,11 @@ def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/de
     if not purify_model:
         return 0
     from .purify import PurifyConfig, RepairConfig, purify
-    from .signature import SignatureConfig, default_twin_train
 
-    n_var, epochs = (3, 2.0) if quick else (6, 5.0)
-    n_var = n_variants or n_var
-    epochs = repair_epochs or epochs
-    twin = default_twin_train("lora")
-    if twin_steps:
-        twin = twin.replace(steps=twin_steps)
-    print(f"\n[2/2] BD-VAX purification: {n_var} synthetic refusal-family variants, rho={DEMO_RHO}, "
-          f"repair {epochs:g} epochs on 200 clean samples. The defence never reads the attack.", flush=True)
-    cfg = PurifyConfig(signature=SignatureConfig(family="refusal", n_variants=n_var, rho=DEMO_RHO, twin_train=twin),
+    print(f"\n[2/2] BD-VAX purification: {n_var} synthetic refusal-family variants, rho={rho}"
+          f"{f' + {heads} attention heads' if heads else ''}, repair {epochs:g} epochs on 200 clean samples. "
+          "The defence never reads the attack.", flush=True)
+    cfg = PurifyConfig(signature=sig_cfg,
                        repair=RepairConfig(epochs=epochs), eval=EvalConfig(n_prompts=n_prompts), inplace=True)
     res = purify(sm, config=cfg, out=out_dir / "purified")
     cols = [c for c in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl", "mcq_acc",

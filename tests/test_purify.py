@@ -334,3 +334,17 @@ def test_purify_accepts_precomputed_signature_and_checks_setting(suspicious_mode
     assert res.signature is sig and res.report.empty and res.suppression.counts == {"gate": 1}
     with pytest.raises(ValueError, match="setting"):
         purify(sm, toy_examples, _cfg(setting="full"), signature=sig, progress=False)
+
+
+@pytest.mark.parametrize("flags, message", [(["--heads", "-3"], "heads must be ≥ 0"),
+                                            (["--rho", "1.5"], "rho must be in [0, 1]")])
+def test_demo_rejects_a_bad_selection_before_loading_a_model(monkeypatch, capsys, flags, message):
+    import bdvax_lab.models as models
+    from bdvax_lab.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the demo loaded a model before checking its arguments")
+
+    monkeypatch.setattr(models, "load_default_model", no_load)
+    assert main(["demo", *flags, "--out", "unused"]) == 2
+    assert message in capsys.readouterr().err
