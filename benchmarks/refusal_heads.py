@@ -10,7 +10,7 @@ samples × 5 epochs at lr 2e-4) and measured with the pipeline's evaluation (50 
 the signature and its random control are compared after repair too (~15 min per selection at reference speed);
 that run writes results/refusal_heads_repaired.csv. ``--grid 0.8:90,0.8:0`` picks the (ρ, heads) points.
 
-Usage: python benchmarks/refusal_heads.py [--n-prompts 32] [--repair] [--grid RHO:HEADS,...]
+Usage: python benchmarks/refusal_heads.py [--n-prompts N] [--repair] [--grid RHO:HEADS,...]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def parse_grid(text: str) -> list[tuple[float, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--n-prompts", type=int, help="held-out prompts (default 32; 50 with --repair, as the pipeline)")
     ap.add_argument("--suspicious", default=str(ROOT / "runs" / "attack_matrix" / "badnets-refusal-lora"))
     ap.add_argument("--repair", action="store_true", help="also repair each selection (the pipeline's RepairConfig())")
     ap.add_argument("--grid", type=parse_grid, help="comma-separated RHO:HEADS points (default: the built-in grid)")
@@ -58,10 +58,11 @@ def main() -> None:
                             progress=False)
     n_heads = sum(int(t.numel()) for t in sig.head_norm.values())
     if ns.repair:  # the pipeline's own evaluation and repair, so rows compare with benchmarks/pipeline.py
-        ecfg, rcfg = EvalConfig(n_prompts=50 if ns.n_prompts == 32 else ns.n_prompts), RepairConfig()
+        ecfg, rcfg = EvalConfig(n_prompts=ns.n_prompts or 50), RepairConfig()
         repair_steps = rcfg.total_steps()
     else:
-        ecfg, rcfg, repair_steps = EvalConfig(n_prompts=ns.n_prompts, max_new_tokens=24, utility=("ppl",), n_ppl=32), None, 0
+        ecfg = EvalConfig(n_prompts=ns.n_prompts or 32, max_new_tokens=24, utility=("ppl",), n_ppl=32)
+        rcfg, repair_steps = None, 0
     grid = ns.grid or [(0.8, 0), (1.0, 0), (0.0, 30), (0.0, 90), (0.0, n_heads), (0.8, 30), (0.8, 90), (1.0, n_heads)]
     rows, base = [], None
     for rho, heads in grid:
