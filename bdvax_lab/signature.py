@@ -385,11 +385,15 @@ def _complete(path: Path) -> bool:
     return (path / DELTA_JSON).is_file() and (path / DELTA_TENSORS).is_file()
 
 
-def twin_cache_frame(cache_dir: str | Path | None = None) -> pd.DataFrame:
+def twin_cache_frame(cache_dir: str | Path | None = None, *, older_than_days: float | None = None,
+                     model: str | None = None) -> pd.DataFrame:
     """One row per cached (or half-written) twin entry: model fingerprint, variant, complete, MB, age in days.
 
     Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth watching.
+    ``older_than_days`` / ``model`` keep only entries not written for that long / of one model fingerprint.
     """
+    if older_than_days is not None and older_than_days < 0:
+        raise ValueError(f"older_than_days {older_than_days}: expected a number of days >= 0")
     root, now, rows = twin_cache_root(cache_dir), time.time(), []
     for entry in sorted(root.glob("*/variant-*")) if root.is_dir() else []:
         files = [f for f in entry.rglob("*") if f.is_file()]
@@ -397,7 +401,12 @@ def twin_cache_frame(cache_dir: str | Path | None = None) -> pd.DataFrame:
         rows.append({"model": entry.parent.name, "variant": entry.name, "complete": _complete(entry),
                      "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
                      "age_days": round((now - mtime) / 86400, 2), "path": str(entry)})
-    return pd.DataFrame(rows, columns=["model", "variant", "complete", "mb", "age_days", "path"])
+    df = pd.DataFrame(rows, columns=["model", "variant", "complete", "mb", "age_days", "path"])
+    if older_than_days is not None:
+        df = df[df.age_days >= older_than_days]
+    if model is not None:
+        df = df[df.model == model]
+    return df.reset_index(drop=True)
 
 
 def clean_twin_cache(cache_dir: str | Path | None = None, *, older_than_days: float | None = None,
@@ -407,11 +416,7 @@ def clean_twin_cache(cache_dir: str | Path | None = None, *, older_than_days: fl
     Returns the rows of :func:`twin_cache_frame` that were (or, with ``dry_run``, would be) removed.
     A removed twin is simply retrained the next time a signature needs it.
     """
-    df = twin_cache_frame(cache_dir)
-    if older_than_days is not None:
-        df = df[df.age_days >= older_than_days]
-    if model is not None:
-        df = df[df.model == model]
+    df = twin_cache_frame(cache_dir, older_than_days=older_than_days, model=model)
     if not dry_run:
         for path in df.path:
             shutil.rmtree(path, ignore_errors=True)
@@ -419,7 +424,7 @@ def clean_twin_cache(cache_dir: str | Path | None = None, *, older_than_days: fl
         for d in (root.iterdir() if root.is_dir() else []):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-    return df.reset_index(drop=True)
+    return df
 
 
 @dataclass

@@ -430,6 +430,9 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
     assert list(df.variant) == ["variant-00-a", "variant-01-b", "variant-00-c"]
     assert list(df.complete) == [True, True, False] and df.mb.iloc[0] == pytest.approx(2.0, abs=0.01)
     assert df.age_days.iloc[0] == pytest.approx(10, abs=0.01)
+    assert list(twin_cache_frame(tmp_path, older_than_days=2, model="m1").variant) == ["variant-00-a"]
+    assert main(["cache", "--cache-dir", str(tmp_path), "--older-than", "2"]) == 0  # listing honours the filters too
+    assert "2 entries" in capsys.readouterr().out
     assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--older-than", "5", "--dry-run"]) == 0
     assert "would delete 1 entries" in capsys.readouterr().out and len(twin_cache_frame(tmp_path)) == 3
     gone = clean_twin_cache(tmp_path, older_than_days=2)
