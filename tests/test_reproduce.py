@@ -21,6 +21,9 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     t2 = frames["table2_asr"]
     assert list(t2.defence) == ["none", "bdvax", "finetune_only", "magnitude_prune"]
     assert t2.asr.between(0, 1).all() and t2.false_trigger.between(0, 1).all()
+    # The implant happened inside the first row; it is reported apart, not counted as that row's seconds.
+    assert t2.suspicious_seconds.iloc[0] > 0 and t2.suspicious_seconds.iloc[1:].isna().all()
+    assert (t2.seconds >= 0).all()
     assert list(frames["fig2_variants"].n_variants) == [1, 2]
     assert set(frames["table4_score"].score) == {"norm", "align", "combined"}
     assert sorted(frames["table10_rho"].rho_requested) == [0.5, 0.8]
