@@ -134,6 +134,7 @@ class Reproduction:
     _models: dict[str, Any] = field(default_factory=dict, repr=False)
     _sigs: dict[str, Any] = field(default_factory=dict, repr=False)
     _setup_seconds: float = field(default=0.0, repr=False)  #: spent opening or implanting suspicious models
+    _plan: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, repr=False)  #: set while planning
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -148,9 +149,17 @@ class Reproduction:
             cfg.pop(where, None)  # where things go, and which rows exist, do not change a row's value
         return Path(self.config.runs_dir) / "reproduce" / f"{self.config.preset}-{stable_hash(cfg, 8)}" / "rows"
 
+    def _row_path(self, table: str, key: str) -> Path:
+        return self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
+
     def _row(self, table: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The cached row ``table/key``, computed by ``fn`` (and saved atomically) if missing."""
-        path = self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
+        path = self._row_path(table, key)
+        if self._plan is not None:  # planning: note the row, compute nothing
+            row = read_json(path) if path.exists() else {}
+            self._plan.setdefault((table, key), {"table": table, "key": key, "cached": bool(row),
+                                                 "seconds": row.get("seconds"), "date": row.get("date")})
+            return row
         if path.exists() and not self.fresh:
             return read_json(path)
         t0, setup0 = time.time(), self._setup_seconds
@@ -167,6 +176,8 @@ class Reproduction:
 
     def _write(self, table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         df = pd.DataFrame(list(rows))
+        if self._plan is not None:
+            return df
         out = Path(self.config.out_dir)
         atomic_write_text(out / f"{table}.csv", df.to_csv(index=False))
         self.frames[table] = df
@@ -316,15 +327,35 @@ class Reproduction:
             rows.append(ident | {"defence": "bdvax_transfer"} | self.bdvax_row(target, source=src))
         return self._write("table11_transfer", rows)
 
-    def run(self, tables: Iterable[str] = TABLES) -> dict[str, pd.DataFrame]:
+    def _steps(self, tables: Iterable[str]) -> list[tuple[str, Callable[[], pd.DataFrame]]]:
         steps = {"table2_asr": self.table2, "table3_utility": self.table3, "table4_score": self.table4,
                  "fig2_variants": self.fig2, "table10_rho": self.table10, "table11_transfer": self.table11}
-        for name in tables:
-            if name not in steps:
-                raise ValueError(f"unknown table {name!r}; tables: {list(TABLES)}")
+        bad = [t for t in tables if t not in steps]
+        if bad:
+            raise ValueError(f"unknown table {bad[0]!r}; tables: {list(TABLES)}")
+        return [(t, steps[t]) for t in tables]
+
+    def plan(self, tables: Iterable[str] = TABLES) -> pd.DataFrame:
+        """The rows ``run(tables)`` needs and whether each is cached yet; computes, loads and writes nothing.
+
+        One row per distinct result (``table`` is where it is cached: ``none``, ``table2`` or ``bdvax``; tables
+        that share a BD-VAX configuration share its row), with ``cached``, and ``seconds`` / ``date`` of cached
+        rows. For a preset too long for one sitting: check it between ``--targets`` slices.
+        """
+        self._plan, frames = {}, self.frames
+        try:
+            self.frames = {}
+            for _, step in self._steps(tables):
+                step()
+            return pd.DataFrame(list(self._plan.values()), columns=["table", "key", "cached", "seconds", "date"])
+        finally:
+            self._plan, self.frames = None, frames
+
+    def run(self, tables: Iterable[str] = TABLES) -> dict[str, pd.DataFrame]:
+        for name, step in self._steps(tables):
             t0 = time.time()
             self.log(f"{name} ...")
-            steps[name]()
+            step()
             self.log(f"{name}: done in {time.time() - t0:.0f} s")
         out = Path(self.config.out_dir)
         date = time.strftime("%Y-%m-%d")
@@ -344,15 +375,19 @@ def reproduce(preset: str | ReproduceConfig = "smoke", *, tables: Iterable[str] 
               fresh: bool = False, command: str = "python benchmarks/reproduce.py", base: tuple[Any, Any] | None = None,
               **overrides: Any) -> dict[str, pd.DataFrame]:
     """Run a preset (or a config) and return its tables; ``overrides`` replace config fields."""
+    return Reproduction(preset_config(preset, **overrides), progress=progress, fresh=fresh, command=command,
+                        base=base).run(tables)
+
+
+def preset_config(preset: str | ReproduceConfig, **overrides: Any) -> ReproduceConfig:
+    """The config of a preset name (a copy) or a config itself, with ``overrides`` applied."""
     if isinstance(preset, ReproduceConfig):
         cfg = preset
     elif preset in PRESETS:
         cfg = copy.deepcopy(PRESETS[preset])
     else:
         raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    return Reproduction(cfg, progress=progress, fresh=fresh, command=command, base=base).run(tables)
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 def load_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:

@@ -65,6 +65,18 @@ def test_cli_names_an_unknown_preset(capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
 
 
+def test_cli_plan_lists_rows_and_runs_nothing(tmp_path, capsys):
+    from bdvax_lab.cli import main
+
+    assert main(["reproduce", "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
+                 "--plan"]) == 0
+    out = capsys.readouterr().out
+    # smoke: Table 2's suspicious row + 7 defences, Table 4's norm/align, Fig. 2's N = 1, Table 10's two other ρ,
+    # Table 11's other model and its transfer row; shared BD-VAX configurations counted once.
+    assert "0 of 15 rows cached" in out and "badnets:refusal:lora:finetune_only" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()
+
+
 def test_splice_markdown_keeps_prose(tmp_path):
     from bdvax_lab.reproduce import splice_markdown
 
@@ -86,6 +98,11 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     two = ("badnets:refusal:lora", "vpi:refusal:lora")
     cfg = _config(tmp_path, targets=two, methods=("bdvax", "finetune_only"))
     Reproduction(cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None).run(["table2_asr"])
+    plan = Reproduction(cfg, progress=False, base=tiny_pair).plan(["table2_asr"])
+    assert len(plan) == 6 and list(plan.cached) == [True] * 3 + [False] * 3
+    assert list(plan.key[3:]) == ["vpi:refusal:lora", "vpi:refusal:lora:from:vpi:refusal:lora:N2:rho0.8:combined",
+                                  "vpi:refusal:lora:finetune_only"]
+    assert (plan.seconds[:3] >= 0).all() and plan.seconds[3:].isna().all()
     seen = []
     whole = Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None)
     real = whole.defence_row
