@@ -149,12 +149,9 @@ class Reproduction:
             cfg.pop(where, None)  # where things go, and which rows exist, do not change a row's value
         return Path(self.config.runs_dir) / "reproduce" / f"{self.config.preset}-{stable_hash(cfg, 8)}" / "rows"
 
-    def _row_path(self, table: str, key: str) -> Path:
-        return self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
-
     def _row(self, table: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The cached row ``table/key``, computed by ``fn`` (and saved atomically) if missing."""
-        path = self._row_path(table, key)
+        path = self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
         if self._plan is not None:  # planning: note the row, compute nothing
             row = read_json(path) if path.exists() else {}
             self._plan.setdefault((table, key), {"table": table, "key": key, "cached": bool(row),
