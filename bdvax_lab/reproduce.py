@@ -2,10 +2,11 @@
 
 One :class:`ReproduceConfig` per preset (:data:`PRESETS`: ``smoke`` = minutes,
 ``full`` = hours on the 2-core CPU). :func:`reproduce` runs the experiments in
-order and writes ``<out_dir>/<table>.csv`` after each one; every finished row
-is also kept as JSON under ``<runs_dir>/reproduce/<preset>-<config hash>/rows/`` so an interrupted run
-resumes
-where it stopped. Suspicious models come from (or go to) the attack-matrix
+order; every finished row is kept as JSON under
+``<runs_dir>/reproduce/<preset>-<config hash>/rows/`` so an interrupted run resumes where it stopped.
+The CSVs (``<out_dir>/<table>.csv``) and ``tables.md`` are then written from those rows: every row of
+the preset, those not measured yet left blank and counted, so a preset run in ``--targets`` slices over
+several sittings always shows what it has measured so far. Suspicious models come from (or go to) the attack-matrix
 directory (:func:`bdvax_lab.open_or_make_suspicious`), twin deltas from the
 shared twin cache, so a full run re-uses everything the notebooks trained.
 
@@ -39,6 +40,13 @@ METHODS = ("bdvax", "finetune_only", "magnitude_prune", "fine_prune", "quantize_
 TABLES = ("table2_asr", "table3_utility", "table4_score", "fig2_variants", "table10_rho", "table11_transfer")
 KEEP = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean", "n_prompts", "ppl",
         "mcq_acc", "mcq_acc_norm", "agreement"]
+#: the columns a table has even when none of its rows is measured yet (the notebooks select them)
+_ROW_COLUMNS = [*KEEP, "lr", "repair_steps", "n_channels", "rho", "seconds", "suspicious_seconds", "date"]
+
+
+def _ident_columns(df: pd.DataFrame) -> list[str]:
+    """The columns that name a row (attack, task, defence, score, ρ requested, ...), not its measurements."""
+    return [c for c in df.columns if c not in _ROW_COLUMNS and c != "n_targets"]
 
 
 def parse_target(target: str) -> tuple[str, str, str]:
@@ -128,6 +136,7 @@ class Reproduction:
     progress: bool = True
     fresh: bool = False
     command: str = "python benchmarks/reproduce.py"  #: named above every table of tables.md
+    report: ReproduceConfig | None = None  #: the preset whose tables ``run`` writes (default ``config``; a slice's whole)
     base: tuple[Any, Any] | None = None  #: a custom base (model, tokenizer), e.g. the tiny test model
     log: Callable[[str], None] = print
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -135,6 +144,7 @@ class Reproduction:
     _sigs: dict[str, Any] = field(default_factory=dict, repr=False)
     _setup_seconds: float = field(default=0.0, repr=False)  #: spent opening or implanting suspicious models
     _plan: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, repr=False)  #: set while planning
+    _collecting: bool = field(default=False, repr=False)  #: set while tables are read from the cached rows
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -152,10 +162,11 @@ class Reproduction:
     def _row(self, table: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The cached row ``table/key``, computed by ``fn`` (and saved atomically) if missing."""
         path = self.rows_dir / table / f"{key.replace(':', '-').replace('/', '_')}.json"
-        if self._plan is not None:  # planning: note the row, compute nothing
+        if self._plan is not None or self._collecting:  # compute nothing: the cached row or an empty one
             row = read_json(path) if path.exists() else {}
-            self._plan.setdefault((table, key), {"table": table, "key": key, "cached": bool(row),
-                                                 "seconds": row.get("seconds"), "date": row.get("date")})
+            if self._plan is not None:
+                self._plan.setdefault((table, key), {"table": table, "key": key, "cached": bool(row),
+                                                     "seconds": row.get("seconds"), "date": row.get("date")})
             return row
         if path.exists() and not self.fresh:
             return read_json(path)
@@ -175,8 +186,9 @@ class Reproduction:
         df = pd.DataFrame(list(rows))
         if self._plan is not None:
             return df
-        out = Path(self.config.out_dir)
-        atomic_write_text(out / f"{table}.csv", df.to_csv(index=False))
+        if self._collecting:  # rows not measured yet stay, blank, so the table shows what is still missing
+            df = df.reindex(columns=list(dict.fromkeys([*_ident_columns(df), *_ROW_COLUMNS, *df.columns])))
+            atomic_write_text(Path(self.config.out_dir) / f"{table}.csv", df.to_csv(index=False))
         self.frames[table] = df
         return df
 
@@ -290,9 +302,11 @@ class Reproduction:
         t2 = self.frames.get("table2_asr")
         if t2 is None:
             t2 = self.table2()
+        if self._plan is not None:
+            return t2  # planning: Table 2's rows are all Table 3 needs
         cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
         groups = t2.groupby(["setting", "defence"], sort=False)
-        df = groups[cols].mean().assign(n_targets=groups.size()).reset_index()
+        df = groups[cols].mean().assign(n_targets=groups["asr"].count()).reset_index()  # targets measured
         return self._write("table3_utility", df.to_dict("records"))
 
     def table4(self) -> pd.DataFrame:
@@ -349,17 +363,32 @@ class Reproduction:
             self._plan, self.frames = None, frames
 
     def run(self, tables: Iterable[str] = TABLES) -> dict[str, pd.DataFrame]:
+        """Compute the rows of ``tables`` that are not cached, then write every table of ``report`` (see
+        :meth:`collect`) and return them."""
         for name, step in self._steps(tables):
             t0 = time.time()
             self.log(f"{name} ...")
             step()
             self.log(f"{name}: done in {time.time() - t0:.0f} s")
+        whole = self if self.report is None else Reproduction(self.report, progress=self.progress, command=self.command,
+                                                              base=self.base, log=self.log)
+        return whole.collect()
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        """Every table from the rows cached so far, computing nothing: ``<out_dir>/<table>.csv``, ``tables.md``
+        and ``config.json``. Rows not measured yet are kept blank and counted under their table."""
+        self._collecting, self.frames = True, {}
+        try:
+            for _, step in self._steps(TABLES):
+                step()
+        finally:
+            self._collecting = False
         out = Path(self.config.out_dir)
-        date = time.strftime("%Y-%m-%d")
-        everything = load_tables(out) | self.frames  # tables of earlier (partial) invocations too
-        atomic_write_text(out / "tables.md", tables_markdown(everything, f"{self.command} --preset {self.config.preset}",
-                                                              date))
-        write_json(out / "config.json", {"config": self.config.to_dict(), "date": date, "tables": sorted(everything)})
+        measured = {t: [int(df["asr"].notna().sum()), len(df)] for t, df in self.frames.items()}
+        atomic_write_text(out / "tables.md", tables_markdown(self.frames, f"{self.command} --preset {self.config.preset}",
+                                                             measured))
+        write_json(out / "config.json", {"config": self.config.to_dict(), "date": time.strftime("%Y-%m-%d"),
+                                          "tables": sorted(self.frames), "rows_measured": measured})
         return self.frames
 
 
@@ -371,9 +400,13 @@ def _keep(summary: Any) -> dict[str, Any]:
 def reproduce(preset: str | ReproduceConfig = "smoke", *, tables: Iterable[str] = TABLES, progress: bool = True,
               fresh: bool = False, command: str = "python benchmarks/reproduce.py", base: tuple[Any, Any] | None = None,
               **overrides: Any) -> dict[str, pd.DataFrame]:
-    """Run a preset (or a config) and return its tables; ``overrides`` replace config fields."""
+    """Run a preset (or a config) and return its tables; ``overrides`` replace config fields.
+
+    With ``targets`` among the overrides this is a slice: only those targets' rows are computed, and the
+    tables written and returned are the whole preset's, with the rows still to run left blank."""
+    whole = preset_config(preset, **{k: v for k, v in overrides.items() if k != "targets"})
     return Reproduction(preset_config(preset, **overrides), progress=progress, fresh=fresh, command=command,
-                        base=base).run(tables)
+                        base=base, report=whole).run(tables)
 
 
 def preset_config(preset: str | ReproduceConfig, **overrides: Any) -> ReproduceConfig:
@@ -432,8 +465,9 @@ INT_COLUMNS = ("degenerate_triggered", "degenerate_clean", "n_prompts", "repair_
 
 
 def _readable(df: pd.DataFrame) -> pd.DataFrame:
-    """Learning rates as 2e-04, counts and seconds as integers, other floats to 3 decimals; no date column."""
-    df = df.drop(columns=[c for c in ("date",) if c in df]).copy()
+    """Learning rates as 2e-04, counts and seconds as integers, other floats to 3 decimals; no date column;
+    columns blank in every row left out."""
+    df = df.drop(columns=[c for c in ("date",) if c in df]).dropna(axis=1, how="all").copy()
     for c in df.columns:
         col = df[c]
         if c == "lr":
@@ -445,8 +479,16 @@ def _readable(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) -> str:
-    """All tables as markdown sections, each naming the command and date that produced it."""
+def _dates(df: pd.DataFrame) -> str:
+    """The day (or first and last day) on which a table's rows were measured."""
+    days = sorted(set(df["date"].dropna())) if "date" in df else []
+    return "not run yet" if not days else days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def tables_markdown(tables: dict[str, pd.DataFrame], command: str,
+                    measured: dict[str, list[int]] | None = None) -> str:
+    """All tables as markdown sections, each naming the command and the dates its rows were measured, and,
+    when ``measured[table]`` = [k, n] has k < n, how many of its rows have not run yet."""
     from .viz import markdown_table
 
     titles = {"table2_asr": "Table 2 analogue: ASR per attack × defence", "table3_utility":
@@ -456,12 +498,33 @@ def tables_markdown(tables: dict[str, pd.DataFrame], command: str, date: str) ->
               "Table 11: a BadNets signature reused on other attacks and the other task"}
     out = []
     for name in TABLES:
-        out.append(f"### {titles[name]}\n\n`{command}` — {date}\n")
         if name not in tables:
-            out.append("_not run_\n")
+            out.append(f"### {titles[name]}\n\n`{command}`: _not run_\n")
             continue
-        out.append(markdown_table(_readable(tables[name])) + "\n")
+        rows_of = tables.get("table2_asr", tables[name]) if name == "table3_utility" else tables[name]  # means of Table 2
+        out.append(f"### {titles[name]}\n\n`{command}` — {_dates(rows_of)}\n")
+        df = tables[name]
+        k, n = (measured or {}).get(name, (len(df),) * 2)
+        if k < n:
+            out.append(f"_{k} of {n} rows measured so far. Not run yet: {_not_run(df)}._\n")
+        if k:
+            out.append(markdown_table(_readable(df[df["asr"].notna()] if "asr" in df else df)) + "\n")
     return "\n".join(out)
+
+
+def _not_run(df: pd.DataFrame) -> str:
+    """The rows of ``df`` without a measurement, compactly: a group whose rows are all missing by its name."""
+    ident = _ident_columns(df)
+    missing = df[df["asr"].isna()]
+    if len(ident) < 2:
+        return ", ".join(f"{ident[0]} {v}" for v in missing[ident[0]]) if ident else f"{len(missing)} rows"
+    names = df[ident[:-1]].astype(str).agg(":".join, axis=1)
+    out = []
+    for name in dict.fromkeys(names[missing.index]):
+        group = missing[names[missing.index] == name]
+        out.append(f"{name} (all {len(group)} rows)" if len(group) == int((names == name).sum())
+                   else f"{name}: {', '.join(map(str, group[ident[-1]]))}")
+    return "; ".join(out)
 
 
 def splice_markdown(doc: str | Path, block: str, text: str) -> bool:

@@ -97,7 +97,15 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     """`--targets` runs part of a preset; a later run of the whole preset only computes what is still missing."""
     two = ("badnets:refusal:lora", "vpi:refusal:lora")
     cfg = _config(tmp_path, targets=two, methods=("bdvax", "finetune_only"))
-    Reproduction(cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None).run(["table2_asr"])
+    part = Reproduction(cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None,
+                        report=cfg).run(["table2_asr"])
+    # The slice writes the whole preset's tables: its own rows measured, the other target's blank and counted.
+    assert list(part["table2_asr"].asr.notna()) == [True] * 3 + [False] * 3
+    assert list(part["table3_utility"].n_targets) == [1, 1, 1]
+    assert list(part["table4_score"].asr.notna()) == [False, False, True]  # "combined" is Table 2's BD-VAX row
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "3 of 6 rows measured so far" in md and "1 of 3 rows measured so far" in md
+    assert set(load_tables(tmp_path / "out")) == set(TABLES)
     plan = Reproduction(cfg, progress=False, base=tiny_pair).plan(["table2_asr"])
     assert len(plan) == 6 and list(plan.cached) == [True] * 3 + [False] * 3
     assert list(plan.key[3:]) == ["vpi:refusal:lora", "vpi:refusal:lora:from:vpi:refusal:lora:N2:rho0.8:combined",
@@ -109,7 +117,9 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     whole.defence_row = lambda target, method: seen.append(target) or real(target, method)
     t2 = whole.run(["table2_asr"])["table2_asr"]
     assert seen == ["vpi:refusal:lora"]  # the first target's rows came from the slice
-    assert list(t2.attack) == ["badnets"] * 3 + ["vpi"] * 3
+    assert list(t2.attack) == ["badnets"] * 3 + ["vpi"] * 3 and t2.asr.notna().all()
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "6 of 6" not in md and "of 6 rows measured" not in md
 
 
 def test_cli_targets_reach_the_config(monkeypatch):
