@@ -44,6 +44,11 @@ KEEP = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "deg
 _ROW_COLUMNS = [*KEEP, "lr", "repair_steps", "n_channels", "rho", "seconds", "suspicious_seconds", "date"]
 
 
+def measured(df: pd.DataFrame) -> pd.Series:
+    """Which rows of a table hold a measurement (the others have not run yet)."""
+    return df["asr"].notna()
+
+
 def _ident_columns(df: pd.DataFrame) -> list[str]:
     """The columns that name a row (attack, task, defence, score, ρ requested, ...), not its measurements."""
     return [c for c in df.columns if c not in _ROW_COLUMNS and c != "n_targets"]
@@ -183,11 +188,11 @@ class Reproduction:
         return row
 
     def _write(self, table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-        df = pd.DataFrame(list(rows))
+        df = pd.DataFrame(list(rows))  # rows not measured yet stay, blank, so the table shows what is still missing
+        df = df.reindex(columns=list(dict.fromkeys([*_ident_columns(df), *_ROW_COLUMNS, *df.columns])))
         if self._plan is not None:
             return df
-        if self._collecting:  # rows not measured yet stay, blank, so the table shows what is still missing
-            df = df.reindex(columns=list(dict.fromkeys([*_ident_columns(df), *_ROW_COLUMNS, *df.columns])))
+        if self._collecting:
             atomic_write_text(Path(self.config.out_dir) / f"{table}.csv", df.to_csv(index=False))
         self.frames[table] = df
         return df
@@ -302,8 +307,6 @@ class Reproduction:
         t2 = self.frames.get("table2_asr")
         if t2 is None:
             t2 = self.table2()
-        if self._plan is not None:
-            return t2  # planning: Table 2's rows are all Table 3 needs
         cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
         groups = t2.groupby(["setting", "defence"], sort=False)
         df = groups[cols].mean().assign(n_targets=groups["asr"].count()).reset_index()  # targets measured
@@ -384,11 +387,11 @@ class Reproduction:
         finally:
             self._collecting = False
         out = Path(self.config.out_dir)
-        measured = {t: [int(df["asr"].notna().sum()), len(df)] for t, df in self.frames.items()}
+        counts = {t: [int(measured(df).sum()), len(df)] for t, df in self.frames.items()}
         atomic_write_text(out / "tables.md", tables_markdown(self.frames, f"{self.command} --preset {self.config.preset}",
-                                                             measured))
+                                                             counts))
         write_json(out / "config.json", {"config": self.config.to_dict(), "date": time.strftime("%Y-%m-%d"),
-                                          "tables": sorted(self.frames), "rows_measured": measured})
+                                          "tables": sorted(self.frames), "rows_measured": counts})
         return self.frames
 
 
@@ -486,9 +489,9 @@ def _dates(df: pd.DataFrame) -> str:
 
 
 def tables_markdown(tables: dict[str, pd.DataFrame], command: str,
-                    measured: dict[str, list[int]] | None = None) -> str:
+                    counts: dict[str, list[int]] | None = None) -> str:
     """All tables as markdown sections, each naming the command and the dates its rows were measured, and,
-    when ``measured[table]`` = [k, n] has k < n, how many of its rows have not run yet."""
+    when ``counts[table]`` = [k, n] has k < n, how many of its rows have not run yet."""
     from .viz import markdown_table
 
     titles = {"table2_asr": "Table 2 analogue: ASR per attack × defence", "table3_utility":
@@ -504,18 +507,18 @@ def tables_markdown(tables: dict[str, pd.DataFrame], command: str,
         rows_of = tables.get("table2_asr", tables[name]) if name == "table3_utility" else tables[name]  # means of Table 2
         out.append(f"### {titles[name]}\n\n`{command}` — {_dates(rows_of)}\n")
         df = tables[name]
-        k, n = (measured or {}).get(name, (len(df),) * 2)
+        k, n = (counts or {}).get(name, (len(df),) * 2)
         if k < n:
             out.append(f"_{k} of {n} rows measured so far. Not run yet: {_not_run(df)}._\n")
         if k:
-            out.append(markdown_table(_readable(df[df["asr"].notna()] if "asr" in df else df)) + "\n")
+            out.append(markdown_table(_readable(df[measured(df)])) + "\n")
     return "\n".join(out)
 
 
 def _not_run(df: pd.DataFrame) -> str:
     """The rows of ``df`` without a measurement, compactly: a group whose rows are all missing by its name."""
     ident = _ident_columns(df)
-    missing = df[df["asr"].isna()]
+    missing = df[~measured(df)]
     if len(ident) < 2:
         return ", ".join(f"{ident[0]} {v}" for v in missing[ident[0]]) if ident else f"{len(missing)} rows"
     names = df[ident[:-1]].astype(str).agg(":".join, axis=1)
@@ -546,4 +549,4 @@ def splice_markdown(doc: str | Path, block: str, text: str) -> bool:
 
 
 __all__ = ["ReproduceConfig", "PRESETS", "parse_targets", "Reproduction", "reproduce", "load_tables", "variants_figure",
-           "pareto_figure", "tables_markdown", "splice_markdown", "parse_target", "METHODS", "TABLES"]
+           "pareto_figure", "tables_markdown", "measured", "splice_markdown", "parse_target", "METHODS", "TABLES"]
