@@ -413,13 +413,19 @@ def reproduce(preset: str | ReproduceConfig = "smoke", *, tables: Iterable[str] 
 
 
 def preset_config(preset: str | ReproduceConfig, **overrides: Any) -> ReproduceConfig:
-    """The config of a preset name (a copy) or a config itself, with ``overrides`` applied."""
+    """The config of a preset name (a copy) or a config itself, with ``overrides`` applied.
+
+    ``targets`` among the overrides makes a slice: it narrows Table 2's targets and, unless
+    ``transfer_targets`` is given too, Table 11's to those of the preset's that are in the slice."""
     if isinstance(preset, ReproduceConfig):
         cfg = preset
     elif preset in PRESETS:
         cfg = copy.deepcopy(PRESETS[preset])
     else:
         raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+    if "targets" in overrides and "transfer_targets" not in overrides:
+        overrides = overrides | {"transfer_targets": tuple(t for t in cfg.transfer_targets
+                                                           if t in overrides["targets"])}
     return cfg.replace(**overrides) if overrides else cfg
 
 

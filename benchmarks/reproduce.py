@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--tables", help="comma list (default: all)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
-    ap.add_argument("--targets", help="comma list of attack:task:setting to run now (a slice of the preset; rows are "
+    ap.add_argument("--targets", help="comma list of attack:task:setting to run now (a slice of the preset, for Table 2 and "
+                                      "Table 11's transfer targets; rows are "
                                       "cached per target, and the tables written are the whole preset's, rows not run "
                                       "yet left blank)")
     ns = ap.parse_args()

@@ -122,6 +122,17 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     assert "6 of 6" not in md and "of 6 rows measured" not in md
 
 
+def test_a_slice_narrows_table11_to_its_own_targets():
+    from bdvax_lab.reproduce import preset_config
+
+    assert len(preset_config("full").transfer_targets) == 9
+    part = preset_config("full", targets=("vpi:refusal:lora", "badnets:refusal:full"))
+    assert part.transfer_targets == ("vpi:refusal:lora",)  # the full-setting target is not a transfer target
+    assert preset_config("full", targets=("badnets:refusal:lora",)).transfer_targets == ()
+    kept = preset_config("full", targets=("vpi:refusal:lora",), transfer_targets=("ctba:refusal:lora",))
+    assert kept.transfer_targets == ("ctba:refusal:lora",)  # an explicit choice wins
+
+
 def test_cli_targets_reach_the_config(monkeypatch):
     import sys
 
