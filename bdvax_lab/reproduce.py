@@ -308,8 +308,13 @@ class Reproduction:
         if t2 is None:
             t2 = self.table2()
         cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
+        # Like with like: a target enters the means only once every defence on it is measured, so a
+        # half-run target cannot move one defence's mean and not another's.
+        done = t2.groupby(["attack", "task", "setting"], sort=False)["asr"]
+        t2 = t2.copy()
+        t2.loc[done.transform("count") < done.transform("size"), cols] = float("nan")
         groups = t2.groupby(["setting", "defence"], sort=False)
-        df = groups[cols].mean().assign(n_targets=groups["asr"].count()).reset_index()  # targets measured
+        df = groups[cols].mean().assign(n_targets=groups["asr"].count()).reset_index()  # complete targets
         return self._write("table3_utility", df.to_dict("records"))
 
     def table4(self) -> pd.DataFrame:

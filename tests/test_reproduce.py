@@ -122,6 +122,20 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     assert "6 of 6" not in md and "of 6 rows measured" not in md
 
 
+def test_table3_averages_only_targets_with_every_defence_measured(tmp_path):
+    import pandas as pd
+
+    r = Reproduction(_config(tmp_path, methods=("bdvax",)), log=lambda s: None)
+    nan = float("nan")
+    r.frames["table2_asr"] = pd.DataFrame({
+        "attack": ["badnets", "badnets", "vpi", "vpi"], "task": ["refusal"] * 4, "setting": ["lora"] * 4,
+        "defence": ["none", "bdvax"] * 2, "asr": [1.0, 0.5, 0.0, nan], "false_trigger": [0.0, 0.1, 0.2, nan],
+        "ppl": [2.0, 3.0, 9.0, nan]})
+    t3 = r.table3().set_index("defence")
+    # vpi has only its "none" row: it must not pull "none" down while "bdvax" is averaged over badnets alone.
+    assert list(t3.n_targets) == [1, 1] and list(t3.asr) == [1.0, 0.5] and list(t3.ppl) == [2.0, 3.0]
+
+
 def test_a_slice_narrows_table11_to_its_own_targets():
     from bdvax_lab.reproduce import preset_config
 
