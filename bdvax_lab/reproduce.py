@@ -310,9 +310,9 @@ class Reproduction:
         cols = [c for c in ("ppl", "mcq_acc", "mcq_acc_norm", "agreement", "asr", "false_trigger") if c in t2]
         # Like with like: a target enters the means only once every defence on it is measured, so a
         # half-run target cannot move one defence's mean and not another's.
-        done = t2.groupby(["attack", "task", "setting"], sort=False)["asr"]
+        complete = measured(t2).groupby([t2.attack, t2.task, t2.setting], sort=False).transform("all")
         t2 = t2.copy()
-        t2.loc[done.transform("count") < done.transform("size"), cols] = float("nan")
+        t2.loc[~complete, cols] = float("nan")
         groups = t2.groupby(["setting", "defence"], sort=False)
         df = groups[cols].mean().assign(n_targets=groups["asr"].count()).reset_index()  # complete targets
         return self._write("table3_utility", df.to_dict("records"))
