@@ -82,18 +82,20 @@ class ReproduceConfig(Config):
     primary: str = "badnets:refusal:lora"  #: the target of Tables 4 and 10 and Fig. 2
     transfer_source: str = "badnets:refusal:lora"
     transfer_targets: tuple[str, ...] = ("badnets:sentiment:lora",)  #: smoke: the other task only (one implant)
-    n_variants: int = 3
-    variant_counts: tuple[int, ...] = (1, 3)
-    twin_steps: int | None = 30  #: poisoned-twin steps (None → the twin recipe's 60)
+    n_variants: int = 2
+    variant_counts: tuple[int, ...] = (1, 2)
+    twin_steps: int | None = 20  #: poisoned-twin steps (None → the twin recipe's 60)
     rho: float = 0.8  #: adapter setting (0.8 removed the backdoor before repair on SmolLM2; paper 0.35)
     rho_full: float | None = None  #: full setting; None → the paper's 0.03
     rhos: tuple[float, ...] = (0.35, 0.95)  #: with ``rho`` itself: three points of the Pareto curve
-    repair_steps: int | None = 12  #: None → the paper's 5 epochs over 200 samples
-    n_prompts: int = 16
+    repair_steps: int | None = 6  #: None → the paper's 5 epochs over 200 samples
+    n_prompts: int = 12
     max_new_tokens: int = 24
-    mcq_limit: int | None = 40
-    n_ppl: int = 32
-    attack_steps: int | None = None  #: implant steps when a suspicious model is missing (None → the recipe's 120)
+    mcq_limit: int | None = 24
+    n_ppl: int = 16
+    #: implant steps when a suspicious model is missing (None → the recipe's 120; smoke 60: the 120-step
+    #: BadNets-refusal run's loss had fallen to 0.07 by step 60). A set value names its own model directory.
+    attack_steps: int | None = 60
     seed: int = 0
     cache_dir: str | None = None  #: twin cache (None → the shared bdvax cache, which notebooks 03/04 fill too)
     runs_dir: str = "runs"
@@ -129,7 +131,8 @@ PRESETS: dict[str, ReproduceConfig] = {
                                             "badnets:sentiment:full"),
         transfer_targets=tuple(t for t in _ALL_LORA if t != "badnets:refusal:lora"),
         n_variants=6, variant_counts=(1, 2, 3, 4, 5, 6), twin_steps=None, rhos=(0.35, 0.5, 0.65, 0.8, 0.9, 1.0),
-        repair_steps=None, n_prompts=50, max_new_tokens=32, mcq_limit=200, n_ppl=64, out_dir="results/reproduce/full"),
+        repair_steps=None, n_prompts=50, max_new_tokens=32, mcq_limit=200, n_ppl=64, attack_steps=None,
+        out_dir="results/reproduce/full"),
 }
 
 
@@ -204,7 +207,8 @@ class Reproduction:
         if target not in self._models:
             self._models.clear()  # one suspicious model in memory at a time (each carries its own base copy)
             a, t, s = parse_target(target)
-            path = Path(self.config.runs_dir) / "attack_matrix" / f"{a}-{t}-{s}"
+            steps = self.config.attack_steps
+            path = Path(self.config.runs_dir) / "attack_matrix" / f"{a}-{t}-{s}{'' if steps is None else f'-steps{steps}'}"
             t0 = time.time()
             self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=self.config.attack_steps,
                                                            n_prompts=self.config.n_prompts, progress=self.progress)

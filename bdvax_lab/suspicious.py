@@ -245,4 +245,9 @@ def open_or_make_suspicious(
         t0 = time.time()
         make_suspicious_model(recipe=recipe, base=fresh(), out=path, progress=progress)
         print(f"trained {path} in {time.time() - t0:.0f} s")
+    elif steps is not None:  # an artifact trained with another budget must not stand in for this one silently
+        made = read_json(path / MANIFEST).get("recipe", {}).get("train", {}).get("steps")
+        if made is not None and made != steps:
+            raise ValueError(f"{path} was trained for {made} steps, not the {steps} asked for; "
+                             "give another directory or steps=None to use it as it is")
     return load_suspicious(path, base=fresh() if (path / "adapter").is_dir() else None)

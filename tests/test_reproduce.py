@@ -28,6 +28,9 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     assert set(frames["table4_score"].score) == {"norm", "align", "combined"}
     assert sorted(frames["table10_rho"].rho_requested) == [0.5, 0.8]
     assert set(frames["table11_transfer"].defence) == {"none", "bdvax_transfer"}
+    # A set implant budget names its own directory, so it never stands in for (or reuses) the recipe's model.
+    assert sorted(p.name for p in (tmp_path / "runs" / "attack_matrix").iterdir()) == [
+        "badnets-refusal-lora-steps2", "vpi-refusal-lora-steps2"]
     # Tables share BD-VAX configurations: combined / N = 2 / ρ = 0.8 / Table 2's bdvax are one computed row.
     assert len(list((tmp_path / "runs" / "reproduce").glob("t-*/rows/bdvax/*.json"))) == 6
     md = (tmp_path / "out" / "tables.md").read_text()

@@ -2,7 +2,8 @@ import copy
 
 import pytest
 
-from bdvax_lab import AttackRecipe, EvalConfig, TrainConfig, attack_dataset, load_suspicious, make_suspicious_model
+from bdvax_lab import (AttackRecipe, EvalConfig, TrainConfig, attack_dataset, load_suspicious, make_suspicious_model,
+                       open_or_make_suspicious)
 
 
 def _recipe(setting="lora", task="refusal", attack="badnets"):
@@ -50,3 +51,12 @@ def test_load_suspicious_missing(tmp_path):
 
     with pytest.raises(ModelDirError, match="not found"):
         load_suspicious(tmp_path / "none")
+
+
+def test_an_artifact_of_another_budget_is_not_reused_silently(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=2, n_prompts=2)
+    assert open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=2).manifest["recipe"]["train"]["steps"] == 2
+    open_or_make_suspicious(tmp_path / "s", base=(model, tok))  # steps=None: whatever is there
+    with pytest.raises(ValueError, match="trained for 2 steps, not the 3"):
+        open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=3)
