@@ -207,11 +207,12 @@ class Reproduction:
         if target not in self._models:
             self._models.clear()  # one suspicious model in memory at a time (each carries its own base copy)
             a, t, s = parse_target(target)
-            steps = self.config.attack_steps
-            path = Path(self.config.runs_dir) / "attack_matrix" / f"{a}-{t}-{s}{'' if steps is None else f'-steps{steps}'}"
+            steps = self.config.attack_steps  # a set budget gets its own directory (never the recipe's model)
+            name = f"{a}-{t}-{s}" + ("" if steps is None else f"-steps{steps}")
             t0 = time.time()
-            self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=self.config.attack_steps,
-                                                           n_prompts=self.config.n_prompts, progress=self.progress)
+            self._models[target] = open_or_make_suspicious(Path(self.config.runs_dir) / "attack_matrix" / name, a, t, s,
+                                                           base=self.base, steps=steps, n_prompts=self.config.n_prompts,
+                                                           progress=self.progress)
             self._setup_seconds += time.time() - t0
         return self._models[target]
 

@@ -231,7 +231,9 @@ def open_or_make_suspicious(
 
     ``base=(model, tokenizer)`` is a custom base (e.g. the tiny test model) used for
     training and for re-attaching the adapter; it is copied, never modified.
-    ``steps`` overrides the recipe's training steps. Notebooks and benchmarks share
+    ``steps`` overrides the recipe's training steps; an existing artifact trained
+    for another number of steps is then refused (``ValueError``), so a cheap model
+    never stands in for the recipe's one. Notebooks and benchmarks share
     artifacts through this one function.
     """
     import copy
