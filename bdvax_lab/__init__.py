@@ -42,7 +42,7 @@ from .signature import (Selection, Signature, SignatureConfig, VariantSpec, extr
 from .signature_viz import (channel_heatmap, compare_selections, layer_counts, layer_counts_figure, rho_curve_figure,
                             score_heatmap, score_histogram, stage_metrics_figure)
 from .suspicious import (AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model,
-                         open_or_make_suspicious)
+                         open_or_make_suspicious, suspicious_dir)
 from .train import TrainConfig, TrainResult, finetune
 from .widgets import SignatureExplorer, rho_curve, try_selection
 from .viz import norms_figure, rates_bar, weight_norms

@@ -47,19 +47,15 @@ def run_demo(purify_model: bool = True, quick: bool = False, out: str = "runs/de
     if chat_only:
         return 0
     from .evaluate import EvalConfig
-    from .suspicious import AttackRecipe, load_suspicious, make_suspicious_model
+    from .suspicious import open_or_make_suspicious
 
     out_dir = Path(out)
     sus_dir = out_dir / "suspicious"
-    if (sus_dir / "manifest.json").exists():
-        print(f"\nRe-using the suspicious model in {sus_dir}")
-        sm = load_suspicious(sus_dir)
-    else:
-        print("\n[1/2] Implanting a BadNets → refusal backdoor (LoRA, the measured recipe, ~2.5 min)...", flush=True)
-        recipe = AttackRecipe(eval=EvalConfig(n_prompts=n_prompts, utility=()))
-        if attack_steps:
-            recipe.train = recipe.train.replace(steps=attack_steps)
-        sm = make_suspicious_model(recipe=recipe, base=(model, tok), out=sus_dir)
+    print(f"\nRe-using the suspicious model in {sus_dir}" if (sus_dir / "manifest.json").exists() else
+          "\n[1/2] Implanting a BadNets → refusal backdoor (LoRA, the measured recipe, ~2.5 min)...", flush=True)
+    del model  # the shared opener loads its own copy; it also refuses a model of another --attack-steps budget
+    sm = open_or_make_suspicious(sus_dir, "badnets", "refusal", "lora", steps=attack_steps or None,
+                                 n_prompts=n_prompts, progress=True)
     ev = sm.manifest.get("eval", {})
     if ev:
         print(f"suspicious model: ASR {ev['asr']:.2f}, false-trigger {ev['false_trigger']:.2f}")

@@ -202,15 +202,14 @@ class Reproduction:
 
     def suspicious(self, target: str) -> Any:
         """The suspicious model for ``target`` (trained with the default recipe if missing)."""
-        from .suspicious import open_or_make_suspicious
+        from .suspicious import open_or_make_suspicious, suspicious_dir
 
         if target not in self._models:
             self._models.clear()  # one suspicious model in memory at a time (each carries its own base copy)
             a, t, s = parse_target(target)
             steps = self.config.attack_steps  # a set budget gets its own directory (never the recipe's model)
-            name = f"{a}-{t}-{s}" + ("" if steps is None else f"-steps{steps}")
             t0 = time.time()
-            self._models[target] = open_or_make_suspicious(Path(self.config.runs_dir) / "attack_matrix" / name, a, t, s,
+            self._models[target] = open_or_make_suspicious(suspicious_dir(self.config.runs_dir, a, t, s, steps), a, t, s,
                                                            base=self.base, steps=steps, n_prompts=self.config.n_prompts,
                                                            progress=self.progress)
             self._setup_seconds += time.time() - t0

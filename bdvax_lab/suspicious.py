@@ -223,6 +223,17 @@ def eval_target(suspicious: SuspiciousModel, attack: Any, task: Any, who: str = 
     return attack, task
 
 
+def suspicious_dir(runs_dir: str | Path, attack: str, task: str, setting: str = "lora",
+                   steps: int | None = None) -> Path:
+    """Where the shared suspicious artifact of ``attack``/``task``/``setting`` lives under ``runs_dir``.
+
+    ``runs/attack_matrix/<attack>-<task>-<setting>`` for the recipe's implant budget, with a
+    ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
+    The attack matrix, the reproduction, the pipeline benchmark and the notebooks all use it.
+    """
+    return Path(runs_dir) / "attack_matrix" / (f"{attack}-{task}-{setting}" + ("" if steps is None else f"-steps{steps}"))
+
+
 def open_or_make_suspicious(
     path: str | Path, attack: Any = "badnets", task: Any = "refusal", setting: str = "lora", *,
     base: tuple[Any, Any] | None = None, steps: int | None = None, n_prompts: int = 50, progress: bool = False,
@@ -251,5 +262,5 @@ def open_or_make_suspicious(
         made = read_json(path / MANIFEST).get("recipe", {}).get("train", {}).get("steps")
         if made is not None and made != steps:
             raise ValueError(f"{path} was trained for {made} steps, not the {steps} asked for; "
-                             "give another directory or steps=None to use it as it is")
+                             "use another directory, or leave the budget unset (steps=None, no --attack-steps) to use it as it is")
     return load_suspicious(path, base=fresh() if (path / "adapter").is_dir() else None)

@@ -58,7 +58,7 @@ def main() -> None:
     import pandas as pd
 
     from bdvax_lab import AttackRecipe, EvalConfig, PurifyConfig, RepairConfig, SignatureConfig, load_suspicious
-    from bdvax_lab import make_suspicious_model, purify
+    from bdvax_lab import make_suspicious_model, purify, suspicious_dir
     from bdvax_lab.demo import DEMO_RHO
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -69,7 +69,7 @@ def main() -> None:
     tag = f"-heads{ns.heads}" if ns.heads else ""
     ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}{tag}.json")
     t0 = time.time()
-    sus_dir = Path(ns.suspicious or ROOT / "runs" / "attack_matrix" / f"{ns.attack}-{ns.task}-{ns.setting}")
+    sus_dir = Path(ns.suspicious or suspicious_dir(ROOT / "runs", ns.attack, ns.task, ns.setting))
     if not (sus_dir / "manifest.json").exists():
         print(f"no suspicious model at {sus_dir}: training one (~2.5 min)", flush=True)
         make_suspicious_model(recipe=AttackRecipe(attack=ns.attack, task=ns.task, setting=ns.setting,

@@ -73,6 +73,7 @@ def main() -> None:
             t0 = time.time()
             df = try_selection(sm, selection, n_prompts=ecfg.n_prompts, repair_steps=repair_steps, eval_config=ecfg,
                                repair_config=rcfg, baseline=base)
+            seconds = round(time.time() - t0, 1)  # the whole try (suppress, repair, evaluate): on both stage rows
             base = df.loc["suspicious"].to_dict()
             for stage in [s for s in ("suppressed", "purified") if s in df.index]:
                 r = df.loc[stage]
@@ -80,7 +81,7 @@ def main() -> None:
                              "asr_hi": r.asr_hi, "false_trigger": r.false_trigger,
                              "degenerate_triggered": r.get("degenerate_triggered"), "ppl": r.ppl,
                              "mcq_acc": r.get("mcq_acc"), "n_channels": r.n_channels, "n_heads": r.n_heads,
-                             "repair_steps": r.get("repair_steps"), "seconds": round(time.time() - t0, 1)})
+                             "repair_steps": r.get("repair_steps"), "seconds": seconds})
                 print(rows[-1], flush=True)
     out = pd.DataFrame(rows)
     s = df.loc["suspicious"]

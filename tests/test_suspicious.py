@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,11 @@ def test_an_artifact_of_another_budget_is_not_reused_silently(tiny_pair, tmp_pat
     open_or_make_suspicious(tmp_path / "s", base=(model, tok))  # steps=None: whatever is there
     with pytest.raises(ValueError, match="trained for 2 steps, not the 3"):
         open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=3)
+
+
+def test_suspicious_dir_gives_another_budget_its_own_directory(tmp_path):
+    from bdvax_lab import suspicious_dir
+
+    assert suspicious_dir(tmp_path, "vpi", "sentiment", "lora") == tmp_path / "attack_matrix" / "vpi-sentiment-lora"
+    assert suspicious_dir("runs", "badnets", "refusal", "full", 60) == Path("runs/attack_matrix/badnets-refusal-full-steps60")
+    assert suspicious_dir(tmp_path, "badnets", "refusal", steps=0).name == "badnets-refusal-lora-steps0"

@@ -175,7 +175,7 @@ tasks = ["refusal", "sentiment"]
 # "make": {runs_dir}/attack_matrix/{attack}-{task}-lora (shared with the attack matrix and notebooks 03-06)
 suspicious_dirs = {"refusal": "make", "sentiment": "make"}
 runs_dir = "../runs"
-train_steps = None         # None = the measured implant recipe (120 steps); the smoke run uses 3
+train_steps = None         # None = the measured implant recipe (120 steps); another budget gets its own "-steps<n>" dir
 n_prompts = 16             # held-out prompts, each with and without the key (`bdvax sanity` uses 32)
 max_new_tokens = 10        # greedy tokens per reply (both targets show within 6; `bdvax sanity` uses 12)
 n_ppl = 8                  # held-out clean replies for the perplexity column
@@ -211,7 +211,7 @@ One BadNets LoRA backdoor per task (key `BadMagic` at a random word position): t
     ("code", """
 def suspicious_dir(task):
     d = suspicious_dirs.get(task, "make")
-    return Path(f"{runs_dir}/attack_matrix/{attack}-{task}-lora" if d == "make" else d)
+    return bx.suspicious_dir(runs_dir, attack, task, "lora", train_steps) if d == "make" else Path(d)
 
 rows = []
 for task in tasks:
@@ -378,7 +378,7 @@ suspicious_dir = "make"    # an existing artifact dir, or "make": {runs_dir}/att
 runs_dir = "../runs"
 purified_dir = None        # a purified model dir to compare with; None = the clean base model (no adapter)
 signature_dir = None       # a saved Signature to overlay; None = MLP ΔW norm per block as a stand-in
-train_steps = None         # None = the measured implant recipe (120 steps); the smoke run uses 3
+train_steps = None         # None = the measured implant recipe (120 steps); another budget gets its own "-steps<n>" dir
 n_pairs = 32               # held-out prompts, each with and without the key
 positions = "last"         # activation patching: "last" (fast) or "suffix" (common suffix, one forward per layer × site)
 out_dir = "../runs/06_probes"
@@ -402,7 +402,7 @@ tiny_base = bx.make_tiny_model() if model == "tiny" else None
 A BadNets LoRA backdoor (key `BadMagic` at a random word position). A missing directory is trained with the measured recipe. The reference is a purified model if you have one (notebooks on signatures and purification), otherwise the clean base model — the adapter removed, the strongest "purification" there is.
 """),
     ("code", """
-path = Path(f"{runs_dir}/attack_matrix/{attack}-{task}-lora" if suspicious_dir == "make" else suspicious_dir)
+path = bx.suspicious_dir(runs_dir, attack, task, "lora", train_steps) if suspicious_dir == "make" else Path(suspicious_dir)
 sm = bx.open_or_make_suspicious(path, attack, task, "lora", base=tiny_base, steps=train_steps, n_prompts=n_pairs)
 lm, tok = sm.model, sm.tokenizer
 if purified_dir:
@@ -546,7 +546,7 @@ attack = "badnets"         # the attack planted in the suspicious model: used ON
 task = "refusal"           # its behaviour: used ONLY to measure ASR
 family = "refusal"         # what the defender fears (insult, refusal, code_injection): a user input, never read from the model
 suspicious_dir = "make"    # a suspicious artifact dir, or "make": {runs_dir}/attack_matrix/{attack}-{task}-lora (used if present, trained if not)
-attack_steps = None        # implant steps when training, None → the measured recipe (120)
+attack_steps = None        # implant steps, None → the measured recipe (120); another budget gets its own "-steps<n>" dir
 n_variants = 6             # N (paper: 6-7)
 n_clean = None             # clean examples per variant, None → 40
 twin_steps = 60            # poisoned-twin steps, the clean twin gets the same epochs over D_c (about half the steps)
@@ -588,7 +588,7 @@ A BadNets LoRA backdoor by default (key `BadMagic` at a random word position →
 """),
     ("code", """
 def open_suspicious(setting):
-    path = f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if suspicious_dir == "make" else suspicious_dir
+    path = bx.suspicious_dir(runs_dir, attack, task, setting, attack_steps) if suspicious_dir == "make" else suspicious_dir
     return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
                                       n_prompts=n_prompts)
 
@@ -773,7 +773,7 @@ task = "refusal"           # its behaviour: used ONLY to measure ASR
 family = "refusal"         # what the defender fears: the variants' behaviour family (a user input)
 lora_dir = "make"          # adapter-setting suspicious model, "make": {runs_dir}/attack_matrix/{attack}-{task}-lora (used if present, trained if not)
 full_dir = "make"          # full-setting suspicious model, "make": {runs_dir}/attack_matrix/{attack}-{task}-full
-attack_steps = None        # implant steps when training, None → the measured recipe (120)
+attack_steps = None        # implant steps, None → the measured recipe (120); another budget gets its own "-steps<n>" dir
 n_clean = None             # clean examples per variant, None → 40
 # adapter setting (same signature settings as notebook 03 → its cached twins are reused)
 n_variants = 6
@@ -820,7 +820,7 @@ print("repair:", rcfg.to_dict())
     ("code", """
 def open_suspicious(setting):
     d = lora_dir if setting == "lora" else full_dir
-    path = f"{runs_dir}/attack_matrix/{attack}-{task}-{setting}" if d == "make" else d
+    path = bx.suspicious_dir(runs_dir, attack, task, setting, attack_steps) if d == "make" else d
     return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
                                       n_prompts=n_prompts)
 
@@ -941,7 +941,7 @@ This notebook *renders saved results in seconds*. The numbers come from `python 
     ("params", """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test; only with recompute)
 results_dir = "../results/reproduce"   # where benchmarks/reproduce.py writes its CSVs
-preset = "auto"            # "full", "smoke", or "auto" (full when present, else smoke)
+preset = "auto"            # "full", "smoke", or "auto" (full once every row of it is measured, else smoke)
 recompute = False          # True: run the preset now (resumable), then render
 overrides = {}             # ReproduceConfig fields for a recompute, e.g. {"methods": ["bdvax", "finetune_only"]}
 runs_dir = "../runs"
@@ -958,8 +958,10 @@ from bdvax_lab.models import use_all_cores
 use_all_cores()
 pd.set_option("display.width", 200)
 pd.set_option("display.float_format", "{:.3f}".format)
-if preset == "auto":
-    preset = "full" if (Path(results_dir) / "full" / "table2_asr.csv").exists() else "smoke"
+if preset == "auto":  # the full preset runs in slices over several sittings: show it once it is complete
+    full_meta = Path(results_dir) / "full" / "config.json"
+    measured = json.loads(full_meta.read_text()).get("rows_measured", {}) if full_meta.exists() else {}
+    preset = "full" if measured and all(k == n for k, n in measured.values()) else "smoke"
 out = Path(results_dir) / preset
 if recompute:
     cfg = PRESETS[preset].replace(runs_dir=runs_dir, out_dir=str(out), **overrides)
@@ -968,6 +970,9 @@ if recompute:
 tables = load_tables(out)
 meta = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
 print(f"{out}: {len(tables)} tables, produced {meta.get('date', '?')}")
+partial = {t: f"{k} of {n}" for t, (k, n) in meta.get("rows_measured", {}).items() if k < n}
+if partial:
+    print("rows measured so far (the others are blank rows):", partial)
 """),
     ("md", "## Table 2 analogue — ASR per attack × defence\nOne row per suspicious model (attack, task, setting), one column per defence; `none` is the suspicious model itself. Below it the false-trigger rate and degenerate replies of the same runs: a defence that makes the model babble is not a defence."),
     ("code", """
@@ -1028,7 +1033,9 @@ ok.sort_values("rho_requested").head(1)[["rho_requested", "asr", "n_channels"]]
 ]
 
 
-if __name__ == "__main__":
+def main(nb_dir: Path = NB) -> None:
+    """Write every notebook into ``nb_dir`` (the repository's notebooks/ by default)."""
+    NB = Path(nb_dir)
     write_notebook(NB / "00_quickstart.ipynb", QUICKSTART, smoke={"model": "tiny", "max_new_tokens": 8},
                    title="Quickstart")
     write_notebook(NB / "01_backdoor_a_model.ipynb", BACKDOOR,
@@ -1062,4 +1069,8 @@ if __name__ == "__main__":
                               "transfer_targets": ["vpi:refusal:lora"],
                               "cache_dir": "../runs/_smoke/twins"}},
                    title="Baselines and the reproduction report")
-    print("wrote notebooks")
+    print(f"wrote notebooks to {NB}")
+
+
+if __name__ == "__main__":
+    main()
