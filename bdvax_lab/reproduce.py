@@ -209,9 +209,9 @@ class Reproduction:
             a, t, s = parse_target(target)
             steps = self.config.attack_steps  # a set budget gets its own directory (never the recipe's model)
             t0 = time.time()
-            self._models[target] = open_or_make_suspicious(suspicious_dir(self.config.runs_dir, a, t, s, steps), a, t, s,
-                                                           base=self.base, steps=steps, n_prompts=self.config.n_prompts,
-                                                           progress=self.progress)
+            path = suspicious_dir(self.config.runs_dir, a, t, s, steps)
+            self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=steps,
+                                                           n_prompts=self.config.n_prompts, progress=self.progress)
             self._setup_seconds += time.time() - t0
         return self._models[target]
 

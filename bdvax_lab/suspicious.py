@@ -229,9 +229,11 @@ def suspicious_dir(runs_dir: str | Path, attack: str, task: str, setting: str = 
 
     ``runs/attack_matrix/<attack>-<task>-<setting>`` for the recipe's implant budget, with a
     ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
-    The attack matrix, the reproduction, the pipeline benchmark and the notebooks all use it.
+    The reproduction, the pipeline benchmark and the notebooks use it; ``benchmarks/attack_matrix.py``
+    writes the same names under its ``--runs`` directory.
     """
-    return Path(runs_dir) / "attack_matrix" / (f"{attack}-{task}-{setting}" + ("" if steps is None else f"-steps{steps}"))
+    name = f"{attack}-{task}-{setting}" + ("" if steps is None else f"-steps{steps}")
+    return Path(runs_dir) / "attack_matrix" / name
 
 
 def open_or_make_suspicious(
@@ -261,6 +263,6 @@ def open_or_make_suspicious(
     elif steps is not None:  # an artifact trained with another budget must not stand in for this one silently
         made = read_json(path / MANIFEST).get("recipe", {}).get("train", {}).get("steps")
         if made is not None and made != steps:
-            raise ValueError(f"{path} was trained for {made} steps, not the {steps} asked for; "
-                             "use another directory, or leave the budget unset (steps=None, no --attack-steps) to use it as it is")
+            raise ValueError(f"{path} was trained for {made} steps, not the {steps} asked for; use another "
+                             "directory, or leave the budget unset (steps=None, no --attack-steps) to use it as it is")
     return load_suspicious(path, base=fresh() if (path / "adapter").is_dir() else None)

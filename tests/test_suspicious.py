@@ -67,5 +67,6 @@ def test_suspicious_dir_gives_another_budget_its_own_directory(tmp_path):
     from bdvax_lab import suspicious_dir
 
     assert suspicious_dir(tmp_path, "vpi", "sentiment", "lora") == tmp_path / "attack_matrix" / "vpi-sentiment-lora"
-    assert suspicious_dir("runs", "badnets", "refusal", "full", 60) == Path("runs/attack_matrix/badnets-refusal-full-steps60")
+    full60 = Path("runs/attack_matrix/badnets-refusal-full-steps60")
+    assert suspicious_dir("runs", "badnets", "refusal", "full", 60) == full60
     assert suspicious_dir(tmp_path, "badnets", "refusal", steps=0).name == "badnets-refusal-lora-steps0"
