@@ -57,8 +57,8 @@ def main() -> None:
 
     import pandas as pd
 
-    from bdvax_lab import AttackRecipe, EvalConfig, PurifyConfig, RepairConfig, SignatureConfig, load_suspicious
-    from bdvax_lab import make_suspicious_model, purify, suspicious_dir
+    from bdvax_lab import EvalConfig, PurifyConfig, RepairConfig, SignatureConfig, open_or_make_suspicious, purify
+    from bdvax_lab import suspicious_dir
     from bdvax_lab.demo import DEMO_RHO
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,11 +72,8 @@ def main() -> None:
     sus_dir = Path(ns.suspicious or suspicious_dir(ROOT / "runs", ns.attack, ns.task, ns.setting))
     if not (sus_dir / "manifest.json").exists():
         print(f"no suspicious model at {sus_dir}: training one (~2.5 min)", flush=True)
-        make_suspicious_model(recipe=AttackRecipe(attack=ns.attack, task=ns.task, setting=ns.setting,
-                                                  eval=EvalConfig(utility=())),
-                              out=sus_dir, progress=False)
+    sm = open_or_make_suspicious(sus_dir, ns.attack, ns.task, ns.setting)  # the one shared opener
     t_attack = time.time() - t0
-    sm = load_suspicious(sus_dir)
     cache = Path(tempfile.mkdtemp(prefix="bdvax-twins-"))
     from bdvax_lab.signature import default_twin_train
 
