@@ -10,9 +10,9 @@ samples × 5 epochs at lr 2e-4) and measured with the pipeline's evaluation (50 
 the signature and its random control are compared after repair too (~15 min per selection at reference speed);
 that run writes results/refusal_heads_repaired.csv. ``--grid 0.8:90,0.8:0`` picks the (ρ, heads) points.
 
-``--task sentiment`` / ``--setting full`` run the same comparison on another BadNets model of the attack matrix
-(the defence then fears that task's family), writing results/random_control-<task>-<setting>[-repaired].csv; in the full
-setting suppression re-initialises the channels, as `bdvax purify` does.
+``--task sentiment`` / ``--setting full`` run the same comparison on another BadNets model of the attack
+matrix (the defence then fears that task's family), writing results/random_control-<task>-<setting>[_repaired].csv;
+in the full setting suppression re-initialises the channels, as `bdvax purify` does.
 
 Usage: python benchmarks/refusal_heads.py [--n-prompts N] [--repair] [--grid RHO:HEADS,...]
        [--task refusal|sentiment] [--setting lora|full]
@@ -45,23 +45,27 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, help="held-out prompts (default 32; 50 with --repair, as the pipeline)")
     ap.add_argument("--task", default="refusal", help="BadNets model of this task; also the family the defence fears")
     ap.add_argument("--setting", default="lora", choices=("lora", "full"))
-    ap.add_argument("--suspicious", help="default: the attack matrix's BadNets model of --task and --setting")
+    ap.add_argument("--suspicious", help="an existing suspicious artifact (default: the attack matrix's BadNets "
+                                         "model of --task and --setting, trained there if missing)")
     ap.add_argument("--repair", action="store_true", help="also repair each selection (the pipeline's RepairConfig())")
     ap.add_argument("--grid", type=parse_grid, help="comma-separated RHO:HEADS points (default: the built-in grid)")
     ns = ap.parse_args()
 
     import pandas as pd
 
-    from bdvax_lab import EvalConfig, RepairConfig, SignatureConfig, extract_signature, open_or_make_suspicious
-    from bdvax_lab import suspicious_dir
+    from bdvax_lab import EvalConfig, RepairConfig, SignatureConfig, extract_signature, load_suspicious
+    from bdvax_lab import open_or_make_suspicious, suspicious_dir
     from bdvax_lab.artifacts import atomic_write_text
     from bdvax_lab.models import use_all_cores
     from bdvax_lab.purify import defence_view
     from bdvax_lab.widgets import try_selection
 
     use_all_cores()
-    sus = ns.suspicious or suspicious_dir(ROOT / "runs", "badnets", ns.task, ns.setting)
-    sm = open_or_make_suspicious(sus, "badnets", ns.task, ns.setting)
+    if ns.suspicious:  # the user's artifact: opened, never trained into
+        sm = load_suspicious(ns.suspicious)
+    else:
+        sm = open_or_make_suspicious(suspicious_dir(ROOT / "runs", "badnets", ns.task, ns.setting),
+                                     "badnets", ns.task, ns.setting)
     view = defence_view(sm, ns.setting)
     sig = extract_signature((view.model, view.tokenizer), SignatureConfig(family=ns.task, n_variants=6, rho=0.8),
                             progress=False)
