@@ -66,7 +66,7 @@ def main() -> None:
     else:
         sm = open_or_make_suspicious(suspicious_dir(ROOT / "runs", "badnets", ns.task, ns.setting),
                                      "badnets", ns.task, ns.setting)
-    view = defence_view(sm, ns.setting)
+    view = defence_view(sm)  # the setting read off the model, so a --suspicious of either setting works
     sig = extract_signature((view.model, view.tokenizer), SignatureConfig(family=ns.task, n_variants=6, rho=0.8),
                             progress=False)
     n_heads = sum(int(t.numel()) for t in sig.head_norm.values())
