@@ -1,3 +1,4 @@
+
 """Honest evaluation: ASR beside false-trigger rate, degenerate replies and utility.
 
 Everything goes through the model's chat template (:mod:`bdvax_lab.data`), so
@@ -19,6 +20,7 @@ from .config import Config
 from .data import Example, data_dir, load_code_pool, load_pool
 from .generate import generate
 from .judges import degenerate_reason, get_judge
+from .lora_fused import uses_fused_lora
 from .scoring import choice_logprobs, continuation_logprobs
 
 UTILITY_METRICS = ("ppl", "mcq", "agreement")
@@ -191,6 +193,7 @@ def agreement(tokenizer: Any, replies: Sequence[str], references: Sequence[str],
 
 
 # --------------------------------------------------------------------------- one call
+@uses_fused_lora
 def evaluate_model(
     model: Any, tokenizer: Any, attack: Any = None, task: Any = None, config: EvalConfig | None = None,
     *, label: str = "model", prompts: Sequence[Example] | None = None, progress: bool = True,

@@ -6,12 +6,14 @@ from typing import Any, Sequence
 import torch
 
 from .data import Example, format_prompt, left_pad, stop_token_ids
+from .lora_fused import uses_fused_lora
 
 
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+@uses_fused_lora
 @torch.no_grad()
 def generate(
     model: Any,

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import Example, as_example, collate, encode_example, format_prompt, left_pad, pad_positions
+from .lora_fused import uses_fused_lora
 from .train import sequence_nll
 
 
@@ -25,6 +26,7 @@ def _cache_kwarg(decoder: Any) -> str:
 
 
 @torch.no_grad()
+@uses_fused_lora
 def continuation_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[Example | str], continuations: Sequence[str],
     *, batch_size: int = 32, end_of_turn: bool = False, max_tokens: int | None = None,
@@ -58,6 +60,7 @@ def continuation_logprobs(
 
 
 @torch.no_grad()
+@uses_fused_lora
 def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str], choices: Sequence[Sequence[str]],
                     *, batch_size: int = 16) -> list[list[float]]:
     """Sum log p(choice | chat-formatted prompt) for every choice of every prompt, sharing each prompt's pass.
@@ -117,6 +120,7 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str]
 
 
 @torch.no_grad()
+@uses_fused_lora
 def next_token_probs(model: Any, tokenizer: Any, prompts: Sequence[Example | str], token_ids: Sequence[int],
                      *, batch_size: int = 32) -> torch.Tensor:
     """p(first reply token = t) for each prompt and each id in ``token_ids`` → [P, len(token_ids)]."""

@@ -4,7 +4,8 @@ The same 2-core machine kind ran identical work up to 2.2× slower on some days 
 so every timed benchmark here records this figure beside its own: a wall time is comparable across days only
 together with the speed of the day. The workload is the one ENVIRONMENT-NOTES.md measured at 1.1 s per step on
 2026-11-23: a LoRA step (r = 8 on every projection), batch 4, clean-pool examples with responses cut to 16
-tokens, loss averaged per sample. One warm-up step, then ``steps`` timed ones.
+tokens, loss averaged per sample. One warm-up step, then ``steps`` timed ones. It runs with peft's own LoRA
+forward (``BDVAX_FUSED_LORA=0``), as the reference did, so the figure measures the machine, not the loop.
 
 Usage: python benchmarks/machine_speed.py [--steps 4]
 """
@@ -48,7 +49,11 @@ def measure_in_subprocess(steps: int = 4) -> dict[str, float]:
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True)
+    import os
+
+    env = dict(os.environ, BDVAX_FUSED_LORA="0")  # the reference's code path (see the module docstring)
+    run = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True,
+                         env=env)
     if run.returncode != 0:
         raise RuntimeError(f"benchmarks/machine_speed.py failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
     out = run.stdout.strip().splitlines()
@@ -61,6 +66,9 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", action="store_true", help="also print the record as one JSON line (last line)")
     ns = ap.parse_args()
+    import os
+
+    os.environ["BDVAX_FUSED_LORA"] = "0"  # the reference's code path, also when run by hand
     record = speed_record(ns.steps)
     if ns.json:
         print(json.dumps(record))

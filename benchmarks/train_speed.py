@@ -4,7 +4,9 @@ Naive (the reference measured in ENVIRONMENT-NOTES.md): LoRA r=8 on all linear
 layers, batch 8, every sequence padded to 128, logits over the full vocabulary
 at every position, no length grouping. bdvax: the same LoRA, batch, data and
 max length, but dynamic padding, length-grouped batches and the LM head only at
-labelled positions. Full-parameter training is measured with the bdvax loop.
+labelled positions; ``bdvax-lora-peft`` is that loop with peft's own LoRA
+forward, ``bdvax-lora`` adds the fused LoRA kernel (``bdvax_lab/lora_fused.py``).
+Full-parameter training is measured with the bdvax loop.
 
 Two workloads, both on the shipped clean pool (``variant`` split):
 ``short`` — responses cut to 16 tokens, what the attack, twin and sanity
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,7 +34,9 @@ BDVAX_FULL = dict(mode="full", batch_size=8, max_length=128, loss_average="token
 WORKLOADS = {"short": 16, "long": None}  # max_response_tokens
 RECIPES = {f"{name}/{wl}": dict(base, max_response_tokens=cut)
            for wl, cut in WORKLOADS.items()
-           for name, base in (("naive-lora", NAIVE), ("bdvax-lora", BDVAX_LORA), ("bdvax-full", BDVAX_FULL))}
+           for name, base in (("naive-lora", NAIVE), ("bdvax-lora-peft", BDVAX_LORA), ("bdvax-lora", BDVAX_LORA),
+                              ("bdvax-full", BDVAX_FULL))}
+UNFUSED = ("naive-lora", "bdvax-lora-peft")  # run with peft's own LoRA forward (BDVAX_FUSED_LORA=0)
 
 
 def worker(name: str, steps: int) -> dict:
@@ -63,8 +68,9 @@ def main() -> None:
     rows = []
     t0 = time.time()
     for name in ns.recipes.split(","):
+        env = dict(os.environ, BDVAX_FUSED_LORA="0" if name.split("/")[0] in UNFUSED else "1")
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(ns.steps)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  measured {name}", flush=True)
     import pandas as pd
@@ -86,6 +92,10 @@ def main() -> None:
             print(f"LoRA speed-up over the naive recipe, {wl} workload: {lora.speedup_tokens:.2f}x tokens/s, "
                   f"{lora.speedup_response_tokens:.2f}x response tokens/s (target >= 2x: "
                   f"{'met' if lora.speedup_tokens >= 2 else 'NOT met'})")
+        if {key, f"bdvax-lora-peft/{wl}"} <= set(df.recipe):
+            by = df.set_index("recipe").s_per_step
+            print(f"fused LoRA kernel, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
+                  f"({by[f'bdvax-lora-peft/{wl}'] / by[key]:.2f}x)")
     if ns.json:
         df.to_json(ns.json, orient="records", indent=2)
 
