@@ -1,4 +1,3 @@
-
 """Honest evaluation: ASR beside false-trigger rate, degenerate replies and utility.
 
 Everything goes through the model's chat template (:mod:`bdvax_lab.data`), so

@@ -11,18 +11,12 @@ import torch
 
 from .data import Example, as_example, collate, encode_example, format_prompt, left_pad, pad_positions
 from .lora_fused import uses_fused_lora
+from .shared_prefix import cache_kwarg
 from .train import sequence_nll
 
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def _cache_kwarg(decoder: Any) -> str:
-    """The decoder's name for its KV cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -77,7 +71,7 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Example | str]
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
     base = unwrap(model)
     decoder = base.get_decoder()
-    cache_kw = _cache_kwarg(decoder)
+    cache_kw = cache_kwarg(decoder)
     dev = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]

@@ -20,9 +20,10 @@ import torch
 
 from .config import Config
 from .data import IGNORE_INDEX, Example, collate, encode_example, length_grouped_batches
-from .models import use_all_cores
 from .lora_fused import fused_lora
+from .models import use_all_cores
 from .registry import ALL_KINDS, is_peft, layout_of, unwrap
+from .shared_prefix import decoder_hidden
 
 TRAIN_MODES = ("lora", "full", "mlp")
 
@@ -135,13 +136,14 @@ def sequence_nll(model: Any, batch: dict[str, torch.Tensor], *, labelled_logits_
 
     ``batch``: ``input_ids``/``labels``/``attention_mask`` [B, T] → (sums [B], counts [B]).
     With ``labelled_logits_only`` the LM head runs on the M labelled positions only
-    ([M, H] → [M, V]) instead of all B·T; the result is the same.
+    ([M, H] → [M, V]) instead of all B·T, and the prompt prefix all rows share runs
+    once (:mod:`bdvax_lab.shared_prefix`); the result is the same.
     """
     base = unwrap(model)
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE_INDEX  # [B, T-1]
     if labelled_logits_only:
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder_hidden(base.get_decoder(), batch["input_ids"], batch["attention_mask"])  # [B, T, H]
         logits = base.get_output_embeddings()(hidden[:, :-1][sel])  # [M, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][sel]

@@ -5,7 +5,8 @@ so every timed benchmark here records this figure beside its own: a wall time is
 together with the speed of the day. The workload is the one ENVIRONMENT-NOTES.md measured at 1.1 s per step on
 2026-11-23: a LoRA step (r = 8 on every projection), batch 4, clean-pool examples with responses cut to 16
 tokens, loss averaged per sample. One warm-up step, then ``steps`` timed ones. It runs with peft's own LoRA
-forward (``BDVAX_FUSED_LORA=0``), as the reference did, so the figure measures the machine, not the loop.
+forward and one decoder pass per row (``BDVAX_FUSED_LORA=0``, ``BDVAX_SHARED_PREFIX=0``), as the reference did,
+so the figure measures the machine, not the loop.
 
 Usage: python benchmarks/machine_speed.py [--steps 4]
 """
@@ -51,7 +52,7 @@ def measure_in_subprocess(steps: int = 4) -> dict[str, float]:
 
     import os
 
-    env = dict(os.environ, BDVAX_FUSED_LORA="0")  # the reference's code path (see the module docstring)
+    env = dict(os.environ, BDVAX_FUSED_LORA="0", BDVAX_SHARED_PREFIX="0")  # the reference's code path
     run = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True,
                          env=env)
     if run.returncode != 0:
@@ -68,7 +69,7 @@ if __name__ == "__main__":
     ns = ap.parse_args()
     import os
 
-    os.environ["BDVAX_FUSED_LORA"] = "0"  # the reference's code path, also when run by hand
+    os.environ.update(BDVAX_FUSED_LORA="0", BDVAX_SHARED_PREFIX="0")  # the reference's code path, also by hand
     record = speed_record(ns.steps)
     if ns.json:
         print(json.dumps(record))

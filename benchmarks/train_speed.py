@@ -5,7 +5,9 @@ layers, batch 8, every sequence padded to 128, logits over the full vocabulary
 at every position, no length grouping. bdvax: the same LoRA, batch, data and
 max length, but dynamic padding, length-grouped batches and the LM head only at
 labelled positions; ``bdvax-lora-peft`` is that loop with peft's own LoRA
-forward, ``bdvax-lora`` adds the fused LoRA kernel (``bdvax_lab/lora_fused.py``).
+forward and one decoder pass per row (the loop until 2026-12-03), ``bdvax-lora``
+adds the fused LoRA kernel (``bdvax_lab/lora_fused.py``) and runs the prompt
+prefix all rows share once (``bdvax_lab/shared_prefix.py``).
 Full-parameter training is measured with the bdvax loop.
 
 Two workloads, both on the shipped clean pool (``variant`` split):
@@ -36,7 +38,8 @@ RECIPES = {f"{name}/{wl}": dict(base, max_response_tokens=cut)
            for wl, cut in WORKLOADS.items()
            for name, base in (("naive-lora", NAIVE), ("bdvax-lora-peft", BDVAX_LORA), ("bdvax-lora", BDVAX_LORA),
                               ("bdvax-full", BDVAX_FULL))}
-UNFUSED = ("naive-lora", "bdvax-lora-peft")  # run with peft's own LoRA forward (BDVAX_FUSED_LORA=0)
+#: recipes run without the fused kernel and the shared prefix (the loop as it was before both)
+PLAIN = ("naive-lora", "bdvax-lora-peft")
 
 
 def worker(name: str, steps: int) -> dict:
@@ -68,7 +71,8 @@ def main() -> None:
     rows = []
     t0 = time.time()
     for name in ns.recipes.split(","):
-        env = dict(os.environ, BDVAX_FUSED_LORA="0" if name.split("/")[0] in UNFUSED else "1")
+        fast = "0" if name.split("/")[0] in PLAIN else "1"
+        env = dict(os.environ, BDVAX_FUSED_LORA=fast, BDVAX_SHARED_PREFIX=fast)
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(ns.steps)],
                              capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -87,14 +91,14 @@ def main() -> None:
         print(df.to_string(index=False))
     for wl in WORKLOADS:
         key = f"bdvax-lora/{wl}"
-        if key in set(df.recipe):
+        if {key, f"naive-lora/{wl}"} <= set(df.recipe):
             lora = df.set_index("recipe").loc[key]
             print(f"LoRA speed-up over the naive recipe, {wl} workload: {lora.speedup_tokens:.2f}x tokens/s, "
                   f"{lora.speedup_response_tokens:.2f}x response tokens/s (target >= 2x: "
                   f"{'met' if lora.speedup_tokens >= 2 else 'NOT met'})")
         if {key, f"bdvax-lora-peft/{wl}"} <= set(df.recipe):
             by = df.set_index("recipe").s_per_step
-            print(f"fused LoRA kernel, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
+            print(f"fused LoRA kernel + shared prefix, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
                   f"({by[f'bdvax-lora-peft/{wl}'] / by[key]:.2f}x)")
     if ns.json:
         df.to_json(ns.json, orient="records", indent=2)

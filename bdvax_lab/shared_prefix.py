@@ -1,0 +1,71 @@
+"""Run the prompt prefix that every row of a batch shares through the decoder once, not once per row.
+
+Every chat-formatted example starts with the same tokens: for SmolLM2 the
+template's silent system prompt and the user-turn header, 24 tokens out of a
+mean 59 in the short-response workload that attacks, twins and sanity checks
+train on. Causal attention means those positions' hidden states do not depend
+on what follows, so :func:`decoder_hidden` runs them for one row, repeats their
+keys and values over the batch and runs only the rest per row. Gradients flow
+through the repeated keys and values (and through the shared hidden states)
+exactly as they would through B copies, so losses and gradients agree with the
+plain pass to float rounding (``tests/test_shared_prefix.py``), while a batch of
+8 costs ``P + 8·(T − P)`` token positions instead of ``8·T``.
+
+``BDVAX_SHARED_PREFIX=0`` in the environment turns it off everywhere
+(``benchmarks/train_speed.py`` measures both). Batches of one row, or whose
+rows share fewer than :data:`MIN_SHARED_PREFIX` tokens, take the plain pass.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+#: a shared prefix shorter than this is not worth a second decoder call
+MIN_SHARED_PREFIX = 8
+
+
+def enabled() -> bool:
+    """False when ``BDVAX_SHARED_PREFIX=0`` asks for the plain one-pass forward everywhere."""
+    return os.environ.get("BDVAX_SHARED_PREFIX", "1") != "0"
+
+
+def cache_kwarg(decoder: Any) -> str:
+    """The decoder's name for its KV cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading positions every row of a right-padded batch shares (same ids, none padded).
+
+    ``input_ids``/``attention_mask`` [B, T] → an int in ``[0, T − 1]`` (at least one position is left
+    for the per-row pass); 0 for a single row.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)  # [T]
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
+def decoder_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``decoder(input_ids, attention_mask).last_hidden_state`` [B, T, H], the shared prefix computed once.
+
+    ``decoder`` is the base model's decoder stack (``get_decoder()``); the batch is right-padded, as
+    :func:`bdvax_lab.data.collate` makes it.
+    """
+    p = shared_prefix_length(input_ids, attention_mask) if enabled() else 0
+    if p < MIN_SHARED_PREFIX:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from transformers import DynamicCache
+
+    kw = cache_kwarg(decoder)
+    b = input_ids.shape[0]
+    head = decoder(input_ids=input_ids[:1, :p], attention_mask=attention_mask[:1, :p], use_cache=True,
+                   **{kw: DynamicCache(config=decoder.config)})
+    cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
+    cache.batch_repeat_interleave(b)  # [1, heads, P, d] → [B, heads, P, d], still in the autograd graph
+    tail = decoder(input_ids=input_ids[:, p:], attention_mask=attention_mask, use_cache=True,
+                   **{kw: cache}).last_hidden_state  # [B, T − P, H]
+    return torch.cat([head.last_hidden_state.expand(b, -1, -1), tail], 1)
