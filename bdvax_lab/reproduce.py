@@ -210,10 +210,26 @@ class Reproduction:
             steps = self.config.attack_steps  # a set budget gets its own directory (never the recipe's model)
             t0 = time.time()
             path = suspicious_dir(self.config.runs_dir, a, t, s, steps)
+            implanted = not (path / "manifest.json").exists()
             self._models[target] = open_or_make_suspicious(path, a, t, s, base=self.base, steps=steps,
                                                            n_prompts=self.config.n_prompts, progress=self.progress)
             self._setup_seconds += time.time() - t0
+            if implanted:
+                self._check_reimplant(target)
         return self._models[target]
+
+    def _check_reimplant(self, target: str) -> None:
+        """A target whose untreated row is cached but whose model was implanted again here (a fresh machine, or
+        another training code path: same recipe and seed, other float rounding) gets that row measured again on
+        the new model, under ``none_reimplanted/``, so the tables can say whether the two models behave alike."""
+        cached = self.rows_dir / "none" / f"{target.replace(':', '-')}.json"
+        if not cached.exists():
+            return
+        old = read_json(cached)
+        new = self._row("none_reimplanted", target, lambda: self.baseline_row(target))
+        diffs = ", ".join(f"{k} {old.get(k, float('nan')):.3f} -> {new.get(k, float('nan')):.3f}"
+                          for k in ("asr", "false_trigger", "ppl", "mcq_acc"))
+        self.log(f"  {target} was implanted again; its untreated row (cached {old.get('date')}) vs this model: {diffs}")
 
     def signature(self, target: str) -> Any:
         """BD-VAX signature of ``target`` (twins from the shared cache), selected at ``config.rho``."""

@@ -24,6 +24,7 @@ from .lora_fused import fused_lora
 from .models import use_all_cores
 from .registry import ALL_KINDS, is_peft, layout_of, unwrap
 from .shared_prefix import decoder_hidden
+from .shared_prefix import enabled as shared_prefix_enabled
 
 TRAIN_MODES = ("lora", "full", "mlp")
 
@@ -201,7 +202,7 @@ def finetune(
     n_tok = n_resp = 0
     bar = tqdm(range(total), desc=progress if isinstance(progress, str) else f"train[{config.mode}]",
                disable=not progress, leave=False)
-    with fused_lora(model):  # peft's LoRA math in fewer kernels (lora_fused.py)
+    with fused_lora(model) as n_fused:  # peft's LoRA math in fewer kernels (lora_fused.py)
         for step in bar:
             if not queue:
                 if config.group_by_length:
@@ -233,5 +234,7 @@ def finetune(
     model.train(False)
     seconds = time.time() - t0
     stats = {"steps": total, "seconds": seconds, "tokens": n_tok, "response_tokens": n_resp,
-             "tokens_per_s": n_tok / max(seconds, 1e-9), "response_tokens_per_s": n_resp / max(seconds, 1e-9)}
+             "tokens_per_s": n_tok / max(seconds, 1e-9), "response_tokens_per_s": n_resp / max(seconds, 1e-9),
+             # which code path trained it (same math; float rounding differs between the paths)
+             "fused_lora_modules": n_fused, "shared_prefix": int(shared_prefix_enabled() and config.labelled_logits_only)}
     return TrainResult(model=model, history=pd.DataFrame(history), seconds=seconds, config=config, stats=stats)

@@ -162,3 +162,20 @@ def test_cli_targets_reach_the_config(monkeypatch):
     assert main(["reproduce", "--preset", "full", "--targets", "vpi:refusal:lora, badnets:refusal:full",
                  "--tables", "table2_asr"]) == 0
     assert got["targets"] == ("vpi:refusal:lora", "badnets:refusal:full") and got["preset"] == "full"
+
+
+def test_a_model_implanted_again_gets_its_untreated_row_measured_again(tmp_path, tiny_pair):
+    """The tables' untreated row was measured on an earlier implant; a fresh one is checked against it."""
+    import shutil
+
+    cfg = _config(tmp_path, methods=("bdvax",))
+    logs = []
+    Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None).run(["table2_asr"])
+    shutil.rmtree(tmp_path / "runs" / "attack_matrix")  # a fresh machine: the rows are there, the model is not
+    again = Reproduction(cfg, progress=False, base=tiny_pair, log=logs.append)
+    again.suspicious("badnets:refusal:lora")
+    rows = again.rows_dir
+    assert (rows / "none_reimplanted" / "badnets-refusal-lora.json").is_file()
+    assert any("implanted again" in line and "asr" in line for line in logs)
+    again.suspicious("badnets:refusal:lora")  # opened, not implanted: nothing measured again
+    assert sum("implanted again" in line for line in logs) == 1

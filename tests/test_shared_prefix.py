@@ -14,6 +14,12 @@ RAGGED = [Example("Hi", "Hello there."), Example("What is two plus two, please?"
           Example("Name a colour.", "Blue is a colour that many people like a lot."), Example("Why?", "Because.")]
 
 
+@pytest.fixture(autouse=True)
+def _always_share(monkeypatch):
+    """Tiny batches save fewer positions than the real-model threshold; share whatever they have."""
+    monkeypatch.setattr("bdvax_lab.shared_prefix.MIN_SAVED_POSITIONS", 0)
+
+
 def _batch(tok, examples=RAGGED):
     return collate([encode_example(tok, e) for e in examples], tok.pad_token_id)
 
@@ -86,3 +92,21 @@ def test_finetune_ends_at_the_same_weights(tiny_pair, toy_examples, monkeypatch)
     pp = dict(plain.named_parameters())
     assert ps and all(torch.allclose(p, pp[n], atol=1e-5) for n, p in ps.items())
     assert any(p.abs().sum() > 0 for n, p in ps.items() if "lora_B" in n)  # it trained (B starts at zero)
+
+
+def test_too_small_a_saving_takes_the_plain_pass(tiny_pair, monkeypatch):
+    model, tok = tiny_pair
+    b = _batch(tok)
+    dec = unwrap(model).get_decoder()
+    calls = []
+    hook = dec.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            decoder_hidden(dec, b["input_ids"], b["attention_mask"])
+            assert len(calls) == 2  # shared: the prefix once, then the rest
+            p = shared_prefix_length(b["input_ids"], b["attention_mask"])
+            monkeypatch.setattr("bdvax_lab.shared_prefix.MIN_SAVED_POSITIONS", 3 * p + 1)
+            decoder_hidden(dec, b["input_ids"], b["attention_mask"])
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and calls[-1] == b["input_ids"].shape
