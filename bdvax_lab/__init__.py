@@ -43,7 +43,7 @@ from .signature_viz import (channel_heatmap, compare_selections, layer_counts, l
                             score_heatmap, score_histogram, stage_metrics_figure)
 from .suspicious import (AttackRecipe, SuspiciousModel, attack_dataset, load_suspicious, make_suspicious_model,
                          open_or_make_suspicious, suspicious_dir)
-from .train import TrainConfig, TrainResult, finetune
+from .train import TrainConfig, TrainResult, finetune, finetune_together
 from .widgets import SignatureExplorer, rho_curve, try_selection
 from .viz import norms_figure, rates_bar, weight_norms
 

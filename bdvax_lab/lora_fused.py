@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -36,38 +36,48 @@ def enabled() -> bool:
 
 
 class LoraLinearFn(torch.autograd.Function):
-    """``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` with gradients for ``x``, ``A`` and ``B`` (``W``, ``b`` frozen).
+    """``y = x Wᵀ + b`` plus, on the batch rows ``spans[k] = (start, end)``, ``s_k · (x A_kᵀ) B_kᵀ``.
 
-    Shapes: ``x`` [..., in], ``W`` [out, in], ``A`` [r, in], ``B`` [out, r] → ``y`` [..., out].
+    One adapter over the whole batch is the ordinary LoRA linear (``spans = ((0, B),)``); several adapters
+    over disjoint row spans train several LoRA models that share one frozen base in one pass
+    (:func:`co_lora`). Gradients for ``x`` and every ``A_k``, ``B_k`` (``W``, ``b`` frozen).
+
+    Shapes: ``x`` [B, ..., in], ``W`` [out, in], ``A_k`` [r, in], ``B_k`` [out, r] → ``y`` [B, ..., out].
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        lead = x.shape[:-1]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                spans: tuple[tuple[int, int], ...], scalings: tuple[float, ...], *ab: torch.Tensor) -> torch.Tensor:
+        per_row = x[:1].numel() // x.shape[-1] if x.dim() > 1 else 1  # flattened positions per batch row
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        h = x2 @ lora_a.t()  # [N, r]
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # [N, out]
-        y.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
-        ctx.scaling = scaling
-        ctx.lead = lead
-        return y.view(*lead, weight.shape[0])
+        hs = []
+        for k, (s, e) in enumerate(spans):
+            a, b = ab[2 * k], ab[2 * k + 1]
+            h = x2[s * per_row:e * per_row] @ a.t()  # [n_k, r]
+            y[s * per_row:e * per_row].addmm_(h, b.t(), alpha=scalings[k])
+            hs.append(h)
+        ctx.save_for_backward(x2, weight, *ab, *hs)
+        ctx.spans, ctx.scalings, ctx.per_row, ctx.shape = spans, scalings, per_row, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight, lora_a, lora_b, h = ctx.saved_tensors
-        s = ctx.scaling
+        x2, weight, *rest = ctx.saved_tensors
+        n = len(ctx.spans)
+        ab, hs = rest[:2 * n], rest[2 * n:]
         g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
-        gh = (lora_b.t() @ g2.t()).t()  # [N, r] = g B, in the faster layout
-        gx = ga = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = (g2 @ weight).addmm_(gh, lora_a, alpha=s).view(*ctx.lead, weight.shape[1])  # [..., in]
-        if ctx.needs_input_grad[3]:
-            ga = (gh.t() @ x2).mul_(s)  # [r, in]
-        if ctx.needs_input_grad[4]:
-            gb = (h.t() @ g2).t().mul_(s)  # [out, r]
-        return gx, None, None, ga, gb, None
+        gx = g2 @ weight if ctx.needs_input_grad[0] else None  # [N, in]
+        gab: list[torch.Tensor | None] = []
+        for k, (s, e) in enumerate(ctx.spans):
+            lo, hi, sc = s * ctx.per_row, e * ctx.per_row, ctx.scalings[k]
+            a, b, h, g = ab[2 * k], ab[2 * k + 1], hs[k], g2[lo:hi]
+            gh = (b.t() @ g.t()).t()  # [n_k, r] = g B, in the faster layout
+            if gx is not None:
+                gx[lo:hi].addmm_(gh, a, alpha=sc)
+            gab.append((gh.t() @ x2[lo:hi]).mul_(sc) if ctx.needs_input_grad[5 + 2 * k] else None)  # [r, in]
+            gab.append((h.t() @ g).t().mul_(sc) if ctx.needs_input_grad[6 + 2 * k] else None)  # [out, r]
+        return (gx.view(ctx.shape) if gx is not None else None), None, None, None, None, *gab
 
 
 def _servable(module: Any) -> str | None:
@@ -94,7 +104,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
     base = self.base_layer
-    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]))
+    spans = ((0, x.shape[0] if x.dim() > 1 else 1),)
+    return LoraLinearFn.apply(x, base.weight, base.bias, spans, (float(self.scaling[name]),), a, b)
 
 
 @contextlib.contextmanager
@@ -133,3 +144,90 @@ def uses_fused_lora(fn: Any) -> Any:
             return fn(model, *args, **kwargs)
 
     return wrapper
+
+
+def _lora_linears(model: Any) -> dict[str, Any]:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def check_co_trainable(models: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless ``models`` are LoRA models :func:`co_lora` can run in one pass.
+
+    That is: the same LoRA linears by name, each servable by :class:`LoraLinearFn` (one active plain
+    adapter, no dropout, frozen ``nn.Linear`` base), all over the very same frozen base tensors
+    (:func:`bdvax_lab.models.working_copy` with ``share_frozen_base=True`` makes such copies).
+    """
+    layers = [_lora_linears(m) for m in models]
+    if not layers[0]:
+        raise ValueError("co-training needs LoRA models; model 0 has no LoRA linear")
+    for k, lay in enumerate(layers):
+        if lay.keys() != layers[0].keys():
+            raise ValueError(f"model {k} has other LoRA linears than model 0")
+        for name, m in lay.items():
+            adapter = _servable(m)
+            if adapter is None or not isinstance(m.lora_dropout[adapter], torch.nn.Identity) and \
+                    m.lora_dropout[adapter].p > 0:
+                raise ValueError(f"model {k}: {name} is not a plain single-adapter LoRA linear without dropout")
+            if m.base_layer.weight is not layers[0][name].base_layer.weight:
+                raise ValueError(f"model {k}: {name} does not share model 0's frozen base weight; make the copies "
+                                 "with working_copy(model, share_frozen_base=True)")
+    base_ids = lambda mod: {id(p) for n, p in mod.named_parameters() if "lora_" not in n}  # noqa: E731
+    if any(base_ids(m) != base_ids(models[0]) for m in models[1:]):
+        raise ValueError("co-trained models must share every frozen tensor (norms, embeddings too)")
+
+
+class CoSpans:
+    """Which batch rows each co-trained adapter serves; :func:`co_lora`'s layers read ``spans`` at call time,
+    so a pass over other rows (the shared prefix, one row per adapter) can swap them in and out."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self.spans = tuple((int(s), int(e)) for s, e in spans)
+
+    @contextlib.contextmanager
+    def using(self, spans: Sequence[tuple[int, int]]) -> Iterator[None]:
+        saved, self.spans = self.spans, tuple((int(s), int(e)) for s, e in spans)
+        try:
+            yield
+        finally:
+            self.spans = saved
+
+
+@contextlib.contextmanager
+def co_lora(models: Sequence[Any], spans: Sequence[tuple[int, int]]) -> Iterator[CoSpans]:
+    """Run ``models[k]``'s adapter on batch rows ``spans[k]`` of a forward pass of ``models[0]``.
+
+    Yields the :class:`CoSpans` the patched layers read (pass it to ``sequence_nll(..., co=...)`` so the
+    shared prompt prefix runs once per adapter). The models must pass :func:`check_co_trainable`:
+    everything but their LoRA ``A``/``B`` is shared, so rows never see another model's weights and each
+    model's gradients land in its own ``A``/``B``. One pass over K row groups streams the frozen weights
+    once instead of K times (see ``signature.train_twins``).
+    """
+    layers = [_lora_linears(m) for m in models]
+    co = CoSpans(spans)
+    host = layers[0]
+    saved = {}
+    for name, m in host.items():
+        mods = [lay[name] for lay in layers]
+
+        def forward(self: Any, x: torch.Tensor, *args: Any, _mods: list = mods, **kwargs: Any) -> torch.Tensor:
+            ab: list[torch.Tensor] = []
+            scalings = []
+            for mod in _mods:
+                adapter = mod.active_adapters[0]
+                ab += [mod.lora_A[adapter].weight, mod.lora_B[adapter].weight]
+                scalings.append(float(mod.scaling[adapter]))
+            x = x.to(ab[0].dtype) if x.dtype != ab[0].dtype else x
+            return LoraLinearFn.apply(x, self.base_layer.weight, self.base_layer.bias, co.spans, tuple(scalings), *ab)
+
+        saved[name] = m.__dict__.get("forward")
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield co
+    finally:
+        for name, m in host.items():
+            if saved[name] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = saved[name]

@@ -23,6 +23,7 @@ shared only when it saves at least :data:`MIN_SAVED_POSITIONS` positions
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Any
@@ -57,11 +58,14 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 
 
-def decoder_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def decoder_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, co: Any = None
+                   ) -> torch.Tensor:
     """``decoder(input_ids, attention_mask).last_hidden_state`` [B, T, H], the shared prefix computed once.
 
     ``decoder`` is the base model's decoder stack (``get_decoder()``); the batch is right-padded, as
-    :func:`bdvax_lab.data.collate` makes it.
+    :func:`bdvax_lab.data.collate` makes it. ``co`` (a :class:`bdvax_lab.lora_fused.CoSpans`) says the rows
+    belong to co-trained adapters, one row span each: the prefix then runs once per adapter (one row
+    each, in one pass) and each adapter's prefix is repeated over its own rows only.
     """
     p = shared_prefix_length(input_ids, attention_mask) if enabled() else 0
     b = input_ids.shape[0]
@@ -70,10 +74,19 @@ def decoder_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.
     from transformers import DynamicCache
 
     kw = cache_kwarg(decoder)
-    head = decoder(input_ids=input_ids[:1, :p], attention_mask=attention_mask[:1, :p], use_cache=True,
-                   **{kw: DynamicCache(config=decoder.config)})
+    spans = co.spans if co is not None else ((0, b),)
+    firsts = torch.tensor([s for s, _ in spans], device=input_ids.device)  # one row per group
+    groups = ((i, i + 1) for i in range(len(spans)))
+    with co.using(tuple(groups)) if co is not None else contextlib.nullcontext():
+        head = decoder(input_ids=input_ids[firsts, :p], attention_mask=attention_mask[firsts, :p], use_cache=True,
+                       **{kw: DynamicCache(config=decoder.config)})
     cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
-    cache.batch_repeat_interleave(b)  # [1, heads, P, d] → [B, heads, P, d], still in the autograd graph
+    owner = torch.repeat_interleave(torch.arange(len(spans), device=input_ids.device),
+                                    torch.tensor([e - s for s, e in spans], device=input_ids.device))  # [B]
+    if len(spans) == 1:
+        cache.batch_repeat_interleave(b)  # [1, heads, P, d] → [B, heads, P, d], still in the autograd graph
+    else:
+        cache.batch_select_indices(owner)  # each row gets its own group's prefix keys and values
     tail = decoder(input_ids=input_ids[:, p:], attention_mask=attention_mask, use_cache=True,
                    **{kw: cache}).last_hidden_state  # [B, T − P, H]
-    return torch.cat([head.last_hidden_state.expand(b, -1, -1), tail], 1)
+    return torch.cat([head.last_hidden_state[owner], tail], 1)

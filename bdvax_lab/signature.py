@@ -538,7 +538,41 @@ def _collect() -> None:
     release_memory()
 
 
+def _train_twins_together(twins: Sequence[Any], tokenizer: Any, datasets: Sequence[Sequence[Example]],
+                          configs: Sequence[TrainConfig], progress: bool | str = False) -> list[Any]:
+    """Train LoRA twins that share the suspicious model's frozen base in one co-training run (the one call
+    tests monkeypatch to count or interrupt co-trained twins)."""
+    from .train import finetune_together
+
+    return finetune_together(twins, tokenizer, datasets, configs, progress=progress)
+
+
+def _save_differential(job: TwinJob, d_p: WeightDelta, d_c: WeightDelta, config: SignatureConfig, fingerprint: str,
+                       seconds: dict[str, Any], losses: dict[str, Any]) -> None:
+    """Eq. 1, ``Δ = (θ_p − θ_s) − (θ_c − θ_s)``, module by module (freeing as it goes; absent = zero), saved
+    atomically as the job's cache entry; the half-done ``.poison`` entry goes."""
+    spec, setting = job.spec, job.setting
+    clean, poisoned = job.data if job.data is not None else spec.datasets()
+    tp, tc = config.twin_recipes(setting, spec)
+    diff: dict[Key, torch.Tensor] = {}
+    for k in sorted(set(d_p.tensors) | set(d_c.tensors)):
+        p, c = d_p.tensors.pop(k, None), d_c.tensors.pop(k, None)
+        if p is None:
+            diff[k] = -c.float().cpu()
+        else:
+            p = p.float().cpu()
+            diff[k] = p.sub_(c.float().cpu()) if c is not None else p
+    meta = {"source": "bdvax.twin_differential", "format": TWIN_FORMAT, "version": TWIN_FORMAT_VERSION,
+            "entry": job.key, "fingerprint": fingerprint, "setting": setting, "variant": spec.to_dict(),
+            "poison_recipe": tp.to_dict(), "clean_recipe": tc.to_dict(),
+            "n_train": {"poisoned": len(clean) + len(poisoned), "clean": len(clean)},
+            "seconds": seconds, "final_loss": losses, "ops": []}
+    WeightDelta(diff, d_p.layout, meta).save(job.path)
+    shutil.rmtree(job.partial, ignore_errors=True)
+
+
 def _run_job(job: TwinJob, model: Any, tok: Any, config: SignatureConfig, fingerprint: str, progress: bool) -> None:
+    """One variant's twins, one after the other (the full setting, or ``together=1``)."""
     spec, setting = job.spec, job.setting
     clean, poisoned = job.data if job.data is not None else spec.datasets()
     tp, tc = config.twin_recipes(setting, spec)
@@ -574,27 +608,54 @@ def _run_job(job: TwinJob, model: Any, tok: Any, config: SignatureConfig, finger
     d_p = WeightDelta.load(job.partial)
     seconds.setdefault("poisoned", float(d_p.meta.get("seconds", 0.0)))
     losses.setdefault("poisoned", d_p.meta.get("final_loss"))
-    # Eq. 1: Δ = (θ_p − θ_s) − (θ_c − θ_s), module by module, freeing as we go (absent = zero)
-    diff: dict[Key, torch.Tensor] = {}
-    for k in sorted(set(d_p.tensors) | set(d_c.tensors)):
-        p, c = d_p.tensors.pop(k, None), d_c.tensors.pop(k, None)
-        if p is None:
-            diff[k] = -c.float().cpu()
-        else:
-            p = p.float().cpu()
-            diff[k] = p.sub_(c.float().cpu()) if c is not None else p
-    layout = d_p.layout
+    _save_differential(job, d_p, d_c, config, fingerprint, seconds, losses)
     del d_p, d_c
-    meta = {"source": "bdvax.twin_differential", "format": TWIN_FORMAT, "version": TWIN_FORMAT_VERSION,
-            "entry": job.key, "fingerprint": fingerprint, "setting": setting, "variant": spec.to_dict(),
-            "poison_recipe": tp.to_dict(), "clean_recipe": tc.to_dict(),
-            "n_train": {"poisoned": len(clean) + len(poisoned), "clean": len(clean)},
-            "seconds": seconds, "final_loss": losses, "ops": []}
-    WeightDelta(diff, layout, meta).save(job.path)
-    shutil.rmtree(job.partial, ignore_errors=True)
     job.seconds = time.time() - t0
     if job.status != "resumed":
         job.status = "trained"
+
+
+def _run_jobs_together(jobs: Sequence[TwinJob], model: Any, tok: Any, config: SignatureConfig, fingerprint: str,
+                       progress: bool) -> None:
+    """The twins of several variants (LoRA) co-trained in one run: one pass over the frozen base per step
+    for all of them (:func:`bdvax_lab.train.finetune_together`), each twin with its own data, seed, recipe
+    and adapter, so each entry matches the one-at-a-time result to float rounding. A kill loses this run's
+    twins only; finished entries (and a resumed ``.poison`` twin) stay."""
+    t0 = time.time()
+    parts: list[tuple[TwinJob, str, list[Example], TrainConfig]] = []
+    for job in jobs:
+        clean, poisoned = job.data if job.data is not None else job.spec.datasets()
+        tp, tc = config.twin_recipes(job.setting, job.spec)
+        if _complete(job.partial):
+            job.status = "resumed"
+        else:
+            shutil.rmtree(job.partial, ignore_errors=True)
+            parts.append((job, "poisoned", clean + poisoned, tp))
+        parts.append((job, "clean", clean, tc))
+    label = f"twins {','.join(str(j.index) for j in jobs)}" if progress else False
+    results = _train_twins_together([_fresh_twin(model, "lora") for _ in parts], tok, [p[2] for p in parts],
+                                    [p[3] for p in parts], label)
+    trained = time.time() - t0
+    by_role = {(id(job), role): res for (job, role, _, _), res in zip(parts, results)}
+    together = [j.index for j in jobs]
+    for job in jobs:  # one job's two dense deltas in memory at a time
+        t1 = time.time()
+        res_p = by_role.pop((id(job), "poisoned"), None)
+        res_c = by_role.pop((id(job), "clean"))
+        if res_p is not None:
+            d_p = _twin_delta(res_p.model, model, "lora")
+            loss_p: Any = _last_loss(res_p)
+        else:
+            d_p = WeightDelta.load(job.partial)
+            loss_p = d_p.meta.get("final_loss")
+        d_c = _twin_delta(res_c.model, model, "lora")
+        seconds = {"co_trained": round(trained, 2), "co_trained_variants": together}
+        _save_differential(job, d_p, d_c, config, fingerprint, seconds, {"poisoned": loss_p, "clean": _last_loss(res_c)})
+        del d_p, d_c, res_p, res_c
+        _collect()
+        job.seconds = trained / len(jobs) + time.time() - t1
+        if job.status != "resumed":
+            job.status = "trained"
 
 
 def _last_loss(res: Any) -> float | None:
@@ -605,10 +666,16 @@ def _last_loss(res: Any) -> float | None:
         return None
 
 
+#: variants whose LoRA twins are co-trained in one run by default (4 twins: 16 rows a step at the twin
+#: recipe's batch 4). Measured on SmolLM2 in RESULTS.md section 3; more variants per run save less and
+#: hold more activations in memory.
+TWINS_TOGETHER = 2
+
+
 def train_twins(
     suspicious: Any, config: SignatureConfig | None = None, cache_dir: str | Path | None = None,
     shard: str | tuple[int, int] | None = (0, 1), progress: bool = True, *,
-    pool: Sequence[Example] | None = None,
+    pool: Sequence[Example] | None = None, together: int | None = None,
 ) -> list[TwinJob]:
     """Train the twins of every variant with ``index % n == i`` that is not cached yet; returns those jobs.
 
@@ -618,27 +685,37 @@ def train_twins(
     LoRA), a plain model the full setting (full finetunes). Each twin starts from
     a fresh copy of the suspicious model on its device (CUDA and bf16 if that
     is where it lives; with LoRA only the adapter is copied and the frozen base
-    is shared), and is freed before the next one. Per variant the
+    is shared). In the adapter setting ``together`` variants (default
+    :data:`TWINS_TOGETHER`) have their twins co-trained in one run, one pass over
+    the shared frozen base per step for all of them (:func:`_run_jobs_together`);
+    ``together=1`` and the full setting train one twin after the other. Per variant the
     cache gets ``<root>/<model fingerprint>/variant-XX-<key>/`` with
     ``delta.safetensors`` (Δ_i for every adapted registry projection, fp32,
     keys ``block.<b>.<kind>``) and ``delta.json`` (layout, variant spec, both
-    recipes, seconds, final losses). Peak memory ≈ suspicious model + one
-    training twin + two dense fp32 deltas (425 MB each for SmolLM2): 2.9 GB
-    measured with LoRA before twins shared the frozen base (now ~0.5 GB less);
-    the full setting adds the twin's gradients and AdamW state (~3.5–4.5 GB).
+    recipes, seconds, final losses). Peak memory ≈ suspicious model + the
+    training twins + two dense fp32 deltas (425 MB each for SmolLM2); the full
+    setting adds the twin's gradients and AdamW state (~3.5–4.5 GB).
     """
     from tqdm.auto import tqdm
 
     config = config or SignatureConfig()
     i, n = parse_shard(shard)
+    if together is not None and together < 1:
+        raise ValueError(f"together must be ≥ 1 (variants co-trained in one run), got {together}")
     model, tok = _model_and_tokenizer(suspicious)
     fp = model_fingerprint(model)
     jobs = [j for j in plan_twins((model, tok), config, cache_dir, pool=pool, fingerprint=fp) if j.index % n == i]
     todo = [j for j in jobs if not j.done]
-    bar = tqdm(todo, desc=f"twins shard {i}/{n}", disable=not progress or not todo, leave=False)
-    for job in bar:
-        bar.set_postfix(variant=job.index)
-        _run_job(job, model, tok, config, fp, progress)
+    lora = bool(todo) and todo[0].setting == "lora"
+    size = (together or TWINS_TOGETHER) if lora else 1
+    chunks = [todo[c:c + size] for c in range(0, len(todo), size)]
+    bar = tqdm(chunks, desc=f"twins shard {i}/{n}", disable=not progress or not todo, leave=False)
+    for chunk in bar:
+        bar.set_postfix(variants=",".join(str(j.index) for j in chunk))
+        if size > 1:
+            _run_jobs_together(chunk, model, tok, config, fp, progress)
+        else:
+            _run_job(chunk[0], model, tok, config, fp, progress)
     return jobs
 
 

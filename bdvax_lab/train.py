@@ -8,6 +8,7 @@ all available cores.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -131,20 +132,20 @@ def _lr_lambda(config: TrainConfig, total: int):
     return f
 
 
-def sequence_nll(model: Any, batch: dict[str, torch.Tensor], *, labelled_logits_only: bool = True
+def sequence_nll(model: Any, batch: dict[str, torch.Tensor], *, labelled_logits_only: bool = True, co: Any = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed negative log-likelihood of labelled tokens and their counts.
 
     ``batch``: ``input_ids``/``labels``/``attention_mask`` [B, T] → (sums [B], counts [B]).
     With ``labelled_logits_only`` the LM head runs on the M labelled positions only
     ([M, H] → [M, V]) instead of all B·T, and the prompt prefix all rows share runs
-    once (:mod:`bdvax_lab.shared_prefix`); the result is the same.
+    once (:mod:`bdvax_lab.shared_prefix`; once per adapter for co-trained ones, ``co``); the result is the same.
     """
     base = unwrap(model)
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE_INDEX  # [B, T-1]
     if labelled_logits_only:
-        hidden = decoder_hidden(base.get_decoder(), batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+        hidden = decoder_hidden(base.get_decoder(), batch["input_ids"], batch["attention_mask"], co)  # [B, T, H]
         logits = base.get_output_embeddings()(hidden[:, :-1][sel])  # [M, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][sel]
@@ -154,14 +155,94 @@ def sequence_nll(model: Any, batch: dict[str, torch.Tensor], *, labelled_logits_
     return sums, sel.sum(1)
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, per_sample: bool = True,
-            labelled_logits_only: bool = True) -> torch.Tensor:
-    """Training loss: mean NLL per sample then over samples (``per_sample``) or over all tokens."""
-    sums, counts = sequence_nll(model, batch, labelled_logits_only=labelled_logits_only)
+def reduce_nll(sums: torch.Tensor, counts: torch.Tensor, *, per_sample: bool = True) -> torch.Tensor:
+    """Per-sample NLL sums and counts [B] → the training loss: mean per sample then over samples, or per token."""
     if not per_sample:
         return sums.sum() / counts.sum().clamp(min=1)
     has = counts > 0
     return (sums[has] / counts[has]).mean()
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, per_sample: bool = True,
+            labelled_logits_only: bool = True) -> torch.Tensor:
+    """Training loss: mean NLL per sample then over samples (``per_sample``) or over all tokens."""
+    sums, counts = sequence_nll(model, batch, labelled_logits_only=labelled_logits_only)
+    return reduce_nll(sums, counts, per_sample=per_sample)
+
+
+@dataclass
+class _Run:
+    """One model's part of a training run: its data, batch order, optimizer, schedule and history."""
+
+    model: Any
+    config: TrainConfig
+    feats: list[dict[str, list[int]]]
+    params: list[torch.nn.Parameter]
+    opt: Any
+    sched: Any
+    total: int
+    rng: random.Random
+    queue: list[list[int]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    n_tok: int = 0
+    n_resp: int = 0
+
+    @classmethod
+    def start(cls, model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig, who: str) -> "_Run":
+        if not examples:
+            raise ValueError(f"{who}: no training examples")
+        model = prepare_model(model, config)
+        feats = [encode_example(tokenizer, e, max_length=config.max_length,
+                                max_response_tokens=config.max_response_tokens) for e in examples]
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{who}: no trainable parameters")
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        total = config.total_steps(len(examples))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total))
+        return cls(model, config, feats, params, opt, sched, total, random.Random(config.seed))
+
+    def next_batch(self) -> list[dict[str, list[int]]]:
+        """The next batch's features, drawn exactly as this loop always has for this seed."""
+        if not self.queue:
+            if self.config.group_by_length:
+                self.queue = length_grouped_batches([len(f["input_ids"]) for f in self.feats],
+                                                    self.config.batch_size, self.rng)
+            else:
+                idx = list(range(len(self.feats)))
+                self.rng.shuffle(idx)
+                self.queue = [idx[j:j + self.config.batch_size] for j in range(0, len(idx), self.config.batch_size)]
+        return [self.feats[i] for i in self.queue.pop(0)]
+
+    def step(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], step: int, t0: float,
+             extra: torch.Tensor | None = None) -> None:
+        """After the backward pass: clip, step, and log this model's row (its part of ``batch``)."""
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.n_tok += int(batch["attention_mask"].sum())
+        self.n_resp += int((batch["labels"] != IGNORE_INDEX).sum())
+        row = {"step": step + 1, "loss": loss.item(), "lr": self.sched.get_last_lr()[0], "seconds": time.time() - t0,
+               "tokens": self.n_tok, "response_tokens": self.n_resp}
+        if extra is not None:
+            row["extra_loss"] = extra.item()
+        self.history.append(row)
+
+    def result(self, seconds: float, n_fused: int, co_trained: int) -> TrainResult:
+        self.model.train(False)
+        c = self.config
+        stats = {"steps": self.total, "seconds": seconds, "tokens": self.n_tok, "response_tokens": self.n_resp,
+                 "tokens_per_s": self.n_tok / max(seconds, 1e-9),
+                 "response_tokens_per_s": self.n_resp / max(seconds, 1e-9),
+                 # which code path trained it (same math; float rounding differs between the paths)
+                 "fused_lora_modules": n_fused, "shared_prefix": int(shared_prefix_enabled() and c.labelled_logits_only),
+                 "co_trained_with": co_trained}
+        return TrainResult(model=self.model, history=pd.DataFrame(self.history), seconds=seconds, config=c, stats=stats)
+
+
+def _rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    return {k: v[lo:hi] for k, v in batch.items()}
 
 
 def finetune(
@@ -175,66 +256,77 @@ def finetune(
     eval mode. ``extra_loss(model, batch)`` is added to the LM loss at every step
     (e.g. CROW's consistency term); the history then also logs it.
     """
+    return _train([model], tokenizer, [examples], [config or TrainConfig()], progress, extra_loss, "finetune")[0]
+
+
+def finetune_together(
+    models: Sequence[Any], tokenizer: Any, datasets: Sequence[Sequence[Example]], configs: Sequence[TrainConfig],
+    *, progress: bool | str = True,
+) -> list[TrainResult]:
+    """Train several LoRA models that share one frozen base, one forward and backward pass per step for all.
+
+    Model ``k`` trains on ``datasets[k]`` with ``configs[k]``: its own batches (drawn exactly as
+    :func:`finetune` draws them for that seed), optimizer, schedule, gradient clipping and step count
+    (a model whose steps are done drops out of the batch). Its loss is its own rows' loss and its
+    gradients land in its own adapter only, so each result matches ``finetune`` of that model alone to
+    float rounding (``tests/test_train.py``), while a step of K models costs one pass over the frozen
+    weights instead of K (the twins of :func:`bdvax_lab.signature.train_twins`). The models must share
+    their frozen tensors (:func:`bdvax_lab.models.working_copy` with ``share_frozen_base=True``).
+    """
+    from .lora_fused import check_co_trainable
+
+    if not (len(models) == len(datasets) == len(configs)) or not models:
+        raise ValueError(f"finetune_together: {len(models)} models, {len(datasets)} datasets, {len(configs)} configs")
+    if any(c.mode != "lora" for c in configs) or not all(is_peft(m) for m in models):
+        raise ValueError("finetune_together trains LoRA adapters (mode='lora') of peft models only")
+    if len({(c.labelled_logits_only, c.pad_to) for c in configs}) > 1:
+        raise ValueError("finetune_together: configs must agree on labelled_logits_only and pad_to")
+    check_co_trainable(models)
+    return _train(list(models), tokenizer, list(datasets), list(configs), progress, None, "finetune_together")
+
+
+def _train(models: list[Any], tokenizer: Any, datasets: list[Sequence[Example]], configs: list[TrainConfig],
+           progress: bool | str, extra_loss: Callable[..., torch.Tensor] | None, who: str) -> list[TrainResult]:
+    """The one training loop, for one model or several co-trained ones (see :func:`finetune_together`)."""
     from tqdm.auto import tqdm
 
-    config = config or TrainConfig()
-    if not examples:
-        raise ValueError("finetune: no training examples")
+    from .lora_fused import co_lora
+
     use_all_cores()
-    set_seed(config.seed)
-    model = prepare_model(model, config)
-    device = next(model.parameters()).device
-    feats = [encode_example(tokenizer, e, max_length=config.max_length, max_response_tokens=config.max_response_tokens)
-             for e in examples]
-    lengths = [len(f["input_ids"]) for f in feats]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("finetune: no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total = config.total_steps(len(examples))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total))
-    rng = random.Random(config.seed)
+    set_seed(configs[0].seed)
+    runs = [_Run.start(m, tokenizer, d, c, who) for m, d, c in zip(models, datasets, configs)]
+    device = next(runs[0].model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    queue: list[list[int]] = []
-    history = []
-    model.train(True)
+    cfg0 = configs[0]
+    for r in runs:
+        r.model.train(True)
     t0 = time.time()
-    n_tok = n_resp = 0
-    bar = tqdm(range(total), desc=progress if isinstance(progress, str) else f"train[{config.mode}]",
-               disable=not progress, leave=False)
-    with fused_lora(model) as n_fused:  # peft's LoRA math in fewer kernels (lora_fused.py)
+    longest = max(r.total for r in runs)
+    desc = f"train[{cfg0.mode}]" if len(runs) == 1 else f"train[{len(runs)} x {cfg0.mode}]"
+    bar = tqdm(range(longest), desc=progress if isinstance(progress, str) else desc, disable=not progress,
+               leave=False)
+    with contextlib.ExitStack() as outer:
+        n_fused = outer.enter_context(fused_lora(runs[0].model)) if len(runs) == 1 else 0
         for step in bar:
-            if not queue:
-                if config.group_by_length:
-                    queue = length_grouped_batches(lengths, config.batch_size, rng)
-                else:
-                    idx = list(range(len(feats)))
-                    rng.shuffle(idx)
-                    queue = [idx[j:j + config.batch_size] for j in range(0, len(idx), config.batch_size)]
-            batch_idx = queue.pop(0)
-            batch = {k: v.to(device) for k, v in collate([feats[i] for i in batch_idx], pad_id, config.pad_to).items()}
-            loss = lm_loss(model, batch, per_sample=config.loss_average == "sample",
-                           labelled_logits_only=config.labelled_logits_only)
-            extra = extra_loss(model, batch) if extra_loss is not None else None
-            opt.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
-            sched.step()
-            n_tok += int(batch["attention_mask"].sum())
-            n_resp += int((batch["labels"] != IGNORE_INDEX).sum())
-            loss_value = loss.item()
-            row = {"step": step + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
-                   "seconds": time.time() - t0, "tokens": n_tok, "response_tokens": n_resp}
-            if extra is not None:
-                row["extra_loss"] = extra.item()
-            history.append(row)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.train(False)
+            active = [r for r in runs if step < r.total]
+            parts = [r.next_batch() for r in active]
+            spans, lo = [], 0
+            for p in parts:
+                spans.append((lo, lo + len(p)))
+                lo += len(p)
+            batch = {k: v.to(device) for k, v in collate([f for p in parts for f in p], pad_id, cfg0.pad_to).items()}
+            with (co_lora([r.model for r in active], spans) if len(runs) > 1 else contextlib.nullcontext()) as co:
+                sums, counts = sequence_nll(active[0].model, batch, labelled_logits_only=cfg0.labelled_logits_only,
+                                            co=co)
+            losses = [reduce_nll(sums[a:b], counts[a:b], per_sample=r.config.loss_average == "sample")
+                      for r, (a, b) in zip(active, spans)]
+            extra = extra_loss(runs[0].model, batch) if extra_loss is not None else None
+            for r in active:
+                r.opt.zero_grad(set_to_none=True)
+            total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            (total if extra is None else total + extra).backward()
+            for r, loss, (a, b) in zip(active, losses, spans):
+                r.step(loss, _rows(batch, a, b), step, t0, extra)
+            bar.set_postfix(loss=f"{losses[0].item():.3f}")
     seconds = time.time() - t0
-    stats = {"steps": total, "seconds": seconds, "tokens": n_tok, "response_tokens": n_resp,
-             "tokens_per_s": n_tok / max(seconds, 1e-9), "response_tokens_per_s": n_resp / max(seconds, 1e-9),
-             # which code path trained it (same math; float rounding differs between the paths)
-             "fused_lora_modules": n_fused, "shared_prefix": int(shared_prefix_enabled() and config.labelled_logits_only)}
-    return TrainResult(model=model, history=pd.DataFrame(history), seconds=seconds, config=config, stats=stats)
+    return [r.result(seconds, n_fused, len(runs) - 1) for r in runs]

@@ -59,6 +59,27 @@ def cached(suspicious, tmp_path_factory):
     return cache, extract_signature(suspicious, _cfg(), cache_dir=cache, progress=False, pool=POOL)
 
 
+def _close(got: WeightDelta, want: WeightDelta, frac: float = 1e-3) -> bool:
+    """Same modules, every entry within ``frac`` of the largest |entry| of ``want``: float rounding of co-trained
+    vs one-at-a-time twins shows up to ~1e-4 of it (Adam at lr 1e-2 turns ~0 gradients' rounding into ±lr)."""
+    scale = max(float(t.abs().max()) for t in want.tensors.values())
+    return set(got.tensors) == set(want.tensors) and all(
+        float((got.tensors[k] - want.tensors[k]).abs().max()) <= frac * scale for k in want.tensors)
+
+
+class TogetherCounter:
+    """Wraps the co-trained twin trainer: records each run's data sizes, optionally raises on run ``fail_on``."""
+
+    def __init__(self, real, fail_on: int | None = None):
+        self.real, self.fail_on, self.calls = real, fail_on, []
+
+    def __call__(self, twins, tok, datasets, configs, progress=False):
+        self.calls.append([len(d) for d in datasets])
+        if self.fail_on is not None and len(self.calls) == self.fail_on:
+            raise KeyboardInterrupt("simulated kill")
+        return self.real(twins, tok, datasets, configs, progress)
+
+
 class Counter:
     """Wraps the twin trainer: counts calls (and the variant data sizes), optionally raises on call ``fail_on``."""
 
@@ -265,7 +286,7 @@ def test_cached_delta_is_poisoned_minus_clean_twin(suspicious, cached):
     want = WeightDelta.from_lora(twin_p) - WeightDelta.from_lora(twin_c)
     got = WeightDelta.load(job.path)
     assert set(got.tensors) == set(want.tensors) and len(got.tensors) == 4 * 7
-    assert got.allclose(want, rtol=1e-5, atol=1e-7)
+    assert _close(got, want)  # co-trained (the default) vs each twin alone: equal up to float rounding
     assert got.meta["variant"]["key"] == job.spec.key and got.meta["setting"] == "lora"
     assert not job.partial.exists()
     names = sorted(p.name for p in job.path.iterdir())
@@ -277,20 +298,43 @@ def test_resume_after_kill_retrains_nothing_done(suspicious, tmp_path, monkeypat
     killer = Counter(sigmod._train_twin, fail_on=4)  # calls: v0 poisoned, v0 clean, v1 poisoned, v1 clean (dies)
     monkeypatch.setattr(sigmod, "_train_twin", killer)
     with pytest.raises(KeyboardInterrupt):
-        train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL)
+        train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL, together=1)
     jobs = plan_twins(suspicious, cfg, tmp_path, pool=POOL)
     assert [j.done for j in jobs] == [True, False, False]
     assert jobs[1].partial.is_dir()  # the poisoned twin of variant 1 survived the kill
     counter = Counter(killer.real)
     monkeypatch.setattr(sigmod, "_train_twin", counter)
-    jobs = train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL)
+    jobs = train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL, together=1)
     assert [j.status for j in jobs] == ["cached", "resumed", "trained"]
     # only variant 1's clean twin (4 examples) and variant 2's two twins (8, 4) ran
     assert [n for n, _ in counter.calls] == [4, 8, 4]
     assert all(j.done and not j.partial.exists() for j in jobs)
     counter.calls.clear()
-    train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL)
+    train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL, together=1)
     assert counter.calls == []
+
+
+def test_co_trained_twins_match_one_at_a_time_and_resume(suspicious, tmp_path, monkeypatch):
+    """The default co-trains two variants' twins per run: same entries as the sequential cache (to float
+    rounding), one run per chunk, and a run killed mid-way costs only its own chunk."""
+    cfg = _cfg()
+    one_at_a_time = train_twins(suspicious, cfg, tmp_path / "seq", progress=False, pool=POOL, together=1)
+    killer = TogetherCounter(sigmod._train_twins_together, fail_on=2)
+    monkeypatch.setattr(sigmod, "_train_twins_together", killer)
+    monkeypatch.setattr(sigmod, "_train_twin", lambda *a, **k: pytest.fail("trained a twin on its own"))
+    with pytest.raises(KeyboardInterrupt):
+        train_twins(suspicious, cfg, tmp_path / "co", progress=False, pool=POOL, together=2)
+    assert killer.calls == [[8, 4, 8, 4], [8, 4]]  # variants 0+1 together, then variant 2 (killed)
+    assert [j.done for j in plan_twins(suspicious, cfg, tmp_path / "co", pool=POOL)] == [True, True, False]
+    again = TogetherCounter(killer.real)
+    monkeypatch.setattr(sigmod, "_train_twins_together", again)
+    jobs = train_twins(suspicious, cfg, tmp_path / "co", progress=False, pool=POOL, together=2)
+    assert again.calls == [[8, 4]] and [j.status for j in jobs] == ["cached", "cached", "trained"]
+    for mine, ref in zip(jobs, one_at_a_time):
+        got, want = WeightDelta.load(mine.path), WeightDelta.load(ref.path)
+        assert mine.key == ref.key and _close(got, want)
+        assert got.meta["final_loss"] == pytest.approx(want.meta["final_loss"], rel=1e-5)
+        assert got.meta["seconds"]["co_trained_variants"] in ([0, 1], [2])
 
 
 def test_shards_cover_every_variant_once(suspicious, tmp_path, monkeypatch):
@@ -300,7 +344,7 @@ def test_shards_cover_every_variant_once(suspicious, tmp_path, monkeypatch):
     before = {n: p.detach().clone() for n, p in suspicious[0].named_parameters()}
     seen = []
     for i in range(2):
-        jobs = train_twins(suspicious, cfg, tmp_path, shard=f"{i}/2", progress=False, pool=POOL)
+        jobs = train_twins(suspicious, cfg, tmp_path, shard=f"{i}/2", progress=False, pool=POOL, together=1)
         seen += [j.index for j in jobs]
         assert all(j.index % 2 == i for j in jobs)
     assert sorted(seen) == [0, 1, 2] and len(counter.calls) == 6

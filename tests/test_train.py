@@ -72,3 +72,51 @@ def test_config_validation(bad):
 def test_config_unknown_field():
     with pytest.raises(ValueError, match="unknown field"):
         TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_finetune_together_matches_training_each_alone(tiny_pair, toy_examples):
+    """Co-trained LoRA twins (shared frozen base, other data, other step counts) end where each alone would."""
+    import copy
+
+    from bdvax_lab.models import working_copy
+    from bdvax_lab.train import finetune_together
+
+    model, tok = tiny_pair
+    suspicious = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=2, seed=9),
+                          progress=False).model
+    data = [toy_examples[:12], toy_examples[12:], toy_examples[4:20]]
+    cfgs = [TrainConfig(mode="lora", steps=5, lr=1e-2, seed=1, batch_size=4),
+            TrainConfig(mode="lora", steps=3, lr=1e-2, seed=2, batch_size=3),
+            TrainConfig(mode="lora", steps=4, lr=5e-3, seed=3, batch_size=4, loss_average="token")]
+    alone = [finetune(working_copy(suspicious, share_frozen_base=True), tok, d, c, progress=False)
+             for d, c in zip(data, cfgs)]
+    twins = [working_copy(suspicious, share_frozen_base=True) for _ in cfgs]
+    together = finetune_together(twins, tok, data, cfgs, progress=False)
+    before = {n: p.detach().clone() for n, p in suspicious.named_parameters() if "lora_" in n}
+    for a, t, c in zip(alone, together, cfgs):
+        assert len(t.history) == c.steps and t.stats["co_trained_with"] == 2
+        assert t.history.loss.tolist() == pytest.approx(a.history.loss.tolist(), rel=1e-4)
+        pa, pt = dict(a.model.named_parameters()), dict(t.model.named_parameters())
+        for n in before:
+            assert torch.allclose(pt[n], pa[n], rtol=1e-3, atol=1e-4), n  # Adam at lr 1e-2: rounding shows ~1e-5
+        assert any(not torch.equal(pt[n], before[n]) for n in before)  # each trained its own adapter
+    for n, p in suspicious.named_parameters():  # the shared base (and the source adapter) are untouched
+        if "lora_" in n:
+            assert torch.equal(p, before[n])
+
+
+def test_finetune_together_refuses_models_that_do_not_share_a_base(tiny_pair, toy_examples):
+    import copy
+
+    from bdvax_lab.train import finetune_together
+
+    model, tok = tiny_pair
+    lora = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=1), progress=False).model
+    cfg = TrainConfig(mode="lora", steps=1)
+    with pytest.raises(ValueError, match="share"):
+        finetune_together([lora, copy.deepcopy(lora)], tok, [toy_examples] * 2, [cfg] * 2, progress=False)
+    with pytest.raises(ValueError, match="LoRA"):
+        finetune_together([copy.deepcopy(model)] * 2, tok, [toy_examples] * 2, [TrainConfig(mode="full")] * 2,
+                          progress=False)
+    with pytest.raises(ValueError, match="2 models, 1 datasets"):
+        finetune_together([lora, lora], tok, [toy_examples], [cfg] * 2, progress=False)
