@@ -41,14 +41,18 @@ Twin budget (adapter setting, SmolLM2-135M on the 2-core CPU)
 Measured (ENVIRONMENT-NOTES): a LoRA step at batch 4 with responses ≤ 16 tokens
 takes ~1.1 s. Defaults: 40 clean examples per variant, 50 % poisoning (so the
 poisoned twin sees 80 examples), poisoned twin 60 steps (3 epochs), clean twin
-30 steps (the same 3 epochs over ``D_c``): 90 steps ≈ 100 s per variant, so
-N = 6 costs ≈ 10 min of the 20-minute pipeline budget, leaving ≈ 5 min for the
-paper's repair (200 samples × 5 epochs / batch 4 = 250 steps) and evaluation.
+30 steps (the same 3 epochs over ``D_c``): 90 steps ≈ 100 s per variant one
+twin at a time, so N = 6 costs ≈ 10 min of the 20-minute pipeline budget.
 The attack's 120-step recipe for both twins would cost 6 × 240 × 1.1 s ≈ 26 min.
 This 60/30 budget is what gave a signal on SmolLM2 (ENVIRONMENT-NOTES, N = 3).
+In the adapter setting :func:`train_twins` can co-train the twins of several
+variants in one run (``together``: one pass over the shared frozen base per
+step, the template's common head once per twin); on this CPU that is no faster
+(:data:`TWINS_TOGETHER`), so the default trains one twin after the other.
 The full setting uses the same step counts with the full-finetune attack lr
-(5e-5); a full step at batch 4 should cost ~1.5–2 s (5.3 s measured at batch 8
-with long responses), i.e. ≈ 15–18 min for N = 6 — TODO: measure on a real run.
+(5e-5), one twin after the other (each twin owns all its weights): 1100 s for
+N = 6 on a 1.08× day (``benchmarks/pipeline.py --setting full --task sentiment``,
+2026-12-02).
 """
 from __future__ import annotations
 
@@ -666,10 +670,13 @@ def _last_loss(res: Any) -> float | None:
         return None
 
 
-#: variants whose LoRA twins are co-trained in one run by default (4 twins: 16 rows a step at the twin
-#: recipe's batch 4). Measured on SmolLM2 in RESULTS.md section 3; more variants per run save less and
-#: hold more activations in memory.
-TWINS_TOGETHER = 2
+#: variants whose LoRA twins are co-trained in one run by default. 1 (one twin after the other): on the
+#: 2-core CPU co-training does not pay, because a step's cost grows with its token positions and not with
+#: its passes (2026-12-03, SmolLM2, 4 twins × 10 steps: 43.7 s one at a time, 42.0 s co-trained; the N = 6
+#: pipeline's twins 514 s co-trained by twos at 0.99× the reference speed against 648 s one at a time at
+#: 1.12×, and peak RSS 4.71 GB against 2.82 GB). Where a batch-4 step leaves the device idle (a GPU),
+#: ``together`` > 1 is the lever; not measured here.
+TWINS_TOGETHER = 1
 
 
 def train_twins(
@@ -685,10 +692,11 @@ def train_twins(
     LoRA), a plain model the full setting (full finetunes). Each twin starts from
     a fresh copy of the suspicious model on its device (CUDA and bf16 if that
     is where it lives; with LoRA only the adapter is copied and the frozen base
-    is shared). In the adapter setting ``together`` variants (default
-    :data:`TWINS_TOGETHER`) have their twins co-trained in one run, one pass over
-    the shared frozen base per step for all of them (:func:`_run_jobs_together`);
-    ``together=1`` and the full setting train one twin after the other. Per variant the
+    is shared). In the adapter setting ``together`` > 1 variants have their twins
+    co-trained in one run, one pass over the shared frozen base per step for all
+    of them (:func:`_run_jobs_together`); ``together=1`` (the default,
+    :data:`TWINS_TOGETHER`, see why there) and the full setting train one twin
+    after the other. Per variant the
     cache gets ``<root>/<model fingerprint>/variant-XX-<key>/`` with
     ``delta.safetensors`` (Δ_i for every adapted registry projection, fp32,
     keys ``block.<b>.<kind>``) and ``delta.json`` (layout, variant spec, both
