@@ -94,7 +94,8 @@ def test_finetune_ends_at_the_same_weights(tiny_pair, toy_examples, monkeypatch)
     assert any(p.abs().sum() > 0 for n, p in ps.items() if "lora_B" in n)  # it trained (B starts at zero)
 
 
-def test_too_small_a_saving_takes_the_plain_pass(tiny_pair, monkeypatch):
+def test_one_model_packs_its_rows_into_one_pass(tiny_pair, monkeypatch):
+    """One decoder call over the prefix once plus each row's own tokens (no padding); off: the plain call."""
     model, tok = tiny_pair
     b = _batch(tok)
     dec = unwrap(model).get_decoder()
@@ -103,10 +104,10 @@ def test_too_small_a_saving_takes_the_plain_pass(tiny_pair, monkeypatch):
     try:
         with torch.no_grad():
             decoder_hidden(dec, b["input_ids"], b["attention_mask"])
-            assert len(calls) == 2  # shared: the prefix once, then the rest
-            p = shared_prefix_length(b["input_ids"], b["attention_mask"])
-            monkeypatch.setattr("bdvax_lab.shared_prefix.MIN_SAVED_POSITIONS", 3 * p + 1)
+            monkeypatch.setenv("BDVAX_SHARED_PREFIX", "0")
             decoder_hidden(dec, b["input_ids"], b["attention_mask"])
     finally:
         hook.remove()
-    assert len(calls) == 3 and calls[-1] == b["input_ids"].shape
+    p = shared_prefix_length(b["input_ids"], b["attention_mask"])
+    packed = p + int(b["attention_mask"].sum()) - len(RAGGED) * p
+    assert calls == [torch.Size([1, packed]), b["input_ids"].shape]
