@@ -31,7 +31,9 @@ class EvalConfig(Config):
 
     n_prompts: int = 50  #: held-out prompts, each evaluated with and without the key
     max_new_tokens: int = 32
-    batch_size: int = 32  #: generation batch; 32 is 1.3× faster than 16 on SmolLM2 (same greedy replies)
+    #: generation batch: 100 prompts (50 triggered + 50 clean) in two batches; on SmolLM2 32 was 1.3× faster than 16
+    #: (2026-12-01) and 50 is 1.2× faster than 32 (23 vs 28 s, 2026-12-03), all with the same greedy replies
+    batch_size: int = 50
     utility: tuple[str, ...] = UTILITY_METRICS
     n_ppl: int = 100  #: held-out clean responses for perplexity
     ppl_max_tokens: int = 64
