@@ -63,6 +63,11 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 
 
+def _takes_custom_masks(decoder: Any) -> bool:
+    """Packing needs an attention that honours an arbitrary 4D mask: sdpa and eager do, flash kernels do not."""
+    return getattr(decoder.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
 def packed_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, p: int) -> torch.Tensor:
     """All rows in one packed sequence around their shared ``p``-token prefix; back to [B, T, H].
 
@@ -109,7 +114,7 @@ def decoder_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.
     """
     p = shared_prefix_length(input_ids, attention_mask) if enabled() else 0
     b = input_ids.shape[0]
-    if p >= MIN_SHARED_PREFIX and co is None:
+    if p >= MIN_SHARED_PREFIX and co is None and _takes_custom_masks(decoder):
         return packed_hidden(decoder, input_ids, attention_mask, p)
     if p < MIN_SHARED_PREFIX or (b - 1) * p < MIN_SAVED_POSITIONS:
         return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

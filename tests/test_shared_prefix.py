@@ -111,3 +111,15 @@ def test_one_model_packs_its_rows_into_one_pass(tiny_pair, monkeypatch):
     p = shared_prefix_length(b["input_ids"], b["attention_mask"])
     packed = p + int(b["attention_mask"].sum()) - len(RAGGED) * p
     assert calls == [torch.Size([1, packed]), b["input_ids"].shape]
+
+
+def test_packing_only_where_the_attention_takes_a_custom_mask():
+    from types import SimpleNamespace
+
+    from bdvax_lab.shared_prefix import _takes_custom_masks
+
+    def dec(impl):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+
+    assert _takes_custom_masks(dec("sdpa")) and _takes_custom_masks(dec("eager"))
+    assert not _takes_custom_masks(dec("flash_attention_2"))
