@@ -118,13 +118,10 @@ def fused_lora(model: Any) -> Iterator[int]:
     LoRA layers passes through untouched (yields 0).
     """
     try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
+        layers = _lora_linears(model) if enabled() else {}
     except ImportError:  # peft missing: nothing to fuse
-        LoraLinear = None
-    if LoraLinear is None or not enabled():
-        yield 0
-        return
-    patched = [m for m in model.modules() if isinstance(m, LoraLinear) and not getattr(m, _FUSED_ATTR, False)]
+        layers = {}
+    patched = [m for m in layers.values() if not getattr(m, _FUSED_ATTR, False)]
     for m in patched:
         m.forward = types.MethodType(_fused_forward, m)
         setattr(m, _FUSED_ATTR, True)
