@@ -39,6 +39,13 @@ def keep_twins(tmp_cache: Path) -> int:
     return moved
 
 
+def run_tag(ns: argparse.Namespace) -> str:
+    """The file-name suffix naming every non-default knob, so a variant run never overwrites the default one."""
+    parts = [f"-heads{ns.heads}" if ns.heads else "", f"-N{ns.n_variants}" if ns.n_variants != 6 else "",
+             f"-rho{ns.rho:g}" if ns.rho is not None else "", f"-twin{ns.twin_steps}" if ns.twin_steps else ""]
+    return "".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="refusal")
@@ -52,7 +59,7 @@ def main() -> None:
     ap.add_argument("--twin-steps", type=int, help="poisoned-twin steps (default: the twin recipe's 60)")
     ap.add_argument("--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "pipeline"))
-    ap.add_argument("--json", help="default: results/pipeline-<attack>-<task>-<setting>.json")
+    ap.add_argument("--json", help="default: results/pipeline-<attack>-<task>-<setting>[-<non-default knobs>].json")
     ns = ap.parse_args()
 
     import pandas as pd
@@ -66,7 +73,7 @@ def main() -> None:
 
     speed = measure_in_subprocess()  # before anything else, in a child process: today's speed of this machine
     rho = ns.rho if ns.rho is not None else (DEMO_RHO if ns.setting == "lora" else None)
-    tag = f"-heads{ns.heads}" if ns.heads else ""
+    tag = run_tag(ns)
     ns.json = ns.json or str(ROOT / "results" / f"pipeline-{ns.attack}-{ns.task}-{ns.setting}{tag}.json")
     t0 = time.time()
     sus_dir = Path(ns.suspicious or suspicious_dir(ROOT / "runs", ns.attack, ns.task, ns.setting))
