@@ -154,12 +154,27 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
         ".map(e => e.getAttribute('data-status') || e.textContent).join(' ')") or driver.execute_script(
         "return document.querySelector('[data-status=\"idle\"]') !== null"), 120, "the kernel to start")
 
-    # Run → Run All Cells, as a person would.
-    run_menu = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
-                              if e.text.strip() == "Run"], 30, "the Run menu")[0]
-    run_menu.click()
-    _wait(lambda: driver.find_element(By.CSS_SELECTOR, 'li.lm-Menu-item[data-command="runmenu:run-all"]'),
-          10, "Run All Cells").click()
+    def run_all():  # Run → Run All Cells, as a person would.
+        run_menu = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
+                                  if e.text.strip() == "Run"], 30, "the Run menu")[0]
+        run_menu.click()
+        _wait(lambda: driver.find_element(By.CSS_SELECTOR, 'li.lm-Menu-item[data-command="runmenu:run-all"]'),
+              10, "Run All Cells").click()
+
+    def accept_kernel_dialog() -> bool:
+        """Accept JupyterLab's "Select Kernel" dialog (the preselected kernel) if it popped up; True if it did.
+
+        It appears now and then after the kernel is already idle (seen in CI on 2026-12-04) and, being modal,
+        swallows the Run All click, so the caller runs all cells again.
+        """
+        buttons = driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+        if not buttons or "Select Kernel" not in driver.find_element(By.CSS_SELECTOR, ".jp-Dialog").text:
+            return False
+        buttons[0].click()
+        return True
+
+    accept_kernel_dialog()
+    run_all()
 
     def finished():
         prompts = driver.execute_script(  # textContent: cells scrolled out of view have no visible .text
@@ -175,6 +190,8 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
         while not finished():
             if time.time() > deadline:
                 raise AssertionError("the notebook did not finish running in the browser")
+            if accept_kernel_dialog():
+                run_all()
             time.sleep(1)
     except AssertionError:
         driver.save_screenshot(str(shots / "timeout.png"))
