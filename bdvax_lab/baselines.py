@@ -45,18 +45,26 @@ The baselines
     (Sun et al., 2023): Wanda scores weight ``W_ij`` by ``|W_ij|·‖X_j‖₂``, with
     ``‖X_j‖₂`` the L2 norm of input feature ``j`` over every (non-padding) token
     of the calibration data. A channel's score is the *sum of the Wanda scores of
-    its weights*:
+    its weights*, in one of two ways (``FinePruneConfig.score``):
 
-    * gate/up row ``j`` (input = the block's post-attention hidden ``x``):
-      ``S_j = Σ_k |W_jk|·‖x_k‖₂``;
-    * down column ``j`` (input = the intermediate activation ``a``):
-      ``S_j = ‖a_j‖₂·Σ_i |W_ij|`` — the activation norm of channel ``j`` times the
-      column's L1 weight mass.
+    * ``"channel"`` (default): every MLP channel ``j`` of a block gets the score
+      of its down-projection column, ``S_j = ‖a_j‖₂·Σ_i |W_down[i, j]|`` — the
+      norm of the channel's activation ``a_j = SiLU(g_j)·u_j`` on clean tokens
+      times the L1 mass it writes to the residual stream, i.e. how much the
+      channel contributes on clean data. gate, up and down then select the same
+      lowest channels, so a dormant channel is pruned whole.
+    * ``"module"``: each projection scored on its own input, gate/up row ``j``
+      ``S_j = Σ_k |W_jk|·‖x_k‖₂`` (``x`` = the block's post-attention hidden),
+      down column ``j`` as above. Kept for comparison: a gate/up row's input-side
+      score does not say whether the channel is dormant, and on SmolLM2 zeroing
+      the lowest 3 % of gate rows by it raises the base model's perplexity from
+      2.46 to 182 (down columns by theirs: 2.72; measured 2026-12-05).
 
     Activation norms are collected with forward pre-hooks on the suspicious model
     over the repair's clean examples (the same ones, encoded the same way). The
     lowest-scoring channels are pruned with the same structure and counts as
-    ``magnitude_prune``. Adapter setting: activations are out of reach under that
+    ``magnitude_prune`` (per module; with ``"channel"`` the block's three modules
+    pick the same channels, which then stay zero through the repair). Adapter setting: activations are out of reach under that
     threat model, and the paper uses *random sampling* (§5.1): a seeded
     :func:`~bdvax_lab.signature.random_selection` with the same counts, zeroed in
     the adapter. Then the same repair. (A public BD-VAX codebase,
@@ -158,6 +166,8 @@ Key = tuple[int, str]
 #: (pruning; only for methods that have one and then finetune), and the final model.
 STAGES = ("suspicious", "intervened", "defended")
 SCOPES = ("module", "global")
+#: fine-pruning scores in the full setting: one per channel (its down column) or one per projection
+FINE_PRUNE_SCORES = ("channel", "module")
 #: CROW's published learning rate(s) by setting (adapter only; see the module docstring for the source).
 CROW_PUBLISHED_LR: dict[str, float] = {"lora": 1e-3}
 CROW_LR_CHOICES = ("standard", "published")
@@ -218,12 +228,21 @@ class FinePruneConfig(PruneConfig):
     ``n_calib`` clean examples for the activation norms (None = the repair's
     ``n_samples``, i.e. the same examples the repair trains on);
     ``calib_batch_size`` for those forward passes; ``seed`` for the adapter
-    setting's random selection.
+    setting's random selection. ``score`` (full setting): "channel" (default;
+    a channel's down-projection Wanda score, shared by its gate/up/down so a
+    dormant channel is pruned whole) or "module" (each projection scored on its
+    own input; see the module docstring).
     """
 
     n_calib: int | None = None
     calib_batch_size: int = 8
     seed: int = 0
+    score: str = "channel"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score not in FINE_PRUNE_SCORES:
+            raise ValueError(f"FinePruneConfig.score={self.score!r}; choose one of {FINE_PRUNE_SCORES}")
 
 
 @dataclass
@@ -544,18 +563,30 @@ def collect_input_norms(model: Any, tokenizer: Any, examples: Sequence[Example],
     return {k: v.sqrt() for k, v in sums.items()}
 
 
-def wanda_scores(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
-                 max_length: int = 256, max_response_tokens: int | None = 32) -> dict[Key, torch.Tensor]:
-    """Wanda channel scores of every MLP module of a plain model on clean examples (low = dormant)."""
+def wanda_scores(model: Any, tokenizer: Any, examples: Sequence[Example], *, score: str = "channel",
+                 batch_size: int = 8, max_length: int = 256, max_response_tokens: int | None = 32
+                 ) -> dict[Key, torch.Tensor]:
+    """Wanda channel scores [d_ff] of every (block, MLP kind) of a plain model on clean examples (low = dormant).
+
+    ``score="channel"``: one score per channel, its down column's
+    ``‖a_j‖₂·Σ_i |W_down[i, j]|``, repeated under the block's gate/up/down keys.
+    ``score="module"``: each projection scored on its own input (see the module docstring).
+    """
+    if score not in FINE_PRUNE_SCORES:
+        raise ValueError(f"wanda_scores: score={score!r}; choose one of {FINE_PRUNE_SCORES}")
     if detect_setting(model) == "lora":
         raise TypeError("wanda_scores needs the full-model setting (activations); the adapter setting "
                         "uses random sampling (paper §5.1)")
-    norms = collect_input_norms(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                                max_response_tokens=max_response_tokens)
+    kinds = ("down",) if score == "channel" else MLP_KINDS
+    norms = collect_input_norms(model, tokenizer, examples, kinds=kinds, batch_size=batch_size,
+                                max_length=max_length, max_response_tokens=max_response_tokens)
     layout = layout_of(model)
     hf = unwrap(model)
-    return {(b, k): wanda_channel_scores(hf.get_submodule(name).weight, norms[(b, k)], k)
-            for b, k, name in layout.iter_modules(kinds=MLP_KINDS)}
+    per_module = {(b, k): wanda_channel_scores(hf.get_submodule(name).weight, norms[(b, k)], k)
+                  for b, k, name in layout.iter_modules(kinds=kinds)}
+    if score == "module":
+        return per_module
+    return {(b, k): per_module[(b, "down")] for b in range(layout.n_blocks) for k in MLP_KINDS}
 
 
 def fine_prune(suspicious_model: Any, tokenizer: Any, clean_data: Sequence[Example] | None = None,
@@ -571,10 +602,13 @@ def fine_prune(suspicious_model: Any, tokenizer: Any, clean_data: Sequence[Examp
     if setting == "full":
         n_calib = cfg.n_calib if cfg.n_calib is not None else cfg.repair.n_samples
         calib = _clean_examples(clean_data, n_calib)
-        scores = wanda_scores(model, tokenizer, calib, batch_size=cfg.calib_batch_size,
+        scores = wanda_scores(model, tokenizer, calib, score=cfg.score, batch_size=cfg.calib_batch_size,
                               max_length=cfg.repair.max_length, max_response_tokens=cfg.repair.max_response_tokens)
         selected = select_lowest(scores, rho=rho, scope=cfg.scope, counts=cfg.counts)
-        how = {"score": "wanda (sum over the channel of |W|·‖X‖₂ on clean tokens)", "n_calib": len(calib)}
+        how = {"score": ("wanda per channel (‖a_j‖₂·Σ_i|W_down[i, j]| on clean tokens, shared by gate/up/down)"
+                         if cfg.score == "channel" else
+                         "wanda per module (sum over the channel of |W|·‖X‖₂ on clean tokens)"),
+               "n_calib": len(calib)}
         n_modules = len(scores)
     else:
         from .signature import Selection, random_selection
@@ -1005,7 +1039,7 @@ def save_defended(result: DefenceResult, out: str | Path) -> Path:
 
 
 __all__ = [
-    "BASELINES", "BASELINE_CONFIGS", "PAPER_SETTINGS", "STAGES", "CROW_PUBLISHED_LR", "QUANT_BACKENDS",
+    "BASELINES", "BASELINE_CONFIGS", "FINE_PRUNE_SCORES", "PAPER_SETTINGS", "STAGES", "CROW_PUBLISHED_LR", "QUANT_BACKENDS",
     "BaselineConfig", "PruneConfig", "FinePruneConfig", "QuantizeConfig", "CrowConfig", "DefenceResult",
     "baseline_config", "collect_input_norms", "counts_like", "crow", "crow_consistency_loss", "crow_extra_loss",
     "crow_published", "defend", "fake_quantize", "fgsm_perturb", "fine_prune", "finetune_only",

@@ -191,21 +191,39 @@ def test_input_norms_ignore_padding(models, toy_examples):
     assert batched[(0, "gate")].numel() == 64 and batched[(0, "down")].numel() == D_FF
 
 
-def test_fine_prune_full_prunes_the_dormant_channels(models, toy_examples):
+@pytest.mark.parametrize("score", ["channel", "module"])
+def test_fine_prune_full_prunes_the_dormant_channels(models, toy_examples, score):
     ms, tok = models
-    cfg = FinePruneConfig(rho=0.05, finetune=False, repair=RC)
-    scores = wanda_scores(ms["full"], tok, toy_examples[:8], max_length=RC.max_length,
+    cfg = FinePruneConfig(rho=0.05, finetune=False, repair=RC, score=score)
+    scores = wanda_scores(ms["full"], tok, toy_examples[:8], score=score, max_length=RC.max_length,
                           max_response_tokens=RC.max_response_tokens)
     model, report = B.fine_prune(ms["full"], tok, toy_examples, cfg)
     assert report["intervention"]["n_calib"] == 8  # the repair's own examples
+    assert report["intervention"]["score"].startswith(f"wanda per {score}")
     n_want = int(0.05 * D_FF)
-    for key_s, idx in report["intervention"]["selected"].items():
+    sel = report["intervention"]["selected"]
+    for key_s, idx in sel.items():
         b, kind = int(key_s.split(".")[0]), key_s.split(".")[1]
         _assert_lowest(scores, (b, kind), torch.tensor(idx), n_want)
         w = _weight(model, b, kind)
         assert all(float(_channel(w, kind, j).detach().abs().sum()) == 0 for j in idx)
+    same = all(sel[f"{b}.gate"] == sel[f"{b}.up"] == sel[f"{b}.down"] for b in range(layout_of(ms["full"]).n_blocks))
+    assert same == (score == "channel")  # channel: a dormant channel is pruned whole
     with pytest.raises(TypeError, match="random"):
         wanda_scores(ms["lora"], tok, toy_examples[:2])
+    with pytest.raises(ValueError, match="score"):
+        FinePruneConfig(score="neuron")
+
+
+def test_channel_wanda_score_is_the_down_columns_activation_times_weight(models, toy_examples):
+    ms, tok = models
+    norms = collect_input_norms(ms["full"], tok, toy_examples[:8], kinds=("down",))
+    scores = wanda_scores(ms["full"], tok, toy_examples[:8], score="channel")
+    for b in range(layout_of(ms["full"]).n_blocks):
+        w = _weight(ms["full"], b, "down").detach().double()  # [d_model, d_ff]
+        want = norms[(b, "down")].double() * w.abs().sum(0)
+        for kind in ("gate", "up", "down"):
+            assert torch.allclose(scores[(b, kind)], want)
 
 
 def test_fine_prune_lora_random_with_signature_counts(models, toy_examples):
@@ -406,3 +424,10 @@ def test_defend_quantize_and_crow_rows(suspicious_models, toy_examples, tmp_path
         defend(sm, "crow", toy_examples, PruneConfig())
     with pytest.raises(ValueError, match="pruning"):
         defend(sm, "crow", toy_examples, CrowConfig(), like={(0, "gate"): [1]})
+
+
+def test_cli_score_applies_to_fine_prune_only(capsys):
+    from bdvax_lab.cli import main
+
+    assert main(["defend", "no-such-dir", "--method", "crow", "--score", "channel"]) == 2
+    assert "--score applies to fine_prune only" in capsys.readouterr().err
