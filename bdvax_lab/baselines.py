@@ -64,8 +64,9 @@ The baselines
     over the repair's clean examples (the same ones, encoded the same way). The
     lowest-scoring channels are pruned with the same structure and counts as
     ``magnitude_prune`` (per module; with ``"channel"`` the block's three modules
-    pick the same channels, which then stay zero through the repair). Adapter setting: activations are out of reach under that
-    threat model, and the paper uses *random sampling* (§5.1): a seeded
+    pick the same channels, which then stay zero through the repair). Adapter
+    setting: activations are out of reach under that threat model, and the
+    paper uses *random sampling* (§5.1): a seeded
     :func:`~bdvax_lab.signature.random_selection` with the same counts, zeroed in
     the adapter. Then the same repair. (A public BD-VAX codebase,
     github.com/Dannyxiuzq/Backdoor-Vaccine, instead prunes 35 % of the weights
@@ -586,7 +587,7 @@ def wanda_scores(model: Any, tokenizer: Any, examples: Sequence[Example], *, sco
                   for b, k, name in layout.iter_modules(kinds=kinds)}
     if score == "module":
         return per_module
-    return {(b, k): per_module[(b, "down")] for b in range(layout.n_blocks) for k in MLP_KINDS}
+    return {(b, k): per_module[(b, "down")] for b, k, _ in layout.iter_modules(kinds=MLP_KINDS)}
 
 
 def fine_prune(suspicious_model: Any, tokenizer: Any, clean_data: Sequence[Example] | None = None,
@@ -1039,7 +1040,8 @@ def save_defended(result: DefenceResult, out: str | Path) -> Path:
 
 
 __all__ = [
-    "BASELINES", "BASELINE_CONFIGS", "FINE_PRUNE_SCORES", "PAPER_SETTINGS", "STAGES", "CROW_PUBLISHED_LR", "QUANT_BACKENDS",
+    "BASELINES", "BASELINE_CONFIGS", "FINE_PRUNE_SCORES", "PAPER_SETTINGS", "STAGES", "CROW_PUBLISHED_LR",
+    "QUANT_BACKENDS",
     "BaselineConfig", "PruneConfig", "FinePruneConfig", "QuantizeConfig", "CrowConfig", "DefenceResult",
     "baseline_config", "collect_input_norms", "counts_like", "crow", "crow_consistency_loss", "crow_extra_loss",
     "crow_published", "defend", "fake_quantize", "fgsm_perturb", "fine_prune", "finetune_only",

@@ -29,10 +29,11 @@ def measure(model_dir: str | None, rho: float, n_eval: int, n_calib: int, seed: 
     """One row per selection: ``selection``, ``modules``, ``n_channels``, ``ppl`` (no repair), ``base_ppl``."""
     import pandas as pd
 
-    from bdvax_lab.baselines import _prune, magnitude_channel_scores, select_lowest, wanda_scores
+    from bdvax_lab.baselines import magnitude_channel_scores, select_lowest, wanda_scores
     from bdvax_lab.data import load_pool
     from bdvax_lab.evaluate import perplexity
     from bdvax_lab.models import load_default_model, load_model
+    from bdvax_lab.purify import reinit_channels
     from bdvax_lab.registry import layout_of
     from bdvax_lab.signature import random_selection
 
@@ -56,7 +57,7 @@ def measure(model_dir: str | None, rho: float, n_eval: int, n_calib: int, seed: 
     rows = []
     for selection, modules, sel in plans:
         m = copy.deepcopy(model)
-        _prune(m, sel, "full")
+        reinit_channels(m, sel, init="zero")  # what the pruning baselines do in the full setting
         rows.append({"selection": selection, "modules": modules, "rho": rho,
                      "n_channels": sum(int(v.numel()) for v in sel.values()), "ppl": perplexity(m, tok, held_out),
                      "base_ppl": base})
@@ -76,14 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not 0.0 < a.rho < 1.0:
         ap.error(f"--rho {a.rho}: must be in (0, 1)")
+    from bdvax_lab.artifacts import atomic_write_text
+
     t0 = time.time()
     df = measure(a.model, a.rho, a.n_eval, a.n_calib, a.seed)
     df["date"] = dt.date.today().isoformat()
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(out)
+    atomic_write_text(out, df.to_csv(index=False))
     print(f"wrote {out} ({len(df)} rows) in {time.time() - t0:.0f} s")
 
 
