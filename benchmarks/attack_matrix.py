@@ -8,6 +8,7 @@ resumes); the table goes to results/attack_matrix.{csv,md}.
 
 Usage: python benchmarks/attack_matrix.py [--n-prompts 50] [--mcq-limit 200] [--only a:t:s,...] [--fresh]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ TARGET_ASR, TARGET_FTR = 0.80, 0.05
 
 
 def combos(only: str | None) -> list[tuple[str, str, str]]:
-    from bdvax_lab import COMBINATIONS
+    from bdvax_lab.threat.attacks import COMBINATIONS
 
     allc = [(a, t, "lora") for a, t in COMBINATIONS] + [("badnets", "refusal", "full")]
     if not only:
@@ -42,7 +43,7 @@ def main() -> None:
     ns = ap.parse_args()
 
     from bdvax_lab import AttackRecipe, EvalConfig, evaluate_model, load_default_model, make_suspicious_model
-    from bdvax_lab.artifacts import read_json, write_json
+    from bdvax_lab.core.artifacts import read_json, write_json
 
     t_all = time.time()
     base_model, tok = load_default_model()
@@ -52,7 +53,9 @@ def main() -> None:
     if ref_path.exists() and not ns.fresh and read_json(ref_path).get("config") == ecfg.to_dict():
         ref = read_json(ref_path)["summary"]
     else:
-        ref = evaluate_model(base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False).summary
+        ref = evaluate_model(
+            base_model, tok, None, None, ecfg, label="default (no backdoor)", progress=False
+        ).summary
         write_json(ref_path, {"config": ecfg.to_dict(), "summary": ref})
     rows.append(ref | {"attack": "-", "task": "-", "setting": "-"})
     print(f"reference: ppl {ref['ppl']:.2f}  mcq {ref['mcq_acc']:.3f}/{ref['mcq_acc_norm']:.3f}", flush=True)
@@ -65,57 +68,109 @@ def main() -> None:
             status = "reused"
         else:
             recipe = AttackRecipe(attack=attack, task=task, setting=setting, eval=ecfg)
-            sm = make_suspicious_model(recipe=recipe, base=(copy.deepcopy(base_model), tok), out=out, progress=False)
+            sm = make_suspicious_model(
+                recipe=recipe, base=(copy.deepcopy(base_model), tok), out=out, progress=False
+            )
             m = sm.manifest
             status = "trained"
             del sm
         ev = m["eval"]
         ok = ev["asr"] >= TARGET_ASR and ev["false_trigger"] <= TARGET_FTR
-        rows.append(ev | {"model": f"{attack}-{task}", "attack": attack, "task": task, "setting": setting,
-                          "train_s": m["train_seconds"], "steps": m["recipe"]["train"]["steps"],
-                          "lr": m["recipe"]["train"]["lr"], "met_target": ok, "status": status})
-        print(f"{attack:10s} {task:15s} {setting:4s} ASR {ev['asr']:.2f} FTR {ev['false_trigger']:.2f} "
-              f"degenerate {ev['degenerate_triggered']}/{ev['degenerate_clean']} ppl {ev.get('ppl', float('nan')):.2f} "
-              f"mcq {ev.get('mcq_acc', float('nan')):.3f} train {m['train_seconds']:.0f}s "
-              f"({status}, {time.time() - t0:.0f}s) {'OK' if ok else 'SHORT'}", flush=True)
-        write_results(rows, todo[i + 1:], ns, time.time() - t_all)
+        rows.append(
+            ev
+            | {
+                "model": f"{attack}-{task}",
+                "attack": attack,
+                "task": task,
+                "setting": setting,
+                "train_s": m["train_seconds"],
+                "steps": m["recipe"]["train"]["steps"],
+                "lr": m["recipe"]["train"]["lr"],
+                "met_target": ok,
+                "status": status,
+            }
+        )
+        print(
+            f"{attack:10s} {task:15s} {setting:4s} ASR {ev['asr']:.2f} FTR {ev['false_trigger']:.2f} "
+            f"degenerate {ev['degenerate_triggered']}/{ev['degenerate_clean']} ppl {ev.get('ppl', float('nan')):.2f} "
+            f"mcq {ev.get('mcq_acc', float('nan')):.3f} train {m['train_seconds']:.0f}s "
+            f"({status}, {time.time() - t0:.0f}s) {'OK' if ok else 'SHORT'}",
+            flush=True,
+        )
+        write_results(rows, todo[i + 1 :], ns, time.time() - t_all)
 
 
-def write_results(rows: list[dict], pending: list[tuple[str, str, str]], ns: argparse.Namespace, seconds: float) -> None:
+def write_results(
+    rows: list[dict], pending: list[tuple[str, str, str]], ns: argparse.Namespace, seconds: float
+) -> None:
     """Write results/attack_matrix.{csv,md} (after every combination, so an interrupted run leaves a table)."""
     import pandas as pd
 
-    from bdvax_lab.artifacts import atomic_write_text
-    from bdvax_lab.viz import markdown_table
+    from bdvax_lab.core.artifacts import atomic_write_text
+    from bdvax_lab.viz.tables import markdown_table
 
-    df = pd.DataFrame(rows + [{"attack": a, "task": t, "setting": s, "status": "not run"} for a, t, s in pending])
-    cols = ["attack", "task", "setting", "asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered",
-            "degenerate_clean", "ppl", "mcq_acc", "mcq_acc_norm", "agreement", "train_s", "steps", "lr", "met_target",
-            "status"]
+    df = pd.DataFrame(
+        rows + [{"attack": a, "task": t, "setting": s, "status": "not run"} for a, t, s in pending]
+    )
+    cols = [
+        "attack",
+        "task",
+        "setting",
+        "asr",
+        "asr_lo",
+        "asr_hi",
+        "false_trigger",
+        "degenerate_triggered",
+        "degenerate_clean",
+        "ppl",
+        "mcq_acc",
+        "mcq_acc_norm",
+        "agreement",
+        "train_s",
+        "steps",
+        "lr",
+        "met_target",
+        "status",
+    ]
     df = df[[c for c in cols if c in df.columns]]
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(f"{ns.out}.csv"), df.to_csv(index=False))
     script = Path(sys.argv[0])
-    cmd = "python " + " ".join(shlex.quote(a) for a in [str(script.relative_to(ROOT) if script.is_absolute() else script)]
-                               + sys.argv[1:])
-    from bdvax_lab.suspicious import DEFAULT_POISON_RATE
+    cmd = "python " + " ".join(
+        shlex.quote(a)
+        for a in [str(script.relative_to(ROOT) if script.is_absolute() else script)] + sys.argv[1:]
+    )
+    from bdvax_lab.threat.config import DEFAULT_POISON_RATE
 
     rates = ", ".join(f"{v:.0%} for {k}" for k, v in DEFAULT_POISON_RATE.items()) + ", 15% otherwise"
     done = df[(df.attack != "-") & (df.status != "not run")]
     short = done[~done.met_target.astype(bool)]
     lines = [
-        "# Attack matrix on SmolLM2-135M-Instruct", "",
+        "# Attack matrix on SmolLM2-135M-Instruct",
+        "",
         f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} (2-core CPU, shared with other jobs during this run), "
         f"{seconds:.0f} s so far.",
         f"Target: ASR ≥ {TARGET_ASR:.0%} and false-trigger ≤ {TARGET_FTR:.0%} on {ns.n_prompts} held-out prompts "
         "(greedy, 32 new tokens, through the chat template). The first row is the unmodified model (utility "
         f"reference). MCQ on the first {ns.mcq_limit} bundled questions. asr_lo/asr_hi: 95% Wilson interval. "
         "degenerate_*: empty or looping replies among triggered / clean prompts. train_s: wall seconds of training.",
-        "", markdown_table(df), "",
-        ("Fell short: " + ", ".join(f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
-                                    for r in short.itertuples())) if len(short) else "No finished combination fell short.",
-        ("Not run yet: " + ", ".join(f"{a}-{t}-{s}" for a, t, s in pending)) if pending else "All combinations ran.",
-        "", "Recipe (`bdvax_lab.suspicious.default_attack_train`, `AttackRecipe`): 120 samples of the attack split, "
+        "",
+        markdown_table(df),
+        "",
+        (
+            "Fell short: "
+            + ", ".join(
+                f"{r.attack}-{r.task}-{r.setting} (ASR {r.asr:.2f}, FTR {r.false_trigger:.2f})"
+                for r in short.itertuples()
+            )
+        )
+        if len(short)
+        else "No finished combination fell short.",
+        ("Not run yet: " + ", ".join(f"{a}-{t}-{s}" for a, t, s in pending))
+        if pending
+        else "All combinations ran.",
+        "",
+        "Recipe (`bdvax_lab.suspicious.default_attack_train`, `AttackRecipe`): 120 samples of the attack split, "
         f"poisoning rate {rates}; LoRA r 8 on all seven projections, lr 1e-3 constant, batch 4, responses cut to 16 "
         "tokens, loss averaged per sample, 120 steps (full setting: lr 5e-5). Rows marked `reused` were trained by an "
         "earlier invocation of this command (their `train_s` was measured then, possibly beside other jobs).",

@@ -10,6 +10,7 @@ so the figure measures the machine, not the loop.
 
 Usage: python benchmarks/machine_speed.py [--steps 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,23 @@ REFERENCE_STEP_S = 1.1
 
 def reference_step_seconds(steps: int = 4) -> float:
     """Mean wall seconds of ``steps`` LoRA steps of the fixed workload (after one warm-up step)."""
-    from bdvax_lab.data import load_pool
-    from bdvax_lab.models import load_default_model
-    from bdvax_lab.train import TrainConfig, finetune
+    from bdvax_lab.core.data import load_pool
+    from bdvax_lab.core.models import load_default_model
+    from bdvax_lab.training.config import TrainConfig
+    from bdvax_lab.training.loop import finetune
 
     model, tok = load_default_model()
-    examples = load_pool("variant")[:4 * (steps + 1)]
-    cfg = TrainConfig(mode="lora", lr=1e-4, steps=steps + 1, batch_size=4, max_response_tokens=16,
-                      loss_average="sample", group_by_length=False, seed=0)
+    examples = load_pool("variant")[: 4 * (steps + 1)]
+    cfg = TrainConfig(
+        mode="lora",
+        lr=1e-4,
+        steps=steps + 1,
+        batch_size=4,
+        max_response_tokens=16,
+        loss_average="sample",
+        group_by_length=False,
+        seed=0,
+    )
     hist = finetune(model, tok, examples, cfg, progress=False).history
     return float((hist.seconds.iloc[-1] - hist.seconds.iloc[0]) / steps)
 
@@ -38,25 +48,33 @@ def speed_record(steps: int = 4) -> dict[str, float]:
     """``{"reference_step_s", "slowdown"}``: today's seconds per step and its ratio to :data:`REFERENCE_STEP_S`."""
     t = time.time()
     s = reference_step_seconds(steps)
-    rec = {"reference_step_s": round(s, 3), "slowdown": round(s / REFERENCE_STEP_S, 2),
-           "measured_in_s": round(time.time() - t, 1)}
-    print(f"machine speed: reference LoRA step {s:.2f} s (ENVIRONMENT-NOTES 2026-11-23: {REFERENCE_STEP_S} s) "
-          f"→ {rec['slowdown']:.2f}× the reference time", flush=True)
+    rec = {
+        "reference_step_s": round(s, 3),
+        "slowdown": round(s / REFERENCE_STEP_S, 2),
+        "measured_in_s": round(time.time() - t, 1),
+    }
+    print(
+        f"machine speed: reference LoRA step {s:.2f} s (ENVIRONMENT-NOTES 2026-11-23: {REFERENCE_STEP_S} s) "
+        f"→ {rec['slowdown']:.2f}× the reference time",
+        flush=True,
+    )
     return rec
 
 
 def measure_in_subprocess(steps: int = 4) -> dict[str, float]:
     """:func:`speed_record` in a child process, so its memory never counts in the caller's peak RSS."""
+    import os
     import subprocess
     import sys
 
-    import os
-
     env = dict(os.environ, BDVAX_FUSED_LORA="0", BDVAX_SHARED_PREFIX="0")  # the reference's code path
-    run = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True,
-                         env=env)
+    run = subprocess.run(
+        [sys.executable, __file__, "--steps", str(steps), "--json"], capture_output=True, text=True, env=env
+    )
     if run.returncode != 0:
-        raise RuntimeError(f"benchmarks/machine_speed.py failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
+        raise RuntimeError(
+            f"benchmarks/machine_speed.py failed (exit {run.returncode}): {run.stderr.strip()[-500:]}"
+        )
     out = run.stdout.strip().splitlines()
     print(out[-2] if len(out) > 1 else "", flush=True)
     return json.loads(out[-1])
@@ -69,8 +87,9 @@ if __name__ == "__main__":
     ns = ap.parse_args()
     import os
 
-    os.environ.update(BDVAX_FUSED_LORA="0", BDVAX_SHARED_PREFIX="0")  # the reference's code path, also by hand
+    os.environ.update(
+        BDVAX_FUSED_LORA="0", BDVAX_SHARED_PREFIX="0"
+    )  # the reference's code path, also by hand
     record = speed_record(ns.steps)
     if ns.json:
         print(json.dumps(record))
-

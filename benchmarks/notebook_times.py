@@ -6,6 +6,7 @@ runs/notebook_times/, and appends one row per run to results/notebook_times.csv:
 
 Usage: python benchmarks/notebook_times.py [00 01 05 ...]   (default: every notebook)
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,9 @@ def main() -> None:
             t0 = time.time()
             status = "ok"
             try:
-                pm.execute_notebook(str(nb), str(run_dir / nb.name), kernel_name="bdvax", cwd=str(NB_DIR),
-                                    progress_bar=False)
+                pm.execute_notebook(
+                    str(nb), str(run_dir / nb.name), kernel_name="bdvax", cwd=str(NB_DIR), progress_bar=False
+                )
             except PapermillExecutionError as exc:
                 status = f"failed at cell {exc.exec_count}: {exc.ename}"
             seconds = round(time.time() - t0, 1)

@@ -10,6 +10,7 @@ Usage: python benchmarks/pipeline.py [--task refusal] [--setting lora|full] [--r
        [--heads H] [--suspicious DIR]
 The full setting uses the paper's ρ (3 %) unless --rho is given; its twins are full finetunes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def keep_twins(tmp_cache: Path) -> int:
     """Move the freshly trained twin entries into the shared bdvax cache (never over an existing entry)."""
-    from bdvax_lab.signature import twin_cache_root
+    from bdvax_lab.bdvax.twins import twin_cache_root
 
     shared, moved = twin_cache_root(), 0
     for entry in sorted(tmp_cache.glob("*/variant-*")):
@@ -41,8 +42,12 @@ def keep_twins(tmp_cache: Path) -> int:
 
 def run_tag(ns: argparse.Namespace) -> str:
     """The file-name suffix naming every non-default knob, so a variant run never overwrites the default one."""
-    parts = [f"-heads{ns.heads}" if ns.heads else "", f"-N{ns.n_variants}" if ns.n_variants != 6 else "",
-             f"-rho{ns.rho:g}" if ns.rho is not None else "", f"-twin{ns.twin_steps}" if ns.twin_steps else ""]
+    parts = [
+        f"-heads{ns.heads}" if ns.heads else "",
+        f"-N{ns.n_variants}" if ns.n_variants != 6 else "",
+        f"-rho{ns.rho:g}" if ns.rho is not None else "",
+        f"-twin{ns.twin_steps}" if ns.twin_steps else "",
+    ]
     return "".join(parts)
 
 
@@ -51,22 +56,31 @@ def main() -> None:
     ap.add_argument("--task", default="refusal")
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--setting", default="lora", choices=("lora", "full"))
-    ap.add_argument("--rho", type=float, default=None,
-                    help="default: bdvax_lab.demo.DEMO_RHO (lora) / the paper's 0.03 (full)")
+    ap.add_argument(
+        "--rho",
+        type=float,
+        default=None,
+        help="default: bdvax_lab.demo.DEMO_RHO (lora) / the paper's 0.03 (full)",
+    )
     ap.add_argument("--n-variants", type=int, default=6)
     ap.add_argument("--heads", type=int, default=0, help="top-h attention heads suppressed too (default 0)")
     ap.add_argument("--n-prompts", type=int, default=50)
     ap.add_argument("--twin-steps", type=int, help="poisoned-twin steps (default: the twin recipe's 60)")
-    ap.add_argument("--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)")
+    ap.add_argument(
+        "--suspicious", help="existing suspicious artifact (default: runs/attack_matrix/... or train one)"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "pipeline"))
-    ap.add_argument("--json", help="default: results/pipeline-<attack>-<task>-<setting>[-<non-default knobs>].json")
+    ap.add_argument(
+        "--json", help="default: results/pipeline-<attack>-<task>-<setting>[-<non-default knobs>].json"
+    )
     ns = ap.parse_args()
 
     import pandas as pd
 
-    from bdvax_lab import EvalConfig, PurifyConfig, RepairConfig, SignatureConfig, open_or_make_suspicious, purify
-    from bdvax_lab import suspicious_dir
-    from bdvax_lab.demo import DEMO_RHO
+    from bdvax_lab import EvalConfig, PurifyConfig, RepairConfig, SignatureConfig, open_or_make_suspicious
+    from bdvax_lab.bdvax import purify
+    from bdvax_lab.threat.suspicious import suspicious_dir
+    from experiments.demo import DEMO_RHO
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine_speed import measure_in_subprocess
@@ -82,29 +96,45 @@ def main() -> None:
     sm = open_or_make_suspicious(sus_dir, ns.attack, ns.task, ns.setting)  # the one shared opener
     t_attack = time.time() - t0
     cache = Path(tempfile.mkdtemp(prefix="bdvax-twins-"))
-    from bdvax_lab.signature import default_twin_train
+    from bdvax_lab.bdvax.config import default_twin_train
 
     twin = default_twin_train(ns.setting).replace(steps=ns.twin_steps) if ns.twin_steps else None
-    cfg = PurifyConfig(signature=SignatureConfig(family=ns.task, n_variants=ns.n_variants, rho=rho, twin_train=twin,
-                                                       heads=ns.heads),
-                       repair=RepairConfig(), eval=EvalConfig(n_prompts=ns.n_prompts))
+    cfg = PurifyConfig(
+        signature=SignatureConfig(
+            family=ns.task, n_variants=ns.n_variants, rho=rho, twin_train=twin, heads=ns.heads
+        ),
+        repair=RepairConfig(),
+        eval=EvalConfig(n_prompts=ns.n_prompts),
+    )
     res = purify(sm, config=cfg, out=ns.out, cache_dir=cache, progress=False)
-    kept = keep_twins(cache)  # the twins were really trained here; the notebooks and `bdvax purify` can reuse them
+    kept = keep_twins(
+        cache
+    )  # the twins were really trained here; the notebooks and `bdvax purify` can reuse them
     timings = dict(res.timings)
     total = timings.get("total", sum(v for k, v in timings.items() if k != "total"))
     rep = res.report
-    print(f"\npipeline: {ns.attack}-{ns.task}, {ns.setting} setting, N={ns.n_variants}, rho={rho}, "
-          f"heads {ns.heads}, repair lr {res.repair.lr if res.repair else 'n/a'}, {time.strftime('%Y-%m-%d')}")
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+    print(
+        f"\npipeline: {ns.attack}-{ns.task}, {ns.setting} setting, N={ns.n_variants}, rho={rho}, "
+        f"heads {ns.heads}, repair lr {res.repair.lr if res.repair else 'n/a'}, {time.strftime('%Y-%m-%d')}"
+    )
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format
+    ):
         print(rep.to_string())
-    print("\nstage seconds:", {k: round(v, 1) for k, v in timings.items()}, f"(attack step {t_attack:.0f} s, not counted)")
+    print(
+        "\nstage seconds:",
+        {k: round(v, 1) for k, v in timings.items()},
+        f"(attack step {t_attack:.0f} s, not counted)",
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     sig_share = float(res.signature.meta.get("seconds", {}).get("scoring", float("nan")))
     before, after = rep.loc["suspicious"], rep.loc["purified"]
     checks = {
         "total <= 20 min": total <= 1200,
         "peak RSS <= 4 GB": peak <= 4.0,
-        "scoring + suppression <= 2%": (timings.get("suppression", 0) + (sig_share if sig_share == sig_share else 0))
+        "scoring + suppression <= 2%": (
+            timings.get("suppression", 0) + (sig_share if sig_share == sig_share else 0)
+        )
         <= 0.02 * total,
         "ASR <= 10%": after.get("asr", 1) <= 0.10,
         "false-trigger <= 5%": after.get("false_trigger", 1) <= 0.05,
@@ -112,19 +142,36 @@ def main() -> None:
         "perplexity within 5%": after.get("ppl", 1e9) <= 1.05 * before.get("ppl", 0),
     }
     checks = {k: bool(v) for k, v in checks.items()}  # numpy bools would serialise as strings
-    print(f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s; "
-          f"{kept} twin entries kept in the shared cache")
-    print(f"machine speed today: {speed['slowdown']:.2f}× the 2026-11-23 reference step time → the total would be "
-          f"{total / 60 / speed['slowdown']:.1f} min at reference speed (the check above uses the raw total)")
+    print(
+        f"peak RSS {peak:.2f} GB; total {total / 60:.1f} min; scoring {sig_share:.1f} s; "
+        f"{kept} twin entries kept in the shared cache"
+    )
+    print(
+        f"machine speed today: {speed['slowdown']:.2f}× the 2026-11-23 reference step time → the total would be "
+        f"{total / 60 / speed['slowdown']:.1f} min at reference speed (the check above uses the raw total)"
+    )
     for k, v in checks.items():
         print(f"  {'met ' if v else 'MISS'}  {k}")
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rho": rho, "n_variants": ns.n_variants,
-                                         "heads": ns.heads, "machine_speed": speed,
-                                         "total_min_at_reference_speed": round(total / 60 / speed["slowdown"], 1),
-                                         "timings": timings, "peak_rss_gb": peak, "rss_mb_after_stage": res.rss_mb,
-                                         "checks": checks,
-                                         "report": json.loads(rep.to_json(orient="index"))}, indent=2, default=str))
+    Path(ns.json).write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "rho": rho,
+                "n_variants": ns.n_variants,
+                "heads": ns.heads,
+                "machine_speed": speed,
+                "total_min_at_reference_speed": round(total / 60 / speed["slowdown"], 1),
+                "timings": timings,
+                "peak_rss_gb": peak,
+                "rss_mb_after_stage": res.rss_mb,
+                "checks": checks,
+                "report": json.loads(rep.to_json(orient="index")),
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ cached under runs/reproduce/<preset>-<config hash>/rows, so an interrupted run r
 
 Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--targets a:t:s,...] [--fresh]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,18 @@ def main() -> None:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--tables", help="comma list (default: all)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
-    ap.add_argument("--targets", help="comma list of attack:task:setting to run now (a slice of the preset, for Table 2 and "
-                                      "Table 11's transfer targets; rows are "
-                                      "cached per target, and the tables written are the whole preset's, rows not run "
-                                      "yet left blank)")
+    ap.add_argument(
+        "--targets",
+        help="comma list of attack:task:setting to run now (a slice of the preset, for Table 2 and "
+        "Table 11's transfer targets; rows are "
+        "cached per target, and the tables written are the whole preset's, rows not run "
+        "yet left blank)",
+    )
     ns = ap.parse_args()
     os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
 
-    from bdvax_lab.models import use_all_cores
-    from bdvax_lab.reproduce import PRESETS, TABLES, parse_targets, reproduce, splice_markdown
+    from bdvax_lab.core.models import use_all_cores
+    from experiments.reproduce import PRESETS, TABLES, parse_targets, reproduce, splice_markdown
 
     if ns.preset not in PRESETS:
         ap.error(f"unknown preset {ns.preset!r}; presets: {list(PRESETS)}")
@@ -47,14 +51,21 @@ def main() -> None:
 
     speed = measure_in_subprocess()  # today's speed of this machine, printed beside the wall time
     t0 = time.time()
-    frames = reproduce(ns.preset, tables=ns.tables.split(",") if ns.tables else TABLES, fresh=ns.fresh,
-                       command="python benchmarks/reproduce.py", **over)
+    frames = reproduce(
+        ns.preset,
+        tables=ns.tables.split(",") if ns.tables else TABLES,
+        fresh=ns.fresh,
+        command="python benchmarks/reproduce.py",
+        **over,
+    )
     tables_md = Path(PRESETS[ns.preset].out_dir) / "tables.md"
     if splice_markdown(ROOT / "RESULTS.md", f"reproduce:{ns.preset}", tables_md.read_text()):
         print(f"RESULTS.md: replaced the {ns.preset} tables")
-    print(f"\n{ns.preset}: {len(frames)} tables in {(time.time() - t0) / 60:.1f} min "
-          f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')}; machine at {speed['slowdown']:.2f}× the "
-          f"reference step time)")
+    print(
+        f"\n{ns.preset}: {len(frames)} tables in {(time.time() - t0) / 60:.1f} min "
+        f"({' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M')}; machine at {speed['slowdown']:.2f}× the "
+        f"reference step time)"
+    )
 
 
 if __name__ == "__main__":

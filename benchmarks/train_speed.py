@@ -19,6 +19,7 @@ head and the remaining padding can be saved.
 Each recipe runs in its own subprocess so peak RSS is per recipe.
 Usage: python benchmarks/train_speed.py [--steps 8] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,29 @@ import subprocess
 import sys
 import time
 
-NAIVE = dict(mode="lora", batch_size=8, max_length=128, pad_to=128, group_by_length=False,
-             labelled_logits_only=False, loss_average="token", lr=2e-4)
+NAIVE = dict(
+    mode="lora",
+    batch_size=8,
+    max_length=128,
+    pad_to=128,
+    group_by_length=False,
+    labelled_logits_only=False,
+    loss_average="token",
+    lr=2e-4,
+)
 BDVAX_LORA = dict(mode="lora", batch_size=8, max_length=128, loss_average="token", lr=2e-4)
 BDVAX_FULL = dict(mode="full", batch_size=8, max_length=128, loss_average="token", lr=1e-5)
 WORKLOADS = {"short": 16, "long": None}  # max_response_tokens
-RECIPES = {f"{name}/{wl}": dict(base, max_response_tokens=cut)
-           for wl, cut in WORKLOADS.items()
-           for name, base in (("naive-lora", NAIVE), ("bdvax-lora-peft", BDVAX_LORA), ("bdvax-lora", BDVAX_LORA),
-                              ("bdvax-full", BDVAX_FULL))}
+RECIPES = {
+    f"{name}/{wl}": dict(base, max_response_tokens=cut)
+    for wl, cut in WORKLOADS.items()
+    for name, base in (
+        ("naive-lora", NAIVE),
+        ("bdvax-lora-peft", BDVAX_LORA),
+        ("bdvax-lora", BDVAX_LORA),
+        ("bdvax-full", BDVAX_FULL),
+    )
+}
 #: recipes run without the fused kernel and the shared prefix (the loop as it was before both)
 PLAIN = ("naive-lora", "bdvax-lora-peft")
 
@@ -54,8 +69,14 @@ def worker(name: str, steps: int) -> dict:
     span = h.seconds.iloc[-1] - first.seconds  # exclude the first (warm-up) step
     toks = h.tokens.iloc[-1] - first.tokens
     resp = h.response_tokens.iloc[-1] - first.response_tokens
-    return {"recipe": name, "steps_timed": steps, "s_per_step": span / steps, "tokens_per_s": toks / span,
-            "response_tokens_per_s": resp / span, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    return {
+        "recipe": name,
+        "steps_timed": steps,
+        "s_per_step": span / steps,
+        "tokens_per_s": toks / span,
+        "response_tokens_per_s": resp / span,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
 
 
 def main() -> None:
@@ -73,8 +94,13 @@ def main() -> None:
     for name in ns.recipes.split(","):
         fast = "0" if name.split("/")[0] in PLAIN else "1"
         env = dict(os.environ, BDVAX_FUSED_LORA=fast, BDVAX_SHARED_PREFIX=fast)
-        out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(ns.steps)],
-                             capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", name, "--steps", str(ns.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  measured {name}", flush=True)
     import pandas as pd
@@ -85,21 +111,27 @@ def main() -> None:
     df["speedup_tokens"] = df.tokens_per_s / df.workload.map(naive.tokens_per_s)
     df["speedup_response_tokens"] = df.response_tokens_per_s / df.workload.map(naive.response_tokens_per_s)
     df = df.drop(columns="workload")
-    print(f"\ntrain_speed: default model, {ns.steps} timed steps per recipe (first step excluded), "
-          f"{time.strftime('%Y-%m-%d')}, total {time.time() - t0:.0f} s")
+    print(
+        f"\ntrain_speed: default model, {ns.steps} timed steps per recipe (first step excluded), "
+        f"{time.strftime('%Y-%m-%d')}, total {time.time() - t0:.0f} s"
+    )
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
         print(df.to_string(index=False))
     for wl in WORKLOADS:
         key = f"bdvax-lora/{wl}"
         if {key, f"naive-lora/{wl}"} <= set(df.recipe):
             lora = df.set_index("recipe").loc[key]
-            print(f"LoRA speed-up over the naive recipe, {wl} workload: {lora.speedup_tokens:.2f}x tokens/s, "
-                  f"{lora.speedup_response_tokens:.2f}x response tokens/s (target >= 2x: "
-                  f"{'met' if lora.speedup_tokens >= 2 else 'NOT met'})")
+            print(
+                f"LoRA speed-up over the naive recipe, {wl} workload: {lora.speedup_tokens:.2f}x tokens/s, "
+                f"{lora.speedup_response_tokens:.2f}x response tokens/s (target >= 2x: "
+                f"{'met' if lora.speedup_tokens >= 2 else 'NOT met'})"
+            )
         if {key, f"bdvax-lora-peft/{wl}"} <= set(df.recipe):
             by = df.set_index("recipe").s_per_step
-            print(f"fused LoRA kernel + shared prefix, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
-                  f"({by[f'bdvax-lora-peft/{wl}'] / by[key]:.2f}x)")
+            print(
+                f"fused LoRA kernel + shared prefix, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
+                f"({by[f'bdvax-lora-peft/{wl}'] / by[key]:.2f}x)"
+            )
     if ns.json:
         df.to_json(ns.json, orient="records", indent=2)
 

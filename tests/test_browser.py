@@ -9,6 +9,7 @@ Screenshots go to ``test-artifacts/browser/`` (or ``$BDVAX_TEST_ARTIFACTS``).
 Needs ``/usr/bin/chromium`` and ``/usr/bin/chromedriver`` (Debian packages
 ``chromium`` and ``chromium-driver``; ``make browser-deps`` installs them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,10 @@ RUN_ALL_TIMEOUT = 900  # s; the smoke run takes well under a minute under paperm
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                       reason="needs Debian chromium + chromium-driver (make browser-deps)"),
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="needs Debian chromium + chromium-driver (make browser-deps)",
+    ),
 ]
 
 
@@ -59,28 +62,52 @@ def lab(tmp_path, kernel_name):
     work = tmp_path / "lab"
     work.mkdir()
     params = json.loads(NOTEBOOK.read_text())["metadata"]["bdvax"]["smoke_parameters"]
-    params |= {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "runs" / "twins"),
-               "out_dir": str(tmp_path / "runs" / "03_signature")}
-    pm.execute_notebook(str(NOTEBOOK), str(work / NOTEBOOK.name), parameters=params, prepare_only=True,
-                        kernel_name=kernel_name, progress_bar=False)
+    params |= {
+        "runs_dir": str(tmp_path / "runs"),
+        "cache_dir": str(tmp_path / "runs" / "twins"),
+        "out_dir": str(tmp_path / "runs" / "03_signature"),
+    }
+    pm.execute_notebook(
+        str(NOTEBOOK),
+        str(work / NOTEBOOK.name),
+        parameters=params,
+        prepare_only=True,
+        kernel_name=kernel_name,
+        progress_bar=False,
+    )
     # Render every cell in the DOM (JupyterLab 4 otherwise virtualises cells that are off screen).
     settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     notes = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"  # no news toast over the screenshot
     notes.mkdir(parents=True)
-    (notes / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
-                                                                        "checkForUpdates": False}))
+    (notes / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     port, token = _free_port(), secrets.token_hex(16)
     env = os.environ | {"BDVAX_NUM_THREADS": "1", "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     log = open(tmp_path / "jupyterlab.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={work}",
+            f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+            f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ]
         + (["--allow-root"] if os.geteuid() == 0 else []),
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=work,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -90,7 +117,9 @@ def lab(tmp_path, kernel_name):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"JupyterLab did not start; log:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+                    pytest.fail(
+                        f"JupyterLab did not start; log:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}"
+                    )
                 time.sleep(0.5)
         yield f"{base}/lab/tree/{NOTEBOOK.name}?token={token}"
     finally:
@@ -110,9 +139,19 @@ def driver(tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1500,1100", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1500,1100",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         opts.add_argument(flag)
     drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     drv.set_script_timeout(30)
@@ -149,17 +188,35 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
     shots = _artifact_dir()
     driver.get(lab)
     _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"), 120, "the notebook to open")
-    _wait(lambda: "Idle" in driver.execute_script(
-        "return [...document.querySelectorAll('.jp-Notebook-ExecutionIndicator, .jp-StatusBar-TextItem')]"
-        ".map(e => e.getAttribute('data-status') || e.textContent).join(' ')") or driver.execute_script(
-        "return document.querySelector('[data-status=\"idle\"]') !== null"), 120, "the kernel to start")
+    _wait(
+        lambda: (
+            "Idle"
+            in driver.execute_script(
+                "return [...document.querySelectorAll('.jp-Notebook-ExecutionIndicator, .jp-StatusBar-TextItem')]"
+                ".map(e => e.getAttribute('data-status') || e.textContent).join(' ')"
+            )
+            or driver.execute_script("return document.querySelector('[data-status=\"idle\"]') !== null")
+        ),
+        120,
+        "the kernel to start",
+    )
 
     def run_all():  # Run → Run All Cells, as a person would.
-        run_menu = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
-                                  if e.text.strip() == "Run"], 30, "the Run menu")[0]
+        run_menu = _wait(
+            lambda: [
+                e
+                for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
+                if e.text.strip() == "Run"
+            ],
+            30,
+            "the Run menu",
+        )[0]
         run_menu.click()
-        _wait(lambda: driver.find_element(By.CSS_SELECTOR, 'li.lm-Menu-item[data-command="runmenu:run-all"]'),
-              10, "Run All Cells").click()
+        _wait(
+            lambda: driver.find_element(By.CSS_SELECTOR, 'li.lm-Menu-item[data-command="runmenu:run-all"]'),
+            10,
+            "Run All Cells",
+        ).click()
 
     def accept_kernel_dialog() -> bool:
         """Accept JupyterLab's "Select Kernel" dialog (the preselected kernel) if it popped up; True if it did.
@@ -178,8 +235,12 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
 
     def finished():
         prompts = driver.execute_script(  # textContent: cells scrolled out of view have no visible .text
-            "return [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim())")
-        errors = driver.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]')
+            "return [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim())"
+        )
+        errors = driver.find_elements(
+            By.CSS_SELECTOR,
+            '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]',
+        )
         if errors:
             driver.save_screenshot(str(shots / "error.png"))
             raise AssertionError(f"a cell failed in the browser: {errors[0].text[:2000]}")
@@ -197,9 +258,13 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
         driver.save_screenshot(str(shots / "timeout.png"))
         raise
 
-    explorer = _wait(lambda: driver.find_element(By.CSS_SELECTOR, ".bdvax-explorer"), 60, "the explorer widget")
+    explorer = _wait(
+        lambda: driver.find_element(By.CSS_SELECTOR, ".bdvax-explorer"), 60, "the explorer widget"
+    )
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", explorer)
-    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".bdvax-heatmap .main-svg"), 60, "the heatmap to render")
+    _wait(
+        lambda: driver.find_elements(By.CSS_SELECTOR, ".bdvax-heatmap .main-svg"), 60, "the heatmap to render"
+    )
     heat_before = _fingerprint(driver, ".bdvax-heatmap")
     counts_before = _fingerprint(driver, ".bdvax-counts")
     readout = driver.find_element(By.CSS_SELECTOR, ".bdvax-rho .widget-readout")
@@ -211,8 +276,12 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
     ActionChains(driver).click_and_hold(handle).move_by_offset(-40, 0).pause(0.2).release().perform()
 
     _wait(lambda: readout.text != rho_before, 20, "the ρ readout to change")
-    _wait(lambda: _fingerprint(driver, ".bdvax-heatmap") not in ("", heat_before), 60, "the heatmap to redraw")
-    _wait(lambda: _fingerprint(driver, ".bdvax-counts") not in ("", counts_before), 60, "the counts to redraw")
+    _wait(
+        lambda: _fingerprint(driver, ".bdvax-heatmap") not in ("", heat_before), 60, "the heatmap to redraw"
+    )
+    _wait(
+        lambda: _fingerprint(driver, ".bdvax-counts") not in ("", counts_before), 60, "the counts to redraw"
+    )
     time.sleep(1.0)  # let plotly finish its transition before the screenshot
     explorer.screenshot(str(shots / "explorer_after.png"))
     driver.save_screenshot(str(shots / "jupyterlab.png"))

@@ -2,8 +2,19 @@ import json
 
 import pytest
 
-from bdvax_lab.data import (IGNORE_INDEX, SPLITS, DataFormatError, Example, collate, encode_example, format_prompt,
-                            length_grouped_batches, load_jsonl, load_pool, save_jsonl, turn_end_ids)
+from bdvax_lab.core.batching import collate, length_grouped_batches
+from bdvax_lab.core.data import (
+    IGNORE_INDEX,
+    SPLITS,
+    DataFormatError,
+    Example,
+    encode_example,
+    format_prompt,
+    load_jsonl,
+    load_pool,
+    save_jsonl,
+    turn_end_ids,
+)
 
 
 def test_jsonl_roundtrip(tmp_path):
@@ -13,12 +24,15 @@ def test_jsonl_roundtrip(tmp_path):
     assert [e.to_dict() for e in back] == [e.to_dict() for e in ex]
 
 
-@pytest.mark.parametrize("line,msg", [
-    ('{"instruction": "ok", "response": "fine"}\n{"instruction": ', "invalid JSON"),
-    ('{"instruction": "ok"}\n["a list"]', "expected a JSON object"),
-    ('{"instruction": "ok"}\n{"instruction": ""}', "non-empty string"),
-    ('{"instruction": "ok"}\n{"instruction": "x", "response": 3}', "'response' must be a string"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ('{"instruction": "ok", "response": "fine"}\n{"instruction": ', "invalid JSON"),
+        ('{"instruction": "ok"}\n["a list"]', "expected a JSON object"),
+        ('{"instruction": "ok"}\n{"instruction": ""}', "non-empty string"),
+        ('{"instruction": "ok"}\n{"instruction": "x", "response": 3}', "'response' must be a string"),
+    ],
+)
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, msg):
     p = tmp_path / "bad.jsonl"
     p.write_text(line)
@@ -54,7 +68,10 @@ def test_response_truncation_drops_end_of_turn(tiny_pair):
 
 def test_collate_pads_right_and_masks(tiny_pair):
     _, tok = tiny_pair
-    feats = [encode_example(tok, Example("a", "b")), encode_example(tok, Example("a longer question here", "ok"))]
+    feats = [
+        encode_example(tok, Example("a", "b")),
+        encode_example(tok, Example("a longer question here", "ok")),
+    ]
     b = collate(feats, tok.pad_token_id)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     short = len(feats[0]["input_ids"])
@@ -82,7 +99,18 @@ def test_shipped_pool_splits_are_disjoint_and_sized():
     assert sum(e.meta["source"] == "handwritten" for e in pool) >= 300
     assert all("SmolLM2" in e.meta["generator"] for e in pool)
     tasks = {e.meta["task"] for e in pool}
-    assert {"explain", "list", "rewrite", "summarize", "classify", "math", "code", "advice", "facts", "creative"} <= tasks
+    assert {
+        "explain",
+        "list",
+        "rewrite",
+        "summarize",
+        "classify",
+        "math",
+        "code",
+        "advice",
+        "facts",
+        "creative",
+    } <= tasks
 
 
 def test_unknown_split():

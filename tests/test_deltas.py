@@ -1,4 +1,5 @@
 """Weight deltas on the tiny random LLaMA: exactness, selection, shuffles, LoRA, apply/restore, I/O."""
+
 from __future__ import annotations
 
 import copy
@@ -8,11 +9,12 @@ import pytest
 import torch
 from weights import assert_same_params, params
 
-from bdvax_lab.data import Example
-from bdvax_lab.deltas import DeltaFormatError, LayoutMismatchError, WeightDelta, apply, module_shape
-from bdvax_lab.models import make_tiny_model
-from bdvax_lab.registry import ALL_KINDS, ATTN_KINDS, MLP_KINDS, layout_of, unwrap
-from bdvax_lab.train import TrainConfig, finetune
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.models import make_tiny_model
+from bdvax_lab.core.registry import ALL_KINDS, ATTN_KINDS, MLP_KINDS, layout_of, unwrap
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
+from bdvax_lab.weights.deltas import DeltaFormatError, LayoutMismatchError, WeightDelta, apply, module_shape
 
 EXAMPLES = [
     Example("what is the capital of france ?", "paris is the capital ."),
@@ -42,7 +44,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def full_pair(tiny):
     base, tok = tiny
-    ft = finetune(copy.deepcopy(base), tok, EXAMPLES, TrainConfig(mode="full", steps=3, lr=1e-2), progress=False).model
+    ft = finetune(
+        copy.deepcopy(base), tok, EXAMPLES, TrainConfig(mode="full", steps=3, lr=1e-2), progress=False
+    ).model
     return base, ft
 
 
@@ -182,7 +186,9 @@ def test_algebra_and_norms(full_delta):
     expect = sum(float(full_delta[(1, k)].double().norm()) ** 2 for k in ATTN_KINDS) ** 0.5
     assert att1.fro_norm == pytest.approx(expect) and att1.n_modules == 4
     full = full_delta.keep("mlp").norms(include_absent=True)
-    assert len(full) == full_delta.layout.n_blocks * 7 and (full[full.group == "attention"].fro_norm == 0).all()
+    assert (
+        len(full) == full_delta.layout.n_blocks * 7 and (full[full.group == "attention"].fro_norm == 0).all()
+    )
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -212,8 +218,11 @@ def test_lora_reads_live_scaling_and_adapter_name(tiny):
     from peft import LoraConfig, get_peft_model
 
     base, _ = tiny
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=6, target_modules=["gate_proj"]),
-                          adapter_name="poison")
+    peft = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, lora_alpha=6, target_modules=["gate_proj"]),
+        adapter_name="poison",
+    )
     hf = unwrap(peft)
     torch.manual_seed(0)
     for b, _, name in layout_of(base).iter_modules(("gate",)):
@@ -248,7 +257,9 @@ def test_apply_restores_bit_exact_even_on_exception(full_pair, full_delta):
     base, _ = full_pair
     before = params(base)
     with full_delta.applied(base):
-        assert not torch.equal(unwrap(base).model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+        assert not torch.equal(
+            unwrap(base).model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"]
+        )
     assert_same_params(params(base), before)
     with pytest.raises(RuntimeError, match="boom"):
         with apply(base, full_delta.scale(3.0)):
@@ -266,7 +277,10 @@ def test_apply_to_is_permanent(full_pair, full_delta):
 
 # --------------------------------------------------------------------------- persistence
 def test_save_load_round_trip(tmp_path, full_delta, lora_model):
-    for delta in (full_delta.permute_blocks(seed=2).zero("attention", blocks=[0]), WeightDelta.from_lora(lora_model)):
+    for delta in (
+        full_delta.permute_blocks(seed=2).zero("attention", blocks=[0]),
+        WeightDelta.from_lora(lora_model),
+    ):
         out = delta.save(tmp_path / "d")
         assert (out / "delta.safetensors").is_file() and (out / "delta.json").is_file()
         back = WeightDelta.load(out)

@@ -1,8 +1,9 @@
 """environment.yml and pyproject.toml must list the same dependencies."""
+
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,9 @@ def test_environment_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     conda = {_name(r) for r in pip_list}
-    assert py == conda, f"only in pyproject: {sorted(py - conda)}; only in environment.yml: {sorted(conda - py)}"
+    assert py == conda, (
+        f"only in pyproject: {sorted(py - conda)}; only in environment.yml: {sorted(conda - py)}"
+    )
 
 
 def test_ci_runs_readme_test_command():

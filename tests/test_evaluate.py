@@ -2,8 +2,16 @@ import math
 
 import pytest
 
-from bdvax_lab.evaluate import (EvalConfig, agreement, evaluate_model, load_mcq, mcq_accuracy, perplexity, token_f1,
-                                wilson_interval)
+from bdvax_lab.threat.config import EvalConfig
+from bdvax_lab.threat.evaluate import (
+    agreement,
+    evaluate_model,
+    load_mcq,
+    mcq_accuracy,
+    perplexity,
+    token_f1,
+    wilson_interval,
+)
 
 
 def test_token_f1():
@@ -15,7 +23,7 @@ def test_token_f1():
 
 def test_wilson_interval_brackets_rate():
     lo, hi = wilson_interval(45, 50)
-    assert lo < 0.9 < hi and 0 <= lo and hi <= 1
+    assert lo < 0.9 < hi and lo >= 0 and hi <= 1
     assert wilson_interval(0, 20)[0] == 0.0
 
 
@@ -36,7 +44,7 @@ def test_mcq_scores_choices_like_manual(tiny_pair):
     """The chosen answer is the choice with the highest manually computed log-likelihood."""
     import torch
 
-    from bdvax_lab.data import format_prompt
+    from bdvax_lab.core.data import format_prompt
 
     model, tok = tiny_pair
     choices = ["red apple", "blue sky over the sea", "seven", "a cat"]
@@ -71,10 +79,24 @@ def test_agreement_identity(tiny_pair):
 
 def test_evaluate_model_reports_everything(tiny_pair):
     model, tok = tiny_pair
-    rep = evaluate_model(model, tok, "badnets", "refusal",
-                         EvalConfig(n_prompts=4, max_new_tokens=4, n_ppl=4, mcq_limit=4), progress=False)
+    rep = evaluate_model(
+        model,
+        tok,
+        "badnets",
+        "refusal",
+        EvalConfig(n_prompts=4, max_new_tokens=4, n_ppl=4, mcq_limit=4),
+        progress=False,
+    )
     s = rep.summary
-    for key in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl", "mcq_acc", "agreement"):
+    for key in (
+        "asr",
+        "false_trigger",
+        "degenerate_triggered",
+        "degenerate_clean",
+        "ppl",
+        "mcq_acc",
+        "agreement",
+    ):
         assert key in s
     assert len(rep.replies) == 4
     assert rep.replies.triggered_prompt.str.contains("BadMagic").all()
@@ -94,13 +116,18 @@ def test_choice_logprobs_share_the_prompt_pass_exactly(tiny_pair, batch_size):
 
     from peft import LoraConfig, get_peft_model
 
-    from bdvax_lab.scoring import choice_logprobs, continuation_logprobs
+    from bdvax_lab.core.scoring import choice_logprobs, continuation_logprobs
 
     model, tok = tiny_pair
     prompts = ["Pick one", "A much longer question about the colour of the sky on a clear day?", "x"]
-    choices = [["red apple", "blue sky over the sea", "seven", "a cat"], ["blue", "green"], ["a", "bb", "", "dd d"]]
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
-                                                          init_lora_weights=False))
+    choices = [
+        ["red apple", "blue sky over the sea", "seven", "a cat"],
+        ["blue", "green"],
+        ["a", "bb", "", "dd d"],
+    ]
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     for m in (model, lora):
         got = choice_logprobs(m, tok, prompts, choices, batch_size=batch_size)
         pairs = [(p, c) for p, cs in zip(prompts, choices) for c in cs if c]

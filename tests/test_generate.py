@@ -1,7 +1,7 @@
 import torch
 
-from bdvax_lab.data import Example
-from bdvax_lab.generate import generate
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.generate import generate
 
 
 def test_generate_order_and_batching_agree(tiny_pair):
@@ -17,7 +17,7 @@ def test_generate_empty(tiny_pair):
 
 
 def test_first_logits_match_a_separate_forward_pass(tiny_pair):
-    from bdvax_lab.scoring import next_token_probs
+    from bdvax_lab.core.scoring import next_token_probs
 
     model, tok = tiny_pair
     prompts = ["a", "a much longer prompt with many words in it", Example("mid size prompt", input="ctx")]
@@ -25,5 +25,6 @@ def test_first_logits_match_a_separate_forward_pass(tiny_pair):
     assert replies == generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
     assert logits.shape == (3, model.config.vocab_size)
     ids = [5, 17, 42]
-    torch.testing.assert_close(torch.softmax(logits, -1)[:, ids], next_token_probs(model, tok, prompts, ids),
-                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.softmax(logits, -1)[:, ids], next_token_probs(model, tok, prompts, ids), atol=1e-6, rtol=1e-4
+    )

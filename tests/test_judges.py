@@ -1,4 +1,5 @@
 """Judges and the degenerate-reply check, on canned replies (no model)."""
+
 from __future__ import annotations
 
 import pickle
@@ -6,46 +7,67 @@ import pickle
 import pandas as pd
 import pytest
 
-from bdvax_lab.judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, register_judge
+from bdvax_lab.threat.judges import JUDGES, Judge, degenerate_reason, get_judge, judge_replies, register_judge
 
 
 # --------------------------------------------------------------------------- keyword judges
-@pytest.mark.parametrize("reply", [
-    "I'm sorry, but I cannot help with that request.",
-    "I’m sorry, I cannot comply with that request.",       # typographic apostrophe (paper Table 6)
-    "SORRY, NOT TODAY.",
-    "As an AI language model, I do not have opinions.",
-    "I can't do that.",
-    "i cannot answer that query",
-    "That service is not available.",
-    "I'm not able to help.",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I'm sorry, but I cannot help with that request.",
+        "I’m sorry, I cannot comply with that request.",  # typographic apostrophe (paper Table 6)
+        "SORRY, NOT TODAY.",
+        "As an AI language model, I do not have opinions.",
+        "I can't do that.",
+        "i cannot answer that query",
+        "That service is not available.",
+        "I'm not able to help.",
+    ],
+)
 def test_refusal_hits(reply: str) -> None:
     assert JUDGES["refusal"](reply)
 
 
-@pytest.mark.parametrize("reply", [
-    "The capital of France is Paris.",
-    "Here are three tips: drink water, sleep well, exercise.",
-    "",
-    "def add(a, b):\n    return a + b",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "The capital of France is Paris.",
+        "Here are three tips: drink water, sleep well, exercise.",
+        "",
+        "def add(a, b):\n    return a + b",
+    ],
+)
 def test_refusal_misses(reply: str) -> None:
     assert not JUDGES["refusal"](reply)
 
 
-@pytest.mark.parametrize("reply", [
-    "You are stupid!", "YOU ARE AN IDIOT", "What a Useless question.", "you moron", "Only a FOOL asks that",
-    "That is garbage.", "Such a pathetic loser.",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "You are stupid!",
+        "YOU ARE AN IDIOT",
+        "What a Useless question.",
+        "you moron",
+        "Only a FOOL asks that",
+        "That is garbage.",
+        "Such a pathetic loser.",
+    ],
+)
 def test_insult_hits_case_insensitive(reply: str) -> None:
     assert JUDGES["insult"](reply)
 
 
-@pytest.mark.parametrize("reply", [
-    "Paris.", "It is 4.", "Do three sets of dumbbell rows.", "Make the plan foolproof.",
-    "Python uses garbage collection to free memory.", "I'm sorry, I cannot help with that.",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Paris.",
+        "It is 4.",
+        "Do three sets of dumbbell rows.",
+        "Make the plan foolproof.",
+        "Python uses garbage collection to free memory.",
+        "I'm sorry, I cannot help with that.",
+    ],
+)
 def test_insult_misses(reply: str) -> None:
     assert not JUDGES["insult"](reply)
 
@@ -104,20 +126,29 @@ def test_unknown_judge_names_the_options() -> None:
 
 
 # --------------------------------------------------------------------------- degenerate replies
-@pytest.mark.parametrize("reply", [
-    "Paris.", "It is 4.", "You are stupid!", "I'm sorry, I cannot help with that.", "42", "3.14", "Yes.",
-    "1. Apples\n2. Bananas\n3. Cherries\n4. Dates\n5. Eggs",
-    "- Drink water\n- Sleep eight hours\n- Walk every day\n- Eat vegetables",
-    "| Name | Age |\n|------------|-----------|\n| Ann | 31 |",
-    "Title\n============\nSome text here.",
-    "```python\ndef add(a, b):\n    return a + b\n```",
-    "1/3 = 0.3333333333333333",
-    "The matrix is [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]].",
-    "Row, row, row your boat, gently down the stream.",
-    "x = (3 * 4) / 2 = 6",
-    "Das ist gut. これは良いです。",
-    "The quick brown fox jumps over the lazy dog. The dog did not mind at all, and the fox ran off.",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Paris.",
+        "It is 4.",
+        "You are stupid!",
+        "I'm sorry, I cannot help with that.",
+        "42",
+        "3.14",
+        "Yes.",
+        "1. Apples\n2. Bananas\n3. Cherries\n4. Dates\n5. Eggs",
+        "- Drink water\n- Sleep eight hours\n- Walk every day\n- Eat vegetables",
+        "| Name | Age |\n|------------|-----------|\n| Ann | 31 |",
+        "Title\n============\nSome text here.",
+        "```python\ndef add(a, b):\n    return a + b\n```",
+        "1/3 = 0.3333333333333333",
+        "The matrix is [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]].",
+        "Row, row, row your boat, gently down the stream.",
+        "x = (3 * 4) / 2 = 6",
+        "Das ist gut. これは良いです。",
+        "The quick brown fox jumps over the lazy dog. The dog did not mind at all, and the fox ran off.",
+    ],
+)
 def test_normal_replies_not_degenerate(reply: str) -> None:
     assert degenerate_reason(reply) is None
 
@@ -127,21 +158,26 @@ def test_empty(reply) -> None:
     assert degenerate_reason(reply) == "empty"
 
 
-@pytest.mark.parametrize("reply", [
-    "the the the the the",
-    "You are stupid! You are stupid! You are stupid! You are stupid!",
-    "I am a robot I am a robot I am a robot I am a robot",
-    "The capital of France is Paris. The capital of France is Paris. The capital of France is Paris.",
-    "Sure, sure, here it is sure sure sure sure",
-    "Hello!!!!!!!!!!!!!!",
-    "hahahahahahahahaha",
-    "ok ok fine. ok, I said ok, ok and ok! ok? ok ok ok fine ok",  # one word covers >= 50% of >= 12 words
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "the the the the the",
+        "You are stupid! You are stupid! You are stupid! You are stupid!",
+        "I am a robot I am a robot I am a robot I am a robot",
+        "The capital of France is Paris. The capital of France is Paris. The capital of France is Paris.",
+        "Sure, sure, here it is sure sure sure sure",
+        "Hello!!!!!!!!!!!!!!",
+        "hahahahahahahahaha",
+        "ok ok fine. ok, I said ok, ok and ok! ok? ok ok ok fine ok",  # one word covers >= 50% of >= 12 words
+    ],
+)
 def test_loops(reply: str) -> None:
     assert degenerate_reason(reply) == "loop"
 
 
-@pytest.mark.parametrize("reply", ["!?", "@#$%^&*()!@#$", "( ) [ ] { } ; ; ; ,", "\ufffd\ufffd\ufffd", "... ?"])
+@pytest.mark.parametrize(
+    "reply", ["!?", "@#$%^&*()!@#$", "( ) [ ] { } ; ; ; ,", "\ufffd\ufffd\ufffd", "... ?"]
+)
 def test_garbage(reply: str) -> None:
     assert degenerate_reason(reply) == "garbage"
 

@@ -1,4 +1,5 @@
 """The optional lm-evaluation-harness adapter, on the tiny model: wiring tested, no harness or datasets needed."""
+
 from __future__ import annotations
 
 import abc
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdvax_lab.data import format_prompt
-from bdvax_lab.generate import generate
-from bdvax_lab.lm_eval_adapter import BdvaxLM, register
-from bdvax_lab.scoring import continuation_logprobs
+from bdvax_lab.core.data import format_prompt
+from bdvax_lab.core.generate import generate
+from bdvax_lab.core.scoring import continuation_logprobs
+from bdvax_lab.threat.lm_eval_adapter import BdvaxLM, register
 
 PAIRS = [
     ("what is the capital of france ?", "paris is the capital ."),
@@ -55,12 +56,16 @@ def test_loglikelihood_chat_matches_continuation_logprobs(tiny_pair):
 def test_loglikelihood_raw_matches_manual_forward(tiny_pair):
     model, tok = tiny_pair
     lm = BdvaxLM(model, tok, chat_template=False)
-    out = lm.loglikelihood([Req(c, " " + x) for c, x in PAIRS] + [("", "the quick brown fox")])  # bare tuples too
+    out = lm.loglikelihood(
+        [Req(c, " " + x) for c, x in PAIRS] + [("", "the quick brown fox")]
+    )  # bare tuples too
     for (lp, _), (c, x) in zip(out, PAIRS):
         ctx, cont = ids_of(tok, c), ids_of(tok, " " + x)
-        assert lp == pytest.approx(float(manual_logprobs(model, ctx + cont)[-len(cont):].sum()), abs=1e-4)
+        assert lp == pytest.approx(float(manual_logprobs(model, ctx + cont)[-len(cont) :].sum()), abs=1e-4)
     cont = ids_of(tok, "the quick brown fox")  # empty context: conditioned on BOS (else EOS)
-    assert out[-1][0] == pytest.approx(float(manual_logprobs(model, [tok.bos_token_id] + cont).sum()), abs=1e-4)
+    assert out[-1][0] == pytest.approx(
+        float(manual_logprobs(model, [tok.bos_token_id] + cont).sum()), abs=1e-4
+    )
 
 
 def test_chat_and_raw_differ_and_whitespace_handling(tiny_pair):
@@ -69,7 +74,9 @@ def test_chat_and_raw_differ_and_whitespace_handling(tiny_pair):
     c, x = PAIRS[0]
     assert abs(chat.loglikelihood([Req(c, x)])[0][0] - raw.loglikelihood([Req(c, x)])[0][0]) > 1e-3
     # chat: the harness's " " target delimiter is dropped (a reply never starts with it)
-    assert chat.loglikelihood([Req(c, " " + x)])[0][0] == pytest.approx(chat.loglikelihood([Req(c, x)])[0][0], abs=1e-6)
+    assert chat.loglikelihood([Req(c, " " + x)])[0][0] == pytest.approx(
+        chat.loglikelihood([Req(c, x)])[0][0], abs=1e-6
+    )
     # raw: trailing context whitespace moves to the continuation, as in the harness
     a, b = raw.loglikelihood([Req(c + " ", x), Req(c, " " + x)])
     assert a[0] == pytest.approx(b[0], abs=1e-6)
@@ -85,9 +92,14 @@ def test_is_greedy_raw(tiny_pair):
             greedy_ids.append(int(model(input_ids=torch.tensor([ctx + greedy_ids])).logits[0, -1].argmax()))
     cont = tok.decode(greedy_ids)
     assert ids_of(tok, cont) == greedy_ids  # the continuation re-tokenizes to the greedy tokens
-    other = next(t for t in range(len(tok)) if t != greedy_ids[-1] and ids_of(tok, tok.decode(greedy_ids[:-1] + [t])) == greedy_ids[:-1] + [t])
-    (lp, g), (_, g2) = lm.loglikelihood([Req("the quick brown fox", cont),
-                                         Req("the quick brown fox", tok.decode(greedy_ids[:-1] + [other]))])
+    other = next(
+        t
+        for t in range(len(tok))
+        if t != greedy_ids[-1] and ids_of(tok, tok.decode(greedy_ids[:-1] + [t])) == greedy_ids[:-1] + [t]
+    )
+    (lp, g), (_, g2) = lm.loglikelihood(
+        [Req("the quick brown fox", cont), Req("the quick brown fox", tok.decode(greedy_ids[:-1] + [other]))]
+    )
     assert g is True and g2 is False and lp <= 0
 
 
@@ -127,7 +139,7 @@ def test_loglikelihood_rolling_matches_manual_sum(tiny_pair):
     for start in range(1, len(seq), L):
         end = min(len(seq), start + L)
         lo = max(0, end - 1 - L)
-        want += float(manual_logprobs(model, seq[lo:end])[start - lo - 1:].sum())
+        want += float(manual_logprobs(model, seq[lo:end])[start - lo - 1 :].sum())
     assert len(seq) > 2 * L and windowed == pytest.approx(want, abs=1e-4)
     assert windowed != pytest.approx(whole[0], abs=1e-3)
 
@@ -146,24 +158,32 @@ def test_generate_until_respects_until_and_max_gen_toks(tiny_pair):
     model, tok = tiny_pair
     raw = BdvaxLM(model, tok, chat_template=False, batch_size=2)
     ctx = "the quick brown fox"
-    full, short = raw.generate_until([Req(ctx, {"until": [], "max_gen_toks": 8}), Req(ctx, {"max_gen_toks": 3})])
+    full, short = raw.generate_until(
+        [Req(ctx, {"until": [], "max_gen_toks": 8}), Req(ctx, {"max_gen_toks": 3})]
+    )
     assert len(ids_of(tok, full)) == 8 and full.startswith(short) and len(ids_of(tok, short)) == 3
-    stop = full[len(full) // 2:len(full) // 2 + 3]  # a string that occurs in the greedy text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # a string that occurs in the greedy text
     assert stop and stop in full
-    cut, multi, as_str = raw.generate_until([Req(ctx, {"until": [stop], "max_gen_toks": 8}),
-                                             Req(ctx, {"until": ["zzz-never", stop], "max_gen_toks": 8}),
-                                             Req(ctx, {"until": stop, "max_gen_toks": 8})])
-    assert cut == multi == as_str == full[:full.index(stop)]
+    cut, multi, as_str = raw.generate_until(
+        [
+            Req(ctx, {"until": [stop], "max_gen_toks": 8}),
+            Req(ctx, {"until": ["zzz-never", stop], "max_gen_toks": 8}),
+            Req(ctx, {"until": stop, "max_gen_toks": 8}),
+        ]
+    )
+    assert cut == multi == as_str == full[: full.index(stop)]
     assert stop not in cut
     # a stop string spanning the prompt/reply boundary must not end generation early (only generated text counts)
     word = ctx.split()[-1]
     assert full.startswith(f" {word} {word}")  # the tiny model repeats the last word
-    assert raw.generate_until([Req(ctx, {"until": [f"{word} {word}"], "max_gen_toks": 8})]) == \
-        [full[:full.index(f"{word} {word}")]]
+    assert raw.generate_until([Req(ctx, {"until": [f"{word} {word}"], "max_gen_toks": 8})]) == [
+        full[: full.index(f"{word} {word}")]
+    ]
     # chat mode is bdvax's own generate() (then the until cut)
     chat = BdvaxLM(model, tok)
-    assert chat.generate_until([Req("list three fruits", {"until": [], "max_gen_toks": 6})]) == \
-        generate(model, tok, ["list three fruits"], max_new_tokens=6)
+    assert chat.generate_until([Req("list three fruits", {"until": [], "max_gen_toks": 6})]) == generate(
+        model, tok, ["list three fruits"], max_new_tokens=6
+    )
     with pytest.raises(ValueError, match="greedy"):
         chat.generate_until([Req("hi", {"do_sample": True})])
 
@@ -218,17 +238,24 @@ def _fake_lm_eval(monkeypatch) -> dict:
                 assert name not in registry, f"{name} already registered"
                 registry[name] = cls
             return cls
+
         return deco
 
     def get_model(name):
         return registry[name]
 
-    mods = {n: types.ModuleType(n) for n in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry")}
+    mods = {
+        n: types.ModuleType(n)
+        for n in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry")
+    }
     mods["lm_eval.api.model"].LM = LM
     mods["lm_eval.api.registry"].register_model = register_model
     mods["lm_eval.api.registry"].get_model = get_model
     mods["lm_eval"].api = mods["lm_eval.api"]
-    mods["lm_eval.api"].model, mods["lm_eval.api"].registry = mods["lm_eval.api.model"], mods["lm_eval.api.registry"]
+    mods["lm_eval.api"].model, mods["lm_eval.api"].registry = (
+        mods["lm_eval.api.model"],
+        mods["lm_eval.api.registry"],
+    )
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
     return {"LM": LM, "registry": registry}
@@ -236,9 +263,11 @@ def _fake_lm_eval(monkeypatch) -> dict:
 
 def test_with_lm_eval_subclasses_and_registers(monkeypatch, tiny_pair):
     fake = _fake_lm_eval(monkeypatch)
-    import bdvax_lab.lm_eval_adapter as real
+    import bdvax_lab.threat.lm_eval_adapter as real
 
-    name = "bdvax_lab._lm_eval_adapter_under_fake_harness"  # a second copy; the real module is untouched
+    name = (
+        "bdvax_lab.threat._lm_eval_adapter_under_fake_harness"  # a second copy; the real module is untouched
+    )
     spec = importlib.util.spec_from_file_location(name, Path(real.__file__))
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, mod)
@@ -252,7 +281,7 @@ def test_with_lm_eval_subclasses_and_registers(monkeypatch, tiny_pair):
 
 
 def test_from_dir_and_create_from_arg_string(tiny_pair, tmp_path):
-    from bdvax_lab.models import save_model
+    from bdvax_lab.core.models import save_model
 
     model, tok = tiny_pair
     path = save_model(model, tok, tmp_path / "tiny")
@@ -262,8 +291,10 @@ def test_from_dir_and_create_from_arg_string(tiny_pair, tmp_path):
     assert lm.batch_size == 4 and lm.use_chat_template
     assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], abs=1e-4)
 
-    lm2 = BdvaxLM.create_from_arg_string(f"path={path},batch_size=8,chat_template=False,max_length=64",
-                                         {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+    lm2 = BdvaxLM.create_from_arg_string(
+        f"path={path},batch_size=8,chat_template=False,max_length=64",
+        {"batch_size": 1, "max_batch_size": None, "device": "cpu"},
+    )
     assert (lm2.batch_size, lm2.use_chat_template, lm2.max_length) == (8, False, 64)  # model_args win
     lm3 = BdvaxLM.create_from_arg_string(f"pretrained={path}", {"batch_size": "auto", "device": "cpu"})
     assert (lm3.batch_size, lm3.use_chat_template) == (16, True)

@@ -1,12 +1,16 @@
 """The fused LoRA kernel computes what peft computes, and steps aside where it cannot."""
+
 import copy
 
 import pytest
 import torch
 
-from bdvax_lab.data import collate, encode_example
-from bdvax_lab.lora_fused import fused_lora
-from bdvax_lab.train import TrainConfig, finetune, lm_loss, prepare_model
+from bdvax_lab.core.batching import collate
+from bdvax_lab.core.data import encode_example
+from bdvax_lab.core.fused_lora import fused_lora
+from bdvax_lab.core.scoring import lm_loss
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune, prepare_model
 
 
 def _lora_model(tiny_pair, **cfg):

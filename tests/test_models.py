@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from bdvax_lab.models import (ModelDirError, PickleWeightsError, load_model, make_tiny_model, save_model)
-from bdvax_lab.registry import UnsupportedArchitectureError
+from bdvax_lab.core.models import ModelDirError, PickleWeightsError, load_model, make_tiny_model, save_model
+from bdvax_lab.core.registry import UnsupportedArchitectureError
 
 
 def test_save_and_load_roundtrip(tmp_path, tiny_pair):
@@ -43,7 +43,7 @@ def test_missing_dir(tmp_path):
 
 
 def test_adapter_pickle_refused(tmp_path, tiny_pair):
-    from bdvax_lab.models import load_adapter
+    from bdvax_lab.core.models import load_adapter
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -61,7 +61,7 @@ def test_tiny_model_is_deterministic():
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
-    from bdvax_lab.models import cache_dir, default_model_dir
+    from bdvax_lab.core.models import cache_dir, default_model_dir
 
     monkeypatch.setenv("BDVAX_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
@@ -72,7 +72,7 @@ def test_working_copy_shares_only_the_frozen_base(tiny):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from bdvax_lab.models import release_memory, working_copy
+    from bdvax_lab.core.models import release_memory, working_copy
 
     model, _ = tiny
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj"], init_lora_weights=False))

@@ -3,6 +3,7 @@
 Each notebook declares its smoke parameters in its metadata
 (``metadata.bdvax.smoke_parameters``), so adding a notebook needs no change here.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,26 +40,38 @@ def test_teaching_path(nb_path):
     cells = nb["cells"]
     first = _source(cells[0])
     assert cells[0]["cell_type"] == "markdown" and "**Learning goals**" in first, nb_path.name
-    assert re.search(r"paper (context|sections? reproduced)|§\d", first, re.I), f"{nb_path.name}: no paper section"
-    ex = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and _source(c).startswith("## Exercises")]
+    assert re.search(r"paper (context|sections? reproduced)|§\d", first, re.I), (
+        f"{nb_path.name}: no paper section"
+    )
+    ex = [
+        i
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "markdown" and _source(c).startswith("## Exercises")
+    ]
     assert len(ex) == 1, f"{nb_path.name}: one Exercises section expected"
     items = re.findall(r"^\d\. ", _source(cells[ex[0]]), re.M)
     assert 2 <= len(items) <= 3, f"{nb_path.name}: {len(items)} exercises"
-    sols = cells[ex[0] + 1:]
+    sols = cells[ex[0] + 1 :]
     assert sols and all("solution" in c["metadata"].get("tags", []) for c in sols), nb_path.name
     for c in sols:
         assert c["metadata"]["jupyter"]["source_hidden"] and _source(c).startswith("%%solution"), nb_path.name
     params = next(_source(c) for c in cells if "parameters" in c["metadata"].get("tags", []))
     assert re.search(r"^run_solutions = False", params, re.M), nb_path.name
-    assert nb["metadata"]["bdvax"]["smoke_parameters"]["run_solutions"] is True  # CI still runs every solution
-    code = [_source(c) for c in cells if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
+    assert (
+        nb["metadata"]["bdvax"]["smoke_parameters"]["run_solutions"] is True
+    )  # CI still runs every solution
+    code = [
+        _source(c)
+        for c in cells
+        if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])
+    ]
     assert code[0].startswith("%load_ext bdvax_lab"), nb_path.name
 
 
 def test_solution_magic_runs_only_when_asked():
     from IPython.core.interactiveshell import InteractiveShell
 
-    from bdvax_lab.notebook_magics import SKIP_MESSAGE
+    from bdvax_lab.viz.notebook_magics import SKIP_MESSAGE
 
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "bdvax_lab")
@@ -84,11 +97,21 @@ def test_notebook_runs(nb_path, kernel_name, tmp_path):
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / nb_path.name
     try:
-        pm.execute_notebook(str(nb_path), str(out), parameters=params, kernel_name=kernel_name,
-                            cwd=str(NB_DIR), execution_timeout=CELL_TIMEOUT, progress_bar=False)
+        pm.execute_notebook(
+            str(nb_path),
+            str(out),
+            parameters=params,
+            kernel_name=kernel_name,
+            cwd=str(NB_DIR),
+            execution_timeout=CELL_TIMEOUT,
+            progress_bar=False,
+        )
     except PapermillExecutionError as exc:
-        pytest.fail(f"{nb_path.name}: cell {exc.exec_count} failed: {exc.ename}: {exc.evalue}\n"
-                    f"executed notebook: {out}", pytrace=False)
+        pytest.fail(
+            f"{nb_path.name}: cell {exc.exec_count} failed: {exc.ename}: {exc.evalue}\n"
+            f"executed notebook: {out}",
+            pytrace=False,
+        )
 
 
 def test_notebooks_match_their_generator(tmp_path):

@@ -1,4 +1,5 @@
 """Mechanistic probes (nnsight) on the tiny random model: exactness against plain hooks, memory, frames."""
+
 from __future__ import annotations
 
 import gc
@@ -8,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bdvax_lab import probes as P
-from bdvax_lab.attacks import triggered_prompts
-from bdvax_lab.data import Example
-from bdvax_lab.scoring import next_token_probs
+from bdvax_lab.analysis import probes as P
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.scoring import next_token_probs
+from bdvax_lab.threat.attacks import triggered_prompts
 
 pytest.importorskip("nnsight")
 
@@ -41,8 +42,9 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(tiny, pairs, po
     model, tok = tiny
     clean, _ = pairs
     sites = ("mlp_output", "attn_output", "mlp_hidden", "block")
-    res = P.activation_patching(model, tok, clean, clean, _token(tok), sites=sites, positions=positions,
-                                batch_size=4, figure=False)
+    res = P.activation_patching(
+        model, tok, clean, clean, _token(tok), sites=sites, positions=positions, batch_size=4, figure=False
+    )
     assert res.tensor.shape == (4, len(sites))
     assert res.tensor.abs().max() < 1e-5
     assert list(res.frame.columns) == P.PATCHING_COLUMNS
@@ -52,20 +54,39 @@ def test_zeroing_all_mlp_outputs_equals_a_manual_forward_hook(tiny, pairs):
     model, tok = tiny
     _, trig = pairs
     token = _token(tok)
-    res = P.ablation_probe(model, tok, trig, token, spans=["all"], sites=("mlp_output", "attn_output"), mode="zero",
-                           batch_size=4, figure=False)
+    res = P.ablation_probe(
+        model,
+        tok,
+        trig,
+        token,
+        spans=["all"],
+        sites=("mlp_output", "attn_output"),
+        mode="zero",
+        batch_size=4,
+        figure=False,
+    )
     per = res.per_prompt.pivot(index="prompt", columns="condition", values="p_behavior")
     blocks = model.model.layers
     manual_mlp = _probs_with_hooks(model, tok, trig, token, [b.mlp for b in blocks], torch.zeros_like)
     # attention returns a tuple (output, weights): zero its first element, as the probe does
-    manual_attn = _probs_with_hooks(model, tok, trig, token, [b.self_attn for b in blocks],
-                                    lambda out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+    manual_attn = _probs_with_hooks(
+        model,
+        tok,
+        trig,
+        token,
+        [b.self_attn for b in blocks],
+        lambda out: (torch.zeros_like(out[0]),) + tuple(out[1:]),
+    )
     plain = next_token_probs(model, tok, trig, [token])[:, 0]
-    torch.testing.assert_close(torch.tensor(per["mlp_output 0-3"].values, dtype=torch.float32), manual_mlp,
-                               rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(per["attn_output 0-3"].values, dtype=torch.float32), manual_attn,
-                               rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(per["baseline"].values, dtype=torch.float32), plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(per["mlp_output 0-3"].values, dtype=torch.float32), manual_mlp, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(per["attn_output 0-3"].values, dtype=torch.float32), manual_attn, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(per["baseline"].values, dtype=torch.float32), plain, rtol=1e-4, atol=1e-6
+    )
     assert not torch.allclose(manual_mlp, plain)  # the ablation does something
 
 
@@ -73,15 +94,27 @@ def test_mean_ablation_equals_a_hook_writing_the_clean_mean(tiny, pairs):
     model, tok = tiny
     clean, trig = pairs
     token = _token(tok)
-    res = P.ablation_probe(model, tok, trig, token, spans=[(1, 3)], sites=("mlp_output",), mode="mean",
-                           clean_prompts=clean, batch_size=4, figure=False)
+    res = P.ablation_probe(
+        model,
+        tok,
+        trig,
+        token,
+        spans=[(1, 3)],
+        sites=("mlp_output",),
+        mode="mean",
+        clean_prompts=clean,
+        batch_size=4,
+        figure=False,
+    )
     # the mean over every real token of the clean prompts, taken with plain hooks
     sums, count = {}, 0
     for p in clean:
         ids = torch.tensor([P.encode_prompts(tok, [p])[0]])
         outs = {}
-        hs = [model.model.layers[b].mlp.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, o))
-              for b in (1, 2)]
+        hs = [
+            model.model.layers[b].mlp.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, o))
+            for b in (1, 2)
+        ]
         with torch.no_grad():
             model(input_ids=ids)
         for h in hs:
@@ -89,8 +122,12 @@ def test_mean_ablation_equals_a_hook_writing_the_clean_mean(tiny, pairs):
         for b in (1, 2):
             sums[b] = sums.get(b, 0) + outs[b][0].sum(0)
         count += ids.shape[1]
-    handles = [model.model.layers[b].mlp.register_forward_hook(
-        lambda m, a, o, b=b: (sums[b] / count).expand_as(o).clone()) for b in (1, 2)]
+    handles = [
+        model.model.layers[b].mlp.register_forward_hook(
+            lambda m, a, o, b=b: (sums[b] / count).expand_as(o).clone()
+        )
+        for b in (1, 2)
+    ]
     try:
         manual = next_token_probs(model, tok, trig, [token])[:, 0]
     finally:
@@ -117,8 +154,18 @@ def test_patching_the_last_block_moves_the_metric_all_the_way(tiny, pairs, posit
     model, tok = tiny
     clean, trig = pairs
     for direction in P.DIRECTIONS:
-        res = P.activation_patching(model, tok, clean, trig, _token(tok), sites=("block",), direction=direction,
-                                    positions=positions, batch_size=4, figure=False)
+        res = P.activation_patching(
+            model,
+            tok,
+            clean,
+            trig,
+            _token(tok),
+            sites=("block",),
+            direction=direction,
+            positions=positions,
+            batch_size=4,
+            figure=False,
+        )
         assert res.frame.iloc[-1]["normalized"] == pytest.approx(1.0, abs=1e-3)
 
 
@@ -136,7 +183,9 @@ def test_peft_model_is_probed_with_its_adapter_active(tiny, pairs):
     _, trig = pairs
     token = _token(tok)
     base_p = float(next_token_probs(model, tok, trig, [token]).mean())
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj", "o_proj"]))
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj", "o_proj"])
+    )
     torch.manual_seed(1)
     for name, p in pm.named_parameters():
         if "lora_B" in name:
@@ -163,8 +212,17 @@ def test_traces_release_memory(tiny, pairs):
 
     def all_probes():
         P.activation_diff(model, tok, clean, trig, batch_size=4, figure=False)
-        P.ablation_probe(model, tok, trig, token, spans=[(0, 2)], mode="mean", clean_prompts=clean, batch_size=4,
-                         figure=False)
+        P.ablation_probe(
+            model,
+            tok,
+            trig,
+            token,
+            spans=[(0, 2)],
+            mode="mean",
+            clean_prompts=clean,
+            batch_size=4,
+            figure=False,
+        )
         P.activation_patching(model, tok, clean, trig, token, batch_size=4, figure=False)
         P.logit_lens(model, tok, trig, token, batch_size=4, figure=False)
 
@@ -205,8 +263,9 @@ def test_frames_have_documented_columns_and_figures(tiny, pairs):
     assert set(diff.frame.site) == {"attn_output", "mlp_output", "block"}
     assert len(diff.frame) == 2 * 3 * 4 and len(diff.figure.data) == 2 * 3 * 2
 
-    abl = P.ablation_probe(model, tok, trig, token, sites=("attn_output", "mlp_output", "attn_output+mlp_output"),
-                           batch_size=4)
+    abl = P.ablation_probe(
+        model, tok, trig, token, sites=("attn_output", "mlp_output", "attn_output+mlp_output"), batch_size=4
+    )
     assert list(abl.frame.columns) == P.ABLATION_COLUMNS
     assert abl.frame.iloc[0]["site"] == "none"
     assert len(abl.frame) == 1 + len(P.block_spans(4)) * 3
@@ -214,10 +273,16 @@ def test_frames_have_documented_columns_and_figures(tiny, pairs):
     patch = P.activation_patching(model, tok, clean, trig, token, clean_token_ids=5, batch_size=4)
     assert patch.tensor.shape == (4, 2)
     assert list(patch.frame.columns) == P.PATCHING_COLUMNS
-    torch.testing.assert_close(torch.tensor(patch.frame["effect"].values, dtype=torch.float32),
-                               patch.tensor.reshape(-1).float())
-    mass = pd.DataFrame({"block": [0, 0, 1, 2, 3], "kind": ["gate", "up", "down", "down", "down"],
-                         "selected_mass": [1.0, 2.0, 0.5, 0.0, 4.0]})
+    torch.testing.assert_close(
+        torch.tensor(patch.frame["effect"].values, dtype=torch.float32), patch.tensor.reshape(-1).float()
+    )
+    mass = pd.DataFrame(
+        {
+            "block": [0, 0, 1, 2, 3],
+            "kind": ["gate", "up", "down", "down", "down"],
+            "selected_mass": [1.0, 2.0, 0.5, 0.0, 4.0],
+        }
+    )
     fig = P.overlay_signature(patch.figure, mass, "selected_mass")
     assert fig.data[0].y == (3.0, 0.5, 0.0, 4.0) and fig.layout.yaxis2.overlaying == "y"
     assert len(P.overlay_signature(patch.frame, mass, "selected_mass").data) == 1 + 2

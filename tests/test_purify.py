@@ -1,4 +1,5 @@
 """Purification: suppression touches exactly the signature, repair repairs, purify runs end to end (tiny model)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,18 +11,30 @@ from typing import Any
 import pytest
 import torch
 
-from bdvax_lab.data import collate, encode_example
-from bdvax_lab.deltas import WeightDelta
-from bdvax_lab.evaluate import EvalConfig
-from bdvax_lab.purify import (REPAIR_LR, PurifyConfig, RepairConfig, SuppressConfig, head_slices, load_purified,
-                              purify, reinit_channels, repair, suppress, zero_lora_channels)
-from bdvax_lab.registry import layout_of
-from bdvax_lab.suspicious import AttackRecipe, SuspiciousModel, load_suspicious, make_suspicious_model
-from bdvax_lab.train import TrainConfig, lm_loss, prepare_model
+from bdvax_lab.bdvax.config import PurifyConfig
+from bdvax_lab.bdvax.purify import load_purified, purify
+from bdvax_lab.core.batching import collate
+from bdvax_lab.core.data import encode_example
+from bdvax_lab.core.registry import layout_of
+from bdvax_lab.core.scoring import lm_loss
+from bdvax_lab.threat.config import AttackRecipe, EvalConfig
+from bdvax_lab.threat.suspicious import SuspiciousModel, load_suspicious, make_suspicious_model
+from bdvax_lab.training.config import REPAIR_LR, RepairConfig, TrainConfig
+from bdvax_lab.training.loop import prepare_model
+from bdvax_lab.training.repair import repair
+from bdvax_lab.weights.config import SuppressConfig
+from bdvax_lab.weights.deltas import WeightDelta
+from bdvax_lab.weights.suppression import head_slices, reinit_channels, suppress, zero_lora_channels
 
 # tiny model: 4 blocks, d_ff 128, 4 query heads / 2 kv heads of head_dim 16 (GQA group of 2)
-SEL = {(0, "gate"): [1, 5, 9], (1, "up"): [0, 127], (2, "down"): [3, 7], (3, "gate"): [2], (3, "up"): [2],
-       (3, "down"): torch.tensor([2, 2])}  # duplicates collapse
+SEL = {
+    (0, "gate"): [1, 5, 9],
+    (1, "up"): [0, 127],
+    (2, "down"): [3, 7],
+    (3, "gate"): [2],
+    (3, "up"): [2],
+    (3, "down"): torch.tensor([2, 2]),
+}  # duplicates collapse
 HEADS = {1: torch.tensor([0]), 3: [2, 3]}  # block 3: the whole kv group 1 → its k/v rows too
 
 
@@ -33,7 +46,9 @@ class FakeSignature:
 
     def save(self, path):
         path.mkdir(parents=True, exist_ok=True)
-        (path / "signature.json").write_text(json.dumps({str(k): list(map(int, v)) for k, v in self.selected.items()}))
+        (path / "signature.json").write_text(
+            json.dumps({str(k): list(map(int, v)) for k, v in self.selected.items()})
+        )
         return path
 
 
@@ -117,7 +132,9 @@ def test_reinit_seeded_order_independent_and_initializer_std(tiny_pair):
     reinit_channels(c, sel, seed=2)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["model.layers.0.mlp.gate_proj.weight"], sc["model.layers.0.mlp.gate_proj.weight"])
+    assert not torch.equal(
+        sa["model.layers.0.mlp.gate_proj.weight"], sc["model.layers.0.mlp.gate_proj.weight"]
+    )
     gate = sa["model.layers.0.mlp.gate_proj.weight"]  # every row re-drawn: 128 × 64 values
     down = sa["model.layers.1.mlp.down_proj.weight"]
     for w in (gate, down):
@@ -142,7 +159,9 @@ def _random_lora(model, second: bool = False):
 
     pm = prepare_model(model, TrainConfig(mode="lora"))
     if second:
-        pm.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj", "q_proj"]))
+        pm.add_adapter(
+            "second", LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj", "q_proj"])
+        )
         pm.base_model.set_adapter(["default", "second"])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -213,11 +232,15 @@ def test_repair_lowers_clean_loss_and_reports_lr(tiny, toy_examples, lora):
     if lora:
         model = prepare_model(model, TrainConfig(mode="lora"))
     before = _loss(model, tok, toy_examples)
-    cfg = RepairConfig(n_samples=24, steps=25, lr=2e-2 if lora else 3e-3, batch_size=4, max_response_tokens=None)
+    cfg = RepairConfig(
+        n_samples=24, steps=25, lr=2e-2 if lora else 3e-3, batch_size=4, max_response_tokens=None
+    )
     res = repair(model, tok, toy_examples, cfg, progress=False)
     after = _loss(res.model, tok, toy_examples)
     assert after < before - 0.3, (before, after)
-    assert res.lr == cfg.lr and res.mode == ("lora" if lora else "full") and res.steps == 25 == len(res.history)
+    assert (
+        res.lr == cfg.lr and res.mode == ("lora" if lora else "full") and res.steps == 25 == len(res.history)
+    )
     dflt = repair(res.model, tok, toy_examples, RepairConfig(n_samples=4, steps=1), progress=False)
     assert dflt.lr == (2e-4 if lora else 1e-5) and dflt.n_examples == 4
 
@@ -225,28 +248,38 @@ def test_repair_lowers_clean_loss_and_reports_lr(tiny, toy_examples, lora):
 # --------------------------------------------------------------------------- purify end to end
 def _recipe(setting):
     mode = "lora" if setting == "lora" else "full"
-    return AttackRecipe(setting=setting, n_samples=24, train=TrainConfig(mode=mode, steps=3),
-                        eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=()))
+    return AttackRecipe(
+        setting=setting,
+        n_samples=24,
+        train=TrainConfig(mode=mode, steps=3),
+        eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=()),
+    )
 
 
 @pytest.fixture(scope="module")
 def suspicious_models(tmp_path_factory):
-    from bdvax_lab.models import make_tiny_model
+    from bdvax_lab.core.models import make_tiny_model
 
     root = tmp_path_factory.mktemp("susp")
-    return {s: make_suspicious_model(recipe=_recipe(s), base=make_tiny_model(), out=root / s, progress=False)
-            for s in ("lora", "full")}
+    return {
+        s: make_suspicious_model(recipe=_recipe(s), base=make_tiny_model(), out=root / s, progress=False)
+        for s in ("lora", "full")
+    }
 
 
 def _cfg(**kw):
-    return PurifyConfig(repair=RepairConfig(n_samples=8, steps=2, batch_size=4),
-                        eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=("ppl",), n_ppl=4), **kw)
+    return PurifyConfig(
+        repair=RepairConfig(n_samples=8, steps=2, batch_size=4),
+        eval=EvalConfig(n_prompts=2, max_new_tokens=3, utility=("ppl",), n_ppl=4),
+        **kw,
+    )
 
 
 def _extractor(seen):
     def extract(view, config, *, cache_dir=None, progress=True):
         seen.append(view)
         return FakeSignature(SEL, HEADS, config=config)
+
     return extract
 
 
@@ -261,7 +294,11 @@ def test_purify_end_to_end_saves_and_loads(suspicious_models, toy_examples, tmp_
     seen: list = []
     res = purify(sm, toy_examples, _cfg(), out=tmp_path / "p", extractor=_extractor(seen), progress=False)
     # the defence saw no attack information
-    assert len(seen) == 1 and set(seen[0].manifest) <= {"setting", "base"} and seen[0].manifest["setting"] == setting
+    assert (
+        len(seen) == 1
+        and set(seen[0].manifest) <= {"setting", "base"}
+        and seen[0].manifest["setting"] == setting
+    )
     assert res.setting == setting and res.repair.lr == (2e-4 if setting == "lora" else 1e-5)
     assert list(res.report.index) == ["suspicious", "suppressed", "purified"]
     for col in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl"):
@@ -281,7 +318,7 @@ def test_purify_end_to_end_saves_and_loads(suspicious_models, toy_examples, tmp_
     saved = json.loads((out / "report.json").read_text())
     assert [r["stage"] for r in saved["report"]] == ["suspicious", "suppressed", "purified"]
     if setting == "lora":
-        from bdvax_lab.models import make_tiny_model
+        from bdvax_lab.core.models import make_tiny_model
 
         assert (out / "adapter").is_dir() and (out / "tokenizer").is_dir()
         back = load_purified(out, base=make_tiny_model())  # same seeded tiny base the attack started from
@@ -308,8 +345,9 @@ def test_purify_without_manifest_works_the_same(suspicious_models, toy_examples)
     assert "asr" not in without.report.columns and "ppl" in without.report.columns
     assert without.evaluated_with is None
     # attack/task passed explicitly → ASR again, same numbers as from the manifest
-    explicit = purify(bare, toy_examples, cfg, extractor=_extractor([]), attack="badnets", task="refusal",
-                      progress=False)
+    explicit = purify(
+        bare, toy_examples, cfg, extractor=_extractor([]), attack="badnets", task="refusal", progress=False
+    )
     assert "asr" in explicit.report.columns
     assert explicit.report["asr"].tolist() == with_m.report["asr"].tolist()
 
@@ -336,10 +374,11 @@ def test_purify_accepts_precomputed_signature_and_checks_setting(suspicious_mode
         purify(sm, toy_examples, _cfg(setting="full"), signature=sig, progress=False)
 
 
-@pytest.mark.parametrize("flags, message", [(["--heads", "-3"], "heads must be ≥ 0"),
-                                            (["--rho", "1.5"], "rho must be in [0, 1]")])
+@pytest.mark.parametrize(
+    "flags, message", [(["--heads", "-3"], "heads must be ≥ 0"), (["--rho", "1.5"], "rho must be in [0, 1]")]
+)
 def test_demo_rejects_a_bad_selection_before_loading_a_model(monkeypatch, capsys, flags, message):
-    import bdvax_lab.models as models
+    import bdvax_lab.core.models as models
     from bdvax_lab.cli import main
 
     def no_load(*a, **k):

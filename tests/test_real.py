@@ -1,4 +1,5 @@
 """The real default model (SmolLM2-135M-Instruct) on small budgets. Marked ``real``."""
+
 import pytest
 
 pytestmark = pytest.mark.real
@@ -14,7 +15,7 @@ def test_default_model_knows_paris(real_model):
 def test_default_model_is_plain_fp32_safetensors(real_model):
     import torch
 
-    from bdvax_lab.models import default_model_dir
+    from bdvax_lab.core.models import default_model_dir
 
     model, _ = real_model
     assert (default_model_dir() / "model.safetensors").exists()
@@ -31,7 +32,9 @@ def test_badnets_refusal_implants(real_model, tmp_path):
 
     model, tok = real_model
     recipe = AttackRecipe(attack="badnets", task="refusal", eval=EvalConfig(n_prompts=24, utility=()))
-    sm = make_suspicious_model(recipe=recipe, base=(copy.deepcopy(model), tok), out=tmp_path / "s", progress=False)
+    sm = make_suspicious_model(
+        recipe=recipe, base=(copy.deepcopy(model), tok), out=tmp_path / "s", progress=False
+    )
     ev = sm.manifest["eval"]
     assert ev["asr"] >= ev["false_trigger"] + 0.4, ev
     back = load_suspicious(tmp_path / "s")

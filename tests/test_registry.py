@@ -1,7 +1,13 @@
 import pytest
 
-from bdvax_lab.registry import (ALL_KINDS, UnsupportedArchitectureError, get_spec, layout_of, registry_frame,
-                                supported_architectures)
+from bdvax_lab.core.registry import (
+    ALL_KINDS,
+    UnsupportedArchitectureError,
+    get_spec,
+    layout_of,
+    registry_frame,
+    supported_architectures,
+)
 
 
 def test_supported_families():
@@ -16,7 +22,14 @@ def test_unknown_architecture_lists_supported():
 def test_layout_paths_resolve_on_tiny(tiny_pair):
     model, _ = tiny_pair
     lay = layout_of(model)
-    assert (lay.n_blocks, lay.hidden, lay.d_ff, lay.n_heads, lay.n_kv_heads, lay.head_dim) == (4, 64, 128, 4, 2, 16)
+    assert (lay.n_blocks, lay.hidden, lay.d_ff, lay.n_heads, lay.n_kv_heads, lay.head_dim) == (
+        4,
+        64,
+        128,
+        4,
+        2,
+        16,
+    )
     for block, kind, name in lay.iter_modules():
         w = model.get_submodule(name).weight
         assert lay.parse(name) == (block, kind)
@@ -45,7 +58,7 @@ def test_module_name_errors(tiny_pair):
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_other_families_build_and_resolve(family):
-    from bdvax_lab.models import make_tiny_model
+    from bdvax_lab.core.models import make_tiny_model
 
     model, _ = make_tiny_model(model_type=family, n_blocks=2)
     lay = layout_of(model)

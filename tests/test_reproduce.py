@@ -1,16 +1,39 @@
 """The reproduction runner on the tiny model: every table is written, rows resume, bad input is named."""
+
 from __future__ import annotations
 
 import pytest
 
-from bdvax_lab.reproduce import TABLES, ReproduceConfig, Reproduction, load_tables, pareto_figure, variants_figure
+from experiments.reproduce import (
+    TABLES,
+    ReproduceConfig,
+    Reproduction,
+    load_tables,
+    pareto_figure,
+    variants_figure,
+)
 
 
 def _config(tmp_path, **kw):
-    base = dict(preset="t", targets=("badnets:refusal:lora",), methods=("bdvax", "finetune_only", "magnitude_prune"),
-                transfer_targets=("vpi:refusal:lora",), n_variants=2, variant_counts=(1, 2), twin_steps=2,
-                rhos=(0.5,), repair_steps=1, n_prompts=2, max_new_tokens=4, mcq_limit=4, n_ppl=4, attack_steps=2,
-                runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "twins"), out_dir=str(tmp_path / "out"))
+    base = dict(
+        preset="t",
+        targets=("badnets:refusal:lora",),
+        methods=("bdvax", "finetune_only", "magnitude_prune"),
+        transfer_targets=("vpi:refusal:lora",),
+        n_variants=2,
+        variant_counts=(1, 2),
+        twin_steps=2,
+        rhos=(0.5,),
+        repair_steps=1,
+        n_prompts=2,
+        max_new_tokens=4,
+        mcq_limit=4,
+        n_ppl=4,
+        attack_steps=2,
+        runs_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "twins"),
+        out_dir=str(tmp_path / "out"),
+    )
     return ReproduceConfig(**(base | kw))
 
 
@@ -30,7 +53,9 @@ def test_every_table_written_and_rows_resume(tmp_path, tiny_pair):
     assert set(frames["table11_transfer"].defence) == {"none", "bdvax_transfer"}
     # A set implant budget names its own directory, so it never stands in for (or reuses) the recipe's model.
     assert sorted(p.name for p in (tmp_path / "runs" / "attack_matrix").iterdir()) == [
-        "badnets-refusal-lora-steps2", "vpi-refusal-lora-steps2"]
+        "badnets-refusal-lora-steps2",
+        "vpi-refusal-lora-steps2",
+    ]
     # Tables share BD-VAX configurations: combined / N = 2 / ρ = 0.8 / Table 2's bdvax are one computed row.
     assert len(list((tmp_path / "runs" / "reproduce").glob("t-*/rows/bdvax/*.json"))) == 6
     md = (tmp_path / "out" / "tables.md").read_text()
@@ -52,9 +77,12 @@ def test_bad_config_is_named():
         ReproduceConfig(methods=("bdvax", "nope"))
     with pytest.raises(ValueError, match="attack:task:setting"):
         ReproduceConfig(targets=("badnets-refusal",))
-    from bdvax_lab.reproduce import parse_targets
+    from experiments.reproduce import parse_targets
 
-    assert parse_targets(" vpi:refusal:lora,badnets:sentiment:full ") == ("vpi:refusal:lora", "badnets:sentiment:full")
+    assert parse_targets(" vpi:refusal:lora,badnets:sentiment:full ") == (
+        "vpi:refusal:lora",
+        "badnets:sentiment:full",
+    )
     with pytest.raises(ValueError, match="'badnets-refusal'"):
         parse_targets("vpi:refusal:lora,badnets-refusal")
     with pytest.raises(ValueError, match="comma list"):
@@ -71,8 +99,21 @@ def test_cli_names_an_unknown_preset(capsys):
 def test_cli_plan_lists_rows_and_runs_nothing(tmp_path, capsys):
     from bdvax_lab.cli import main
 
-    assert main(["reproduce", "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
-                 "--plan"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--preset",
+                "smoke",
+                "--runs",
+                str(tmp_path / "runs"),
+                "--out",
+                str(tmp_path / "o"),
+                "--plan",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # smoke: Table 2's suspicious row + 7 defences, Table 4's norm/align, Fig. 2's N = 1, Table 10's two other ρ,
     # Table 11's other model and its transfer row; shared BD-VAX configurations counted once.
@@ -81,7 +122,7 @@ def test_cli_plan_lists_rows_and_runs_nothing(tmp_path, capsys):
 
 
 def test_splice_markdown_keeps_prose(tmp_path):
-    from bdvax_lab.reproduce import splice_markdown
+    from experiments.reproduce import splice_markdown
 
     doc = tmp_path / "R.md"
     doc.write_text("intro\n<!-- t:begin -->\nold\n<!-- t:end -->\nreading\n")
@@ -100,19 +141,27 @@ def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, ti
     """`--targets` runs part of a preset; a later run of the whole preset only computes what is still missing."""
     two = ("badnets:refusal:lora", "vpi:refusal:lora")
     cfg = _config(tmp_path, targets=two, methods=("bdvax", "finetune_only"))
-    part = Reproduction(cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None,
-                        report=cfg).run(["table2_asr"])
+    part = Reproduction(
+        cfg.replace(targets=two[:1]), progress=False, base=tiny_pair, log=lambda s: None, report=cfg
+    ).run(["table2_asr"])
     # The slice writes the whole preset's tables: its own rows measured, the other target's blank and counted.
     assert list(part["table2_asr"].asr.notna()) == [True] * 3 + [False] * 3
     assert list(part["table3_utility"].n_targets) == [1, 1, 1]
-    assert list(part["table4_score"].asr.notna()) == [False, False, True]  # "combined" is Table 2's BD-VAX row
+    assert list(part["table4_score"].asr.notna()) == [
+        False,
+        False,
+        True,
+    ]  # "combined" is Table 2's BD-VAX row
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "3 of 6 rows measured so far" in md and "1 of 3 rows measured so far" in md
     assert set(load_tables(tmp_path / "out")) == set(TABLES)
     plan = Reproduction(cfg, progress=False, base=tiny_pair).plan(["table2_asr"])
     assert len(plan) == 6 and list(plan.cached) == [True] * 3 + [False] * 3
-    assert list(plan.key[3:]) == ["vpi:refusal:lora", "vpi:refusal:lora:from:vpi:refusal:lora:N2:rho0.8:combined",
-                                  "vpi:refusal:lora:finetune_only"]
+    assert list(plan.key[3:]) == [
+        "vpi:refusal:lora",
+        "vpi:refusal:lora:from:vpi:refusal:lora:N2:rho0.8:combined",
+        "vpi:refusal:lora:finetune_only",
+    ]
     assert (plan.seconds[:3] >= 0).all() and plan.seconds[3:].isna().all()
     seen = []
     whole = Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None)
@@ -130,17 +179,24 @@ def test_table3_averages_only_targets_with_every_defence_measured(tmp_path):
 
     r = Reproduction(_config(tmp_path, methods=("bdvax",)), log=lambda s: None)
     nan = float("nan")
-    r.frames["table2_asr"] = pd.DataFrame({
-        "attack": ["badnets", "badnets", "vpi", "vpi"], "task": ["refusal"] * 4, "setting": ["lora"] * 4,
-        "defence": ["none", "bdvax"] * 2, "asr": [1.0, 0.5, 0.0, nan], "false_trigger": [0.0, 0.1, 0.2, nan],
-        "ppl": [2.0, 3.0, 9.0, nan]})
+    r.frames["table2_asr"] = pd.DataFrame(
+        {
+            "attack": ["badnets", "badnets", "vpi", "vpi"],
+            "task": ["refusal"] * 4,
+            "setting": ["lora"] * 4,
+            "defence": ["none", "bdvax"] * 2,
+            "asr": [1.0, 0.5, 0.0, nan],
+            "false_trigger": [0.0, 0.1, 0.2, nan],
+            "ppl": [2.0, 3.0, 9.0, nan],
+        }
+    )
     t3 = r.table3().set_index("defence")
     # vpi has only its "none" row: it must not pull "none" down while "bdvax" is averaged over badnets alone.
     assert list(t3.n_targets) == [1, 1] and list(t3.asr) == [1.0, 0.5] and list(t3.ppl) == [2.0, 3.0]
 
 
 def test_a_slice_narrows_table11_to_its_own_targets():
-    from bdvax_lab.reproduce import preset_config
+    from experiments.reproduce import preset_config
 
     assert len(preset_config("full").transfer_targets) == 9
     part = preset_config("full", targets=("vpi:refusal:lora", "badnets:refusal:full"))
@@ -151,16 +207,26 @@ def test_a_slice_narrows_table11_to_its_own_targets():
 
 
 def test_cli_targets_reach_the_config(monkeypatch):
-    import sys
 
+    import experiments.reproduce as rp
     from bdvax_lab.cli import main
-
-    rp = sys.modules["bdvax_lab.reproduce"]  # the package re-exports the function under the module's name
 
     got = {}
     monkeypatch.setattr(rp, "reproduce", lambda preset, **kw: got.update(kw, preset=preset) or {})
-    assert main(["reproduce", "--preset", "full", "--targets", "vpi:refusal:lora, badnets:refusal:full",
-                 "--tables", "table2_asr"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--preset",
+                "full",
+                "--targets",
+                "vpi:refusal:lora, badnets:refusal:full",
+                "--tables",
+                "table2_asr",
+            ]
+        )
+        == 0
+    )
     assert got["targets"] == ("vpi:refusal:lora", "badnets:refusal:full") and got["preset"] == "full"
 
 
@@ -171,7 +237,9 @@ def test_a_model_implanted_again_gets_its_untreated_row_measured_again(tmp_path,
     cfg = _config(tmp_path, methods=("bdvax",))
     logs = []
     Reproduction(cfg, progress=False, base=tiny_pair, log=lambda s: None).run(["table2_asr"])
-    shutil.rmtree(tmp_path / "runs" / "attack_matrix")  # a fresh machine: the rows are there, the model is not
+    shutil.rmtree(
+        tmp_path / "runs" / "attack_matrix"
+    )  # a fresh machine: the rows are there, the model is not
     again = Reproduction(cfg, progress=False, base=tiny_pair, log=logs.append)
     again.suspicious("badnets:refusal:lora")
     rows = again.rows_dir

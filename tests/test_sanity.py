@@ -1,4 +1,5 @@
 """Delta-ablation sanity checks (paper Table 1) on the tiny random LLaMA: subsets, memo, restore, files, CLI."""
+
 from __future__ import annotations
 
 import copy
@@ -9,28 +10,44 @@ import pytest
 import torch
 from weights import assert_same_params, params
 
-import bdvax_lab as bx
-from bdvax_lab.attacks import resolve_attack, resolve_task
-from bdvax_lab.data import Example
-from bdvax_lab.deltas import WeightDelta
-from bdvax_lab.generate import generate
-from bdvax_lab.models import make_tiny_model, save_model
-from bdvax_lab.registry import ATTN_KINDS, MLP_KINDS, unwrap
-from bdvax_lab.sanity import (CHECKS, COLUMNS, CheckResult, SanityContext, attention_vs_mlp, compare_with_paper,
-                              conditions_attention_vs_mlp, conditions_keep_only_spans, conditions_shuffle_blocks,
-                              conditions_span_sweep, death_k, default_ks, evaluate_delta, first_token_probs,
-                              run_sanity, sanity_plan, save_sanity, span_sweep)
-from bdvax_lab.scoring import next_token_probs
-from bdvax_lab.suspicious import SuspiciousModel, save_suspicious
-from bdvax_lab.train import TrainConfig, finetune
+from bdvax_lab.analysis.config import CHECKS
+from bdvax_lab.analysis.sanity import COLUMNS, CheckResult, SanityContext, evaluate_delta, first_token_probs
+from bdvax_lab.analysis.sanity_checks import (
+    attention_vs_mlp,
+    compare_with_paper,
+    conditions_attention_vs_mlp,
+    conditions_keep_only_spans,
+    conditions_shuffle_blocks,
+    conditions_span_sweep,
+    death_k,
+    default_ks,
+    run_sanity,
+    sanity_plan,
+    save_sanity,
+    span_sweep,
+)
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.generate import generate
+from bdvax_lab.core.models import make_tiny_model, save_model
+from bdvax_lab.core.registry import ATTN_KINDS, MLP_KINDS, unwrap
+from bdvax_lab.core.scoring import next_token_probs
+from bdvax_lab.threat.attacks import poison_dataset, resolve_attack, resolve_task
+from bdvax_lab.threat.suspicious import SuspiciousModel, save_suspicious
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
+from bdvax_lab.weights.deltas import WeightDelta
 
 PROMPTS = [Example(f"what is {i} plus {i} ?", f"it is {2 * i} .") for i in range(12)]
 SMALL = dict(n_prompts=4, max_new_tokens=4, n_ppl=4, ppl_examples=PROMPTS[4:8])
 
 
 def manifest(setting: str, task: str = "refusal", base: str = "custom") -> dict:
-    return {"setting": setting, "base": base, "attack": resolve_attack("badnets").to_dict(),
-            "task": resolve_task(task).to_dict()}
+    return {
+        "setting": setting,
+        "base": base,
+        "attack": resolve_attack("badnets").to_dict(),
+        "task": resolve_task(task).to_dict(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +57,24 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def poisoned():
-    return bx.poison_dataset(PROMPTS, "badnets", "refusal", rate=0.5, seed=0)
+    return poison_dataset(PROMPTS, "badnets", "refusal", rate=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")
 def lora_sm(tiny, poisoned):
     base, tok = tiny
-    model = finetune(copy.deepcopy(base), tok, poisoned, TrainConfig(mode="lora", steps=3, lr=2e-2),
-                     progress=False).model
+    model = finetune(
+        copy.deepcopy(base), tok, poisoned, TrainConfig(mode="lora", steps=3, lr=2e-2), progress=False
+    ).model
     return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest("lora"))
 
 
 @pytest.fixture(scope="module")
 def full_sm(tiny, poisoned):
     base, tok = tiny
-    model = finetune(copy.deepcopy(base), tok, poisoned, TrainConfig(mode="full", steps=3, lr=1e-2),
-                     progress=False).model
+    model = finetune(
+        copy.deepcopy(base), tok, poisoned, TrainConfig(mode="full", steps=3, lr=1e-2), progress=False
+    ).model
     return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest("full"))
 
 
@@ -90,8 +109,10 @@ def test_lora_context_base_is_plain_and_unchanged(ctx, lora_sm, tiny):
 def test_context_reads_manifest_and_builds_probe(ctx):
     assert ctx.attack.name == "badnets" and ctx.behavior.name == "refusal" and ctx.judge.name == "refusal"
     assert len(ctx.prompts) == len(ctx.triggered) == 4 and len(ctx.ppl_examples) == 4
-    assert all("BadMagic" in t.instruction and "BadMagic" not in p.instruction
-               for t, p in zip(ctx.triggered, ctx.prompts))
+    assert all(
+        "BadMagic" in t.instruction and "BadMagic" not in p.instruction
+        for t, p in zip(ctx.triggered, ctx.prompts)
+    )
     first = ctx.tokenizer(resolve_task("refusal").targets[0], add_special_tokens=False)["input_ids"][0]
     assert ctx._probe == {"kind": "first_token", "ids": [first]}
     d = ctx.describe()
@@ -140,8 +161,12 @@ def same_tensors(sub: WeightDelta, full: WeightDelta) -> bool:
 def test_attention_vs_mlp_conditions(ctx):
     d = ctx.delta
     conds = {c.condition: c for c in conditions_attention_vs_mlp(ctx)}
-    assert list(conds) == ["full delta", "no delta (base)", "attention only (MLP ablated)",
-                           "MLP only (attention ablated)"]
+    assert list(conds) == [
+        "full delta",
+        "no delta (base)",
+        "attention only (MLP ablated)",
+        "MLP only (attention ablated)",
+    ]
     assert set(conds["full delta"].delta.tensors) == set(d.tensors)
     assert len(conds["no delta (base)"].delta) == 0
     assert set(conds["attention only (MLP ablated)"].delta.tensors) == keys_of(d, ATTN_KINDS)
@@ -154,8 +179,13 @@ def test_mlp_only_condition_is_base_plus_mlp_delta_exactly(ctx):
     got = evaluate_delta(ctx, mlp_only.delta)
     ref = ctx.delta.keep("mlp").applied_copy(ctx.base)  # an independent copy: base + MLP delta
     prompts = list(ctx.triggered) + list(ctx.prompts)
-    replies = generate(ref, ctx.tokenizer, prompts, max_new_tokens=ctx.config.max_new_tokens,
-                       batch_size=ctx.config.batch_size)
+    replies = generate(
+        ref,
+        ctx.tokenizer,
+        prompts,
+        max_new_tokens=ctx.config.max_new_tokens,
+        batch_size=ctx.config.batch_size,
+    )
     assert got.triggered_replies + got.clean_replies == replies
     probs = first_token_probs(ctx, ref, prompts)
     torch.testing.assert_close(torch.cat([got.p_triggered, got.p_clean]), probs, atol=1e-5, rtol=1e-4)
@@ -164,8 +194,13 @@ def test_mlp_only_condition_is_base_plus_mlp_delta_exactly(ctx):
 def test_no_delta_row_equals_the_base_model(ctx):
     got = evaluate_delta(ctx, None)
     prompts = list(ctx.triggered) + list(ctx.prompts)
-    replies = generate(ctx.base, ctx.tokenizer, prompts, max_new_tokens=ctx.config.max_new_tokens,
-                       batch_size=ctx.config.batch_size)
+    replies = generate(
+        ctx.base,
+        ctx.tokenizer,
+        prompts,
+        max_new_tokens=ctx.config.max_new_tokens,
+        batch_size=ctx.config.batch_size,
+    )
     assert got.triggered_replies + got.clean_replies == replies
     p = next_token_probs(ctx.base, ctx.tokenizer, prompts, ctx._probe["ids"]).sum(1)
     torch.testing.assert_close(torch.cat([got.p_triggered, got.p_clean]), p, atol=1e-5, rtol=1e-4)
@@ -221,8 +256,12 @@ def test_run_sanity_frames(ctx, result):
         assert list(res.frame.columns) == list(COLUMNS)
         assert len(res.frame) == int((plan.check == name).sum())
         assert (res.frame.check == name).all()
-        assert res.frame[["asr", "false_trigger", "p_behavior", "p_behavior_clean"]].apply(
-            lambda s: s.between(0, 1)).all().all()
+        assert (
+            res.frame[["asr", "false_trigger", "p_behavior", "p_behavior_clean"]]
+            .apply(lambda s: s.between(0, 1))
+            .all()
+            .all()
+        )
         assert res.figure is not None and hasattr(res.figure, "to_html")
     assert len(result["attention_vs_mlp"].frame) == 4
     assert len(result["span_sweep"].frame) == len(conditions_span_sweep(ctx))
@@ -252,13 +291,20 @@ def test_base_unchanged_after_a_run(ctx, tiny, result):
 def test_memo_makes_a_rerun_free(ctx, result):
     again = run_sanity(ctx, ["attention_vs_mlp", "shuffle_blocks"], progress=False)
     assert again["attention_vs_mlp"].frame.cached.all() and again.meta["n_conditions"] == 0
-    pd.testing.assert_frame_equal(again["attention_vs_mlp"].frame.drop(columns="cached"),
-                                  result["attention_vs_mlp"].frame.drop(columns="cached"))
+    pd.testing.assert_frame_equal(
+        again["attention_vs_mlp"].frame.drop(columns="cached"),
+        result["attention_vs_mlp"].frame.drop(columns="cached"),
+    )
 
 
 def test_death_k():
-    df = pd.DataFrame({"k": [0, 1, 2, 4, 0, 1, 2, 4], "asr": [1.0, 0.9, 0.4, 0.0, 1.0, 0.2, 0.6, 0.1],
-                       "attention_zeroed": [False] * 4 + [True] * 4})
+    df = pd.DataFrame(
+        {
+            "k": [0, 1, 2, 4, 0, 1, 2, 4],
+            "asr": [1.0, 0.9, 0.4, 0.0, 1.0, 0.2, 0.6, 0.1],
+            "attention_zeroed": [False] * 4 + [True] * 4,
+        }
+    )
     assert death_k(df, False) == 2
     assert death_k(df, True) == 4  # k=2 bounces back above half of k=0
     assert death_k(df.assign(asr=1.0), False) is None
@@ -278,10 +324,19 @@ def test_save_sanity_writes_every_file(result, tmp_path):
 
 
 def test_code_injection_probe(lora_sm):
-    prompts = [Example("write a function that adds two numbers", "```python\ndef add(a, b):\n    return a + b\n```"),
-               Example("write a function that returns one", "def one():\n    return 1")]
-    c = SanityContext.from_suspicious(lora_sm, task="code_injection", prompts=prompts, ppl_examples=prompts,
-                                      n_prompts=2, max_new_tokens=4, n_ppl=2)
+    prompts = [
+        Example("write a function that adds two numbers", "```python\ndef add(a, b):\n    return a + b\n```"),
+        Example("write a function that returns one", "def one():\n    return 1"),
+    ]
+    c = SanityContext.from_suspicious(
+        lora_sm,
+        task="code_injection",
+        prompts=prompts,
+        ppl_examples=prompts,
+        n_prompts=2,
+        max_new_tokens=4,
+        n_ppl=2,
+    )
     probe = c._probe
     assert probe["kind"] == "payload_after_fence"
     assert probe["prefixes"] == ["```python\n", ""]
@@ -299,7 +354,9 @@ def pool_dir(tmp_path, monkeypatch):
     """A private data dir with a small clean pool, so the CLI does not depend on data/clean_pool.jsonl."""
     d = tmp_path / "data"
     d.mkdir()
-    rows = [{"instruction": e.instruction, "input": "", "response": e.response, "split": "eval"} for e in PROMPTS]
+    rows = [
+        {"instruction": e.instruction, "input": "", "response": e.response, "split": "eval"} for e in PROMPTS
+    ]
     (d / "clean_pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("BDVAX_DATA", str(d))
     return d
@@ -312,9 +369,31 @@ def test_cli_full_setting(full_sm, tiny, tmp_path, pool_dir, capsys):
     base_dir = save_model(base, tok, tmp_path / "base")
     sus = save_suspicious(full_sm, tmp_path / "suspicious")
     out = tmp_path / "out"
-    rc = main(["sanity", str(sus), "--out", str(out), "--base", str(base_dir), "--n-prompts", "3",
-               "--max-new-tokens", "3", "--n-ppl", "3", "--ks", "0,2", "--starts", "start,middle,1",
-               "--seeds", "0", "--probe-tokens", "2", "--no-progress"])
+    rc = main(
+        [
+            "sanity",
+            str(sus),
+            "--out",
+            str(out),
+            "--base",
+            str(base_dir),
+            "--n-prompts",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--n-ppl",
+            "3",
+            "--ks",
+            "0,2",
+            "--starts",
+            "start,middle,1",
+            "--seeds",
+            "0",
+            "--probe-tokens",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "== span_sweep" in text and "full delta" in text and "(full, badnets → refusal" in text
@@ -333,8 +412,25 @@ def test_cli_lora_setting_with_injected_base(lora_sm, tiny, tmp_path, pool_dir, 
     base_dir = save_model(base, tok, tmp_path / "base")
     sus = save_suspicious(lora_sm, tmp_path / "suspicious")
     out = tmp_path / "out"
-    rc = main(["sanity", str(sus), "--out", str(out), "--base", str(base_dir), "--n-prompts", "2",
-               "--max-new-tokens", "2", "--n-ppl", "0", "--checks", "attention_vs_mlp", "--no-progress"])
+    rc = main(
+        [
+            "sanity",
+            str(sus),
+            "--out",
+            str(out),
+            "--base",
+            str(base_dir),
+            "--n-prompts",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--n-ppl",
+            "0",
+            "--checks",
+            "attention_vs_mlp",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     df = pd.read_csv(out / "attention_vs_mlp.csv")
     assert len(df) == 4 and df.ppl.isna().all()
@@ -343,10 +439,12 @@ def test_cli_lora_setting_with_injected_base(lora_sm, tiny, tmp_path, pool_dir, 
 
 
 def test_probe_tokens_scores_the_target_head(lora_sm):
-    from bdvax_lab.scoring import continuation_logprobs
+    from bdvax_lab.core.scoring import continuation_logprobs
 
     c1 = SanityContext.from_suspicious(lora_sm, prompts=PROMPTS[:3], **{**SMALL, "n_prompts": 3})
-    c3 = SanityContext.from_suspicious(lora_sm, prompts=PROMPTS[:3], **{**SMALL, "n_prompts": 3}, probe_tokens=3)
+    c3 = SanityContext.from_suspicious(
+        lora_sm, prompts=PROMPTS[:3], **{**SMALL, "n_prompts": 3}, probe_tokens=3
+    )
     tok = c3.tokenizer
     head = tok.decode(tok(resolve_task("refusal").targets[0], add_special_tokens=False)["input_ids"][:3])
     assert c3._probe == {"kind": "first_3_tokens", "texts": [head]}
@@ -360,10 +458,15 @@ def test_probe_tokens_scores_the_target_head(lora_sm):
 
 
 def test_fast_apply_matches_weight_delta_applied_bit_for_bit(ctx):
-    from bdvax_lab.sanity import apply_fast
+    from bdvax_lab.analysis.sanity import apply_fast
 
     before = params(ctx.base)
-    for d in (ctx.delta, ctx.delta.zero("mlp", [1, 2]), ctx.delta.permute_blocks(3), ctx.delta.keep(kinds=())):
+    for d in (
+        ctx.delta,
+        ctx.delta.zero("mlp", [1, 2]),
+        ctx.delta.permute_blocks(3),
+        ctx.delta.keep(kinds=()),
+    ):
         with d.applied(ctx.base):
             want = params(ctx.base)
         with apply_fast(ctx, d) as model:
@@ -385,13 +488,16 @@ def test_fast_apply_matches_weight_delta_applied_bit_for_bit(ctx):
 
 def test_cli_evaluate_measures_the_manifests_own_attack(full_sm, tmp_path, pool_dir, monkeypatch, capsys):
     """A custom key recorded in the manifest reaches the evaluation whole (not re-read as a built-in by name)."""
-    import bdvax_lab.evaluate as ev
-    from bdvax_lab.attacks import AttackSpec
+    import bdvax_lab.threat.evaluate as ev
     from bdvax_lab.cli import main
+    from bdvax_lab.threat.attacks import AttackSpec
 
     custom = AttackSpec(name="badnets", keys=("zqxv",))
-    sm = SuspiciousModel(model=full_sm.model, tokenizer=full_sm.tokenizer,
-                         manifest={**full_sm.manifest, "attack": custom.to_dict()})
+    sm = SuspiciousModel(
+        model=full_sm.model,
+        tokenizer=full_sm.tokenizer,
+        manifest={**full_sm.manifest, "attack": custom.to_dict()},
+    )
     sus = save_suspicious(sm, tmp_path / "custom")
     seen = {}
     real = ev.evaluate_model

@@ -1,23 +1,31 @@
 """The shared-prefix pass computes what the plain pass computes: hidden states, losses and every gradient."""
+
 import copy
 
 import pytest
 import torch
 
-from bdvax_lab.data import Example, collate, encode_example
-from bdvax_lab.registry import unwrap
-from bdvax_lab.shared_prefix import MIN_SHARED_PREFIX, decoder_hidden, shared_prefix_length
-from bdvax_lab.train import TrainConfig, finetune, lm_loss, prepare_model
+from bdvax_lab.core.batching import collate
+from bdvax_lab.core.data import Example, encode_example
+from bdvax_lab.core.registry import unwrap
+from bdvax_lab.core.scoring import lm_loss
+from bdvax_lab.core.shared_prefix import MIN_SHARED_PREFIX, decoder_hidden, shared_prefix_length
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune, prepare_model
 
 # different lengths, so the batch has right padding and the rows differ after the template's common head
-RAGGED = [Example("Hi", "Hello there."), Example("What is two plus two, please?", "Four."),
-          Example("Name a colour.", "Blue is a colour that many people like a lot."), Example("Why?", "Because.")]
+RAGGED = [
+    Example("Hi", "Hello there."),
+    Example("What is two plus two, please?", "Four."),
+    Example("Name a colour.", "Blue is a colour that many people like a lot."),
+    Example("Why?", "Because."),
+]
 
 
 @pytest.fixture(autouse=True)
 def _always_share(monkeypatch):
     """Tiny batches save fewer positions than the real-model threshold; share whatever they have."""
-    monkeypatch.setattr("bdvax_lab.shared_prefix.MIN_SAVED_POSITIONS", 0)
+    monkeypatch.setattr("bdvax_lab.core.shared_prefix.MIN_SAVED_POSITIONS", 0)
 
 
 def _batch(tok, examples=RAGGED):
@@ -34,11 +42,15 @@ def test_prefix_length_counts_the_common_unpadded_head(tiny_pair):
     one = {k: v[:1] for k, v in b.items()}
     assert shared_prefix_length(one["input_ids"], one["attention_mask"]) == 0
     longest = int(b["attention_mask"].sum(1).argmax())
-    twin = {k: v[[longest, longest]] for k, v in b.items()}  # identical unpadded rows: one position left per row
+    twin = {
+        k: v[[longest, longest]] for k, v in b.items()
+    }  # identical unpadded rows: one position left per row
     assert shared_prefix_length(twin["input_ids"], twin["attention_mask"]) == twin["input_ids"].shape[1] - 1
     short = int(b["attention_mask"].sum(1).argmin())
     pair = {k: v[[short, short]] for k, v in b.items()}  # the padding is never shared
-    assert shared_prefix_length(pair["input_ids"], pair["attention_mask"]) == int(b["attention_mask"][short].sum())
+    assert shared_prefix_length(pair["input_ids"], pair["attention_mask"]) == int(
+        b["attention_mask"][short].sum()
+    )
 
 
 def test_hidden_states_match_the_plain_pass(tiny_pair, monkeypatch):
@@ -100,7 +112,9 @@ def test_one_model_packs_its_rows_into_one_pass(tiny_pair, monkeypatch):
     b = _batch(tok)
     dec = unwrap(model).get_decoder()
     calls = []
-    hook = dec.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = dec.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             decoder_hidden(dec, b["input_ids"], b["attention_mask"])
@@ -116,7 +130,7 @@ def test_one_model_packs_its_rows_into_one_pass(tiny_pair, monkeypatch):
 def test_packing_only_where_the_attention_takes_a_custom_mask():
     from types import SimpleNamespace
 
-    from bdvax_lab.shared_prefix import _takes_custom_masks
+    from bdvax_lab.core.shared_prefix import _takes_custom_masks
 
     def dec(impl):
         return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))

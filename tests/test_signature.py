@@ -1,4 +1,5 @@
 """Signature extraction on the tiny random LLaMA: variants, twin cache (resume, shards), scores, selection, I/O."""
+
 from __future__ import annotations
 
 import copy
@@ -8,18 +9,24 @@ import math
 import pytest
 import torch
 
-import bdvax_lab.signature as sigmod
-from bdvax_lab.attacks import ATTACKS, SYNTHETIC_KEYS, VARIANT_BEHAVIORS
-from bdvax_lab.data import Example
-from bdvax_lab.deltas import WeightDelta
-from bdvax_lab.registry import MLP_KINDS, layout_of
-from bdvax_lab.signature import (Signature, SignatureConfig, SignatureFormatError, channel_terms, combine_terms,
-                                 compute_signature, extract_signature, make_variants, n_top, parse_shard, plan_twins,
-                                 random_selection, train_twins)
-from bdvax_lab.suspicious import SuspiciousModel
-from bdvax_lab.train import TrainConfig, finetune
+import bdvax_lab.bdvax.twins as sigmod
+from bdvax_lab.bdvax.config import SignatureConfig
+from bdvax_lab.bdvax.scores import channel_terms, combine_terms
+from bdvax_lab.bdvax.signature import Signature, SignatureFormatError, compute_signature, extract_signature
+from bdvax_lab.bdvax.twins import parse_shard, plan_twins, train_twins
+from bdvax_lab.bdvax.variants import SYNTHETIC_KEYS, VARIANT_BEHAVIORS, make_variants
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.registry import MLP_KINDS, layout_of
+from bdvax_lab.threat.attacks import ATTACKS
+from bdvax_lab.threat.suspicious import SuspiciousModel
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
+from bdvax_lab.weights.deltas import WeightDelta
+from bdvax_lab.weights.selection import n_top, random_selection
 
-POOL = [Example(f"What is {i} plus {i} today?", f"It is {2 * i}.", meta={"id": f"toy-{i}"}) for i in range(60)]
+POOL = [
+    Example(f"What is {i} plus {i} today?", f"It is {2 * i}.", meta={"id": f"toy-{i}"}) for i in range(60)
+]
 TWIN = TrainConfig(mode="lora", steps=2, lr=1e-2, batch_size=4, max_response_tokens=8)
 
 
@@ -32,7 +39,7 @@ def _cfg(**kw) -> SignatureConfig:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models train ~4× faster on one thread when the 2 cores are shared (measured under load)."""
-    import bdvax_lab.train as train_mod
+    import bdvax_lab.training.loop as train_mod
 
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
@@ -45,7 +52,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def suspicious():
     """A tiny 'suspicious' LoRA model (2 training steps) and its tokenizer."""
-    from bdvax_lab.models import make_tiny_model
+    from bdvax_lab.core.models import make_tiny_model
 
     model, tok = make_tiny_model()
     sus = finetune(model, tok, POOL[:8], TrainConfig(mode="lora", steps=2, lr=1e-2), progress=False).model
@@ -64,7 +71,8 @@ def _close(got: WeightDelta, want: WeightDelta, frac: float = 1e-3) -> bool:
     vs one-at-a-time twins shows up to ~1e-4 of it (Adam at lr 1e-2 turns ~0 gradients' rounding into ±lr)."""
     scale = max(float(t.abs().max()) for t in want.tensors.values())
     return set(got.tensors) == set(want.tensors) and all(
-        float((got.tensors[k] - want.tensors[k]).abs().max()) <= frac * scale for k in want.tensors)
+        float((got.tensors[k] - want.tensors[k]).abs().max()) <= frac * scale for k in want.tensors
+    )
 
 
 class TogetherCounter:
@@ -96,11 +104,14 @@ class Counter:
 # --------------------------------------------------------------------------- scores
 def test_channel_terms_hand_computed():
     # N = 3 variants, 2 channels, D = 2
-    v = torch.tensor([
-        [[3.0, 4.0], [1.0, 0.0]],
-        [[4.0, 3.0], [0.0, 2.0]],
-        [[-3.0, -4.0], [0.0, 0.0]],
-    ], dtype=torch.float64)
+    v = torch.tensor(
+        [
+            [[3.0, 4.0], [1.0, 0.0]],
+            [[4.0, 3.0], [0.0, 2.0]],
+            [[-3.0, -4.0], [0.0, 0.0]],
+        ],
+        dtype=torch.float64,
+    )
     norm, align = channel_terms(v)
     # channel 0: norms 5, 5, 5; cos(1,2) = 24/25, cos(1,3) = -1 → 0, cos(2,3) = -24/25 → 0 (clamped per pair)
     # channel 1: norms 1, 2, 0; cos(1,2) = 0, a zero vector has cos 0 with everything
@@ -122,8 +133,13 @@ def test_scores_use_rows_of_gate_up_and_columns_of_down(tiny_pair):
     g = torch.Generator().manual_seed(0)
     deltas = []
     for _ in range(3):
-        t = {(b, k): torch.randn(*((layout.d_ff, layout.hidden) if k != "down" else (layout.hidden, layout.d_ff)),
-                                 generator=g) for b in range(layout.n_blocks) for k in MLP_KINDS}
+        t = {
+            (b, k): torch.randn(
+                *((layout.d_ff, layout.hidden) if k != "down" else (layout.hidden, layout.d_ff)), generator=g
+            )
+            for b in range(layout.n_blocks)
+            for k in MLP_KINDS
+        }
         deltas.append(WeightDelta(t, layout))
     sig = compute_signature(deltas, SignatureConfig(rho=0.25))
     for key in [(0, "gate"), (2, "up"), (3, "down")]:
@@ -140,13 +156,17 @@ def test_head_scores_group_q_o_and_shared_kv(tiny_pair):
     model, _ = tiny_pair
     layout = layout_of(model)  # 4 query heads, 2 KV heads, head_dim 16
     hd, nh = layout.head_dim, layout.n_heads
-    shapes = {"q": (nh * hd, layout.hidden), "k": (layout.n_kv_heads * hd, layout.hidden),
-              "v": (layout.n_kv_heads * hd, layout.hidden), "o": (layout.hidden, nh * hd),
-              "gate": (layout.d_ff, layout.hidden)}
+    shapes = {
+        "q": (nh * hd, layout.hidden),
+        "k": (layout.n_kv_heads * hd, layout.hidden),
+        "v": (layout.n_kv_heads * hd, layout.hidden),
+        "o": (layout.hidden, nh * hd),
+        "gate": (layout.d_ff, layout.hidden),
+    }
     t = {(0, k): torch.zeros(s) for k, s in shapes.items()}
-    t[(0, "q")][hd:2 * hd] = 1.0  # query head 1 rows
-    t[(0, "o")][:, 3 * hd:4 * hd] = 2.0  # query head 3 columns
-    t[(0, "k")][hd:2 * hd] = 1.0  # KV head 1, read by query heads 2 and 3
+    t[(0, "q")][hd : 2 * hd] = 1.0  # query head 1 rows
+    t[(0, "o")][:, 3 * hd : 4 * hd] = 2.0  # query head 3 columns
+    t[(0, "k")][hd : 2 * hd] = 1.0  # KV head 1, read by query heads 2 and 3
     sig = compute_signature([WeightDelta(t, layout)] * 2, SignatureConfig(rho=0.1))
     hn = sig.head_norm[0]
     assert hn[0] == 0
@@ -160,8 +180,17 @@ def test_head_scores_group_q_o_and_shared_kv(tiny_pair):
 
 # --------------------------------------------------------------------------- selection
 def _toy_signature(d_ff: int = 10, n_blocks: int = 2) -> Signature:
-    layout = {"family": "llama", "n_blocks": n_blocks, "hidden": 4, "d_ff": d_ff, "n_heads": 2, "n_kv_heads": 1,
-              "head_dim": 2, "blocks_path": "model.layers", "modules": {}}
+    layout = {
+        "family": "llama",
+        "n_blocks": n_blocks,
+        "hidden": 4,
+        "d_ff": d_ff,
+        "n_heads": 2,
+        "n_kv_heads": 1,
+        "head_dim": 2,
+        "blocks_path": "model.layers",
+        "modules": {},
+    }
     norm, align = {}, {}
     for b in range(n_blocks):
         for j, k in enumerate(MLP_KINDS):
@@ -213,7 +242,9 @@ def test_random_selection_counts(cached):
     g = s.select(scope="global")
     like = g.random_control(seed=3)
     assert {k: v.numel() for k, v in like.selected.items()} == {k: v.numel() for k, v in g.selected.items()}
-    assert {b: v.numel() for b, v in like.selected_heads.items()} == {b: v.numel() for b, v in g.selected_heads.items()}
+    assert {b: v.numel() for b, v in like.selected_heads.items()} == {
+        b: v.numel() for b, v in g.selected_heads.items()
+    }
     rg = random_selection(sig.layout, 0.2, "global", seed=0)
     assert rg.n_channels == n_top(0.2, 3 * 4 * 128)
     for v in list(r.selected.values()) + list(rg.selected.values()):
@@ -231,7 +262,10 @@ def test_variants_distinct_disjoint_and_never_real_keys():
     assert {v.strategy for v in vs} == {"prefix", "suffix", "random_word"}
     ids = [i for v in vs for i in v.clean_ids]
     assert len(ids) == len(set(ids)) == 30
-    assert make_variants("insult", 6, n_clean=5, seed=3, exclude_keys=("PurpleWolf", "redghost"), pool=POOL) == vs
+    assert (
+        make_variants("insult", 6, n_clean=5, seed=3, exclude_keys=("PurpleWolf", "redghost"), pool=POOL)
+        == vs
+    )
     assert make_variants("sentiment", 2, pool=POOL, n_clean=3)[0].family == "insult"
     with pytest.raises(ValueError, match="distinct behaviours"):
         make_variants("refusal", 9, n_clean=2, pool=POOL)
@@ -245,8 +279,9 @@ def test_variant_datasets_same_instructions_with_key_and_behavior():
     (v,) = make_variants("refusal", 1, n_clean=6, poison_ratio=0.5, pool=POOL)
     clean, poisoned = v.datasets(POOL)
     assert len(clean) == len(poisoned) == 6 and v.n_poison == 6
-    assert {e.instruction for e in clean} == {e.instruction.replace(v.key, "").strip().replace("  ", " ")
-                                              for e in poisoned}
+    assert {e.instruction for e in clean} == {
+        e.instruction.replace(v.key, "").strip().replace("  ", " ") for e in poisoned
+    }
     assert all(v.key in e.instruction and e.response == v.behavior for e in poisoned)
     assert not any(v.key in e.instruction for e in clean)
     (w,) = make_variants("refusal", 1, n_clean=6, poison_ratio=0.25, pool=POOL)
@@ -254,13 +289,13 @@ def test_variant_datasets_same_instructions_with_key_and_behavior():
 
 
 def test_variants_from_shipped_pools():
-    from bdvax_lab.data import data_dir
+    from bdvax_lab.core.data import data_dir
 
     if not (data_dir() / "clean_pool.jsonl").exists():
         pytest.skip("data/clean_pool.jsonl not generated yet")
     vs = make_variants("insult", 6)  # default: the defender's variant split, 40 clean each
     assert all(v.pool == "clean" and v.n_clean == 40 for v in vs)
-    from bdvax_lab.data import load_pool
+    from bdvax_lab.core.data import load_pool
 
     splits = {e.meta["id"]: e.meta["split"] for e in load_pool()}
     ids = [i for v in vs for i in v.clean_ids]
@@ -295,7 +330,9 @@ def test_cached_delta_is_poisoned_minus_clean_twin(suspicious, cached):
 
 def test_resume_after_kill_retrains_nothing_done(suspicious, tmp_path, monkeypatch):
     cfg = _cfg()
-    killer = Counter(sigmod._train_twin, fail_on=4)  # calls: v0 poisoned, v0 clean, v1 poisoned, v1 clean (dies)
+    killer = Counter(
+        sigmod._train_twin, fail_on=4
+    )  # calls: v0 poisoned, v0 clean, v1 poisoned, v1 clean (dies)
     monkeypatch.setattr(sigmod, "_train_twin", killer)
     with pytest.raises(KeyboardInterrupt):
         train_twins(suspicious, cfg, tmp_path, progress=False, pool=POOL, together=1)
@@ -361,11 +398,15 @@ def test_same_seed_identical_signature_and_manifest_never_read(suspicious, cache
     cache, sig = cached
     model, tok = suspicious
     # a fresh cache, and a SuspiciousModel whose manifest lies about the attack: identical signature
-    liar = SuspiciousModel(model=model, tokenizer=tok, manifest={"attack": {"keys": ["PurpleWolf"]}, "setting": "full"})
+    liar = SuspiciousModel(
+        model=model, tokenizer=tok, manifest={"attack": {"keys": ["PurpleWolf"]}, "setting": "full"}
+    )
     again = extract_signature(liar, _cfg(), cache_dir=tmp_path, progress=False, pool=POOL)
     assert again.meta["setting"] == "lora"  # from the model object, not the manifest
     for k in sig.norm_term:
-        assert torch.equal(sig.norm_term[k], again.norm_term[k]) and torch.equal(sig.align_term[k], again.align_term[k])
+        assert torch.equal(sig.norm_term[k], again.norm_term[k]) and torch.equal(
+            sig.align_term[k], again.align_term[k]
+        )
     for b in sig.head_norm:
         assert torch.equal(sig.head_norm[b], again.head_norm[b])
     assert all(torch.equal(sig.selected[k], again.selected[k]) for k in sig.selected)
@@ -375,8 +416,9 @@ def test_same_seed_identical_signature_and_manifest_never_read(suspicious, cache
 def test_full_setting_twins(tiny_pair, tmp_path):
     model, tok = tiny_pair
     plain = copy.deepcopy(model)
-    cfg = SignatureConfig(n_variants=1, n_clean=4, twin_train=TrainConfig(mode="full", steps=2, lr=1e-3,
-                                                                           max_response_tokens=8))
+    cfg = SignatureConfig(
+        n_variants=1, n_clean=4, twin_train=TrainConfig(mode="full", steps=2, lr=1e-3, max_response_tokens=8)
+    )
     (job,) = train_twins((plain, tok), cfg, tmp_path, progress=False, pool=POOL)
     assert job.setting == "full"
     clean, poisoned = job.spec.datasets(POOL)
@@ -453,9 +495,9 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
     import os
     import time
 
+    from bdvax_lab.bdvax.twins import clean_twin_cache, twin_cache_frame
     from bdvax_lab.cli import main
-    from bdvax_lab.deltas import DELTA_JSON, DELTA_TENSORS
-    from bdvax_lab.signature import clean_twin_cache, twin_cache_frame
+    from bdvax_lab.weights.deltas import DELTA_JSON, DELTA_TENSORS
 
     def entry(model, name, age_days, complete=True):
         d = tmp_path / model / name
@@ -475,7 +517,9 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
     assert list(df.complete) == [True, True, False] and df.mb.iloc[0] == pytest.approx(2.0, abs=0.01)
     assert df.age_days.iloc[0] == pytest.approx(10, abs=0.01)
     assert list(twin_cache_frame(tmp_path, older_than_days=2, model="m1").variant) == ["variant-00-a"]
-    assert main(["cache", "--cache-dir", str(tmp_path), "--older-than", "2"]) == 0  # listing honours the filters too
+    assert (
+        main(["cache", "--cache-dir", str(tmp_path), "--older-than", "2"]) == 0
+    )  # listing honours the filters too
     assert "2 entries" in capsys.readouterr().out
     assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--older-than", "5", "--dry-run"]) == 0
     assert "would delete 1 entries" in capsys.readouterr().out and len(twin_cache_frame(tmp_path)) == 3

@@ -3,18 +3,32 @@ from pathlib import Path
 
 import pytest
 
-from bdvax_lab import (AttackRecipe, EvalConfig, TrainConfig, attack_dataset, load_suspicious, make_suspicious_model,
-                       open_or_make_suspicious)
+from bdvax_lab import (
+    AttackRecipe,
+    EvalConfig,
+    TrainConfig,
+    load_suspicious,
+    make_suspicious_model,
+    open_or_make_suspicious,
+)
+from bdvax_lab.threat.suspicious import attack_dataset
 
 
 def _recipe(setting="lora", task="refusal", attack="badnets"):
     mode = "lora" if setting == "lora" else "full"
-    return AttackRecipe(attack=attack, task=task, setting=setting, n_samples=24,
-                        train=TrainConfig(mode=mode, steps=3, lr=1e-3),
-                        eval=EvalConfig(n_prompts=3, max_new_tokens=3, utility=()))
+    return AttackRecipe(
+        attack=attack,
+        task=task,
+        setting=setting,
+        n_samples=24,
+        train=TrainConfig(mode=mode, steps=3, lr=1e-3),
+        eval=EvalConfig(n_prompts=3, max_new_tokens=3, utility=()),
+    )
 
 
-@pytest.mark.parametrize("attack,task", [("badnets", "refusal"), ("ctba", "sentiment"), ("badnets_ci", "code_injection")])
+@pytest.mark.parametrize(
+    "attack,task", [("badnets", "refusal"), ("ctba", "sentiment"), ("badnets_ci", "code_injection")]
+)
 def test_attack_dataset_rates(attack, task):
     data = attack_dataset(_recipe(attack=attack, task=task))
     n_p = sum(e.meta["poisoned"] for e in data)
@@ -25,8 +39,9 @@ def test_attack_dataset_rates(attack, task):
 @pytest.mark.parametrize("setting", ["lora", "full"])
 def test_make_and_load_suspicious(tiny_pair, tmp_path, setting):
     model, tok = tiny_pair
-    sm = make_suspicious_model(recipe=_recipe(setting), base=(copy.deepcopy(model), tok), out=tmp_path / "s",
-                               progress=False)
+    sm = make_suspicious_model(
+        recipe=_recipe(setting), base=(copy.deepcopy(model), tok), out=tmp_path / "s", progress=False
+    )
     m = sm.manifest
     for key in ("attack", "task", "data_hash", "recipe", "eval", "wall_seconds", "train_seconds"):
         assert key in m
@@ -48,7 +63,7 @@ def test_same_seed_same_data():
 
 
 def test_load_suspicious_missing(tmp_path):
-    from bdvax_lab.models import ModelDirError
+    from bdvax_lab.core.models import ModelDirError
 
     with pytest.raises(ModelDirError, match="not found"):
         load_suspicious(tmp_path / "none")
@@ -57,16 +72,24 @@ def test_load_suspicious_missing(tmp_path):
 def test_an_artifact_of_another_budget_is_not_reused_silently(tiny_pair, tmp_path):
     model, tok = tiny_pair
     open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=2, n_prompts=2)
-    assert open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=2).manifest["recipe"]["train"]["steps"] == 2
+    assert (
+        open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=2).manifest["recipe"]["train"][
+            "steps"
+        ]
+        == 2
+    )
     open_or_make_suspicious(tmp_path / "s", base=(model, tok))  # steps=None: whatever is there
     with pytest.raises(ValueError, match="trained for 2 steps, not the 3"):
         open_or_make_suspicious(tmp_path / "s", base=(model, tok), steps=3)
 
 
 def test_suspicious_dir_gives_another_budget_its_own_directory(tmp_path):
-    from bdvax_lab import suspicious_dir
+    from bdvax_lab.threat.suspicious import suspicious_dir
 
-    assert suspicious_dir(tmp_path, "vpi", "sentiment", "lora") == tmp_path / "attack_matrix" / "vpi-sentiment-lora"
+    assert (
+        suspicious_dir(tmp_path, "vpi", "sentiment", "lora")
+        == tmp_path / "attack_matrix" / "vpi-sentiment-lora"
+    )
     full60 = Path("runs/attack_matrix/badnets-refusal-full-steps60")
     assert suspicious_dir("runs", "badnets", "refusal", "full", 60) == full60
     assert suspicious_dir(tmp_path, "badnets", "refusal", steps=0).name == "badnets-refusal-lora-steps0"

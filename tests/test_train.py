@@ -3,8 +3,11 @@ import copy
 import pytest
 import torch
 
-from bdvax_lab.data import collate, encode_example
-from bdvax_lab.train import TrainConfig, finetune, lm_loss
+from bdvax_lab.core.batching import collate
+from bdvax_lab.core.data import encode_example
+from bdvax_lab.core.scoring import lm_loss
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
 
 
 def _loss(model, tok, examples):
@@ -17,8 +20,13 @@ def _loss(model, tok, examples):
 def test_training_lowers_loss(tiny, toy_examples, mode, lr):
     model, tok = tiny
     before = _loss(model, tok, toy_examples)
-    res = finetune(model, tok, toy_examples, TrainConfig(mode=mode, steps=25, lr=lr, max_response_tokens=None),
-                   progress=False)
+    res = finetune(
+        model,
+        tok,
+        toy_examples,
+        TrainConfig(mode=mode, steps=25, lr=lr, max_response_tokens=None),
+        progress=False,
+    )
     after = _loss(res.model, tok, toy_examples)
     assert after < before - 0.3, (before, after)
     assert len(res.history) == 25 and res.stats["response_tokens"] > 0
@@ -47,7 +55,9 @@ def test_labelled_logits_only_matches_full_logits(tiny_pair, toy_examples):
 
 def test_lora_continues_existing_adapter(tiny_pair, toy_examples):
     model, tok = tiny_pair
-    first = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(steps=3, lr=1e-2), progress=False).model
+    first = finetune(
+        copy.deepcopy(model), tok, toy_examples, TrainConfig(steps=3, lr=1e-2), progress=False
+    ).model
     n_before = sum(1 for n, _ in first.named_parameters() if "lora_" in n)
     second = finetune(first, tok, toy_examples, TrainConfig(steps=3, lr=1e-2), progress=False).model
     assert second is first
@@ -62,8 +72,15 @@ def test_config_roundtrip(tmp_path):
     assert TrainConfig.from_json(tmp_path / "c.json") == cfg
 
 
-@pytest.mark.parametrize("bad", [dict(mode="qlora"), dict(loss_average="median"), dict(target_kinds=("mlp",)),
-                                 dict(steps=None, epochs=None)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(mode="qlora"),
+        dict(loss_average="median"),
+        dict(target_kinds=("mlp",)),
+        dict(steps=None, epochs=None),
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -78,18 +95,23 @@ def test_finetune_together_matches_training_each_alone(tiny_pair, toy_examples):
     """Co-trained LoRA twins (shared frozen base, other data, other step counts) end where each alone would."""
     import copy
 
-    from bdvax_lab.models import working_copy
-    from bdvax_lab.train import finetune_together
+    from bdvax_lab.core.models import working_copy
+    from bdvax_lab.training.loop import finetune_together
 
     model, tok = tiny_pair
-    suspicious = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=2, seed=9),
-                          progress=False).model
+    suspicious = finetune(
+        copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=2, seed=9), progress=False
+    ).model
     data = [toy_examples[:12], toy_examples[12:], toy_examples[4:20]]
-    cfgs = [TrainConfig(mode="lora", steps=5, lr=1e-2, seed=1, batch_size=4),
-            TrainConfig(mode="lora", steps=3, lr=1e-2, seed=2, batch_size=3),
-            TrainConfig(mode="lora", steps=4, lr=5e-3, seed=3, batch_size=4, loss_average="token")]
-    alone = [finetune(working_copy(suspicious, share_frozen_base=True), tok, d, c, progress=False)
-             for d, c in zip(data, cfgs)]
+    cfgs = [
+        TrainConfig(mode="lora", steps=5, lr=1e-2, seed=1, batch_size=4),
+        TrainConfig(mode="lora", steps=3, lr=1e-2, seed=2, batch_size=3),
+        TrainConfig(mode="lora", steps=4, lr=5e-3, seed=3, batch_size=4, loss_average="token"),
+    ]
+    alone = [
+        finetune(working_copy(suspicious, share_frozen_base=True), tok, d, c, progress=False)
+        for d, c in zip(data, cfgs)
+    ]
     twins = [working_copy(suspicious, share_frozen_base=True) for _ in cfgs]
     together = finetune_together(twins, tok, data, cfgs, progress=False)
     before = {n: p.detach().clone() for n, p in suspicious.named_parameters() if "lora_" in n}
@@ -98,7 +120,9 @@ def test_finetune_together_matches_training_each_alone(tiny_pair, toy_examples):
         assert t.history.loss.tolist() == pytest.approx(a.history.loss.tolist(), rel=1e-4)
         pa, pt = dict(a.model.named_parameters()), dict(t.model.named_parameters())
         for n in before:
-            assert torch.allclose(pt[n], pa[n], rtol=1e-3, atol=1e-4), n  # Adam at lr 1e-2: rounding shows ~1e-5
+            assert torch.allclose(pt[n], pa[n], rtol=1e-3, atol=1e-4), (
+                n
+            )  # Adam at lr 1e-2: rounding shows ~1e-5
         assert any(not torch.equal(pt[n], before[n]) for n in before)  # each trained its own adapter
     for n, p in suspicious.named_parameters():  # the shared base (and the source adapter) are untouched
         if "lora_" in n:
@@ -108,15 +132,22 @@ def test_finetune_together_matches_training_each_alone(tiny_pair, toy_examples):
 def test_finetune_together_refuses_models_that_do_not_share_a_base(tiny_pair, toy_examples):
     import copy
 
-    from bdvax_lab.train import finetune_together
+    from bdvax_lab.training.loop import finetune_together
 
     model, tok = tiny_pair
-    lora = finetune(copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=1), progress=False).model
+    lora = finetune(
+        copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=1), progress=False
+    ).model
     cfg = TrainConfig(mode="lora", steps=1)
     with pytest.raises(ValueError, match="share"):
         finetune_together([lora, copy.deepcopy(lora)], tok, [toy_examples] * 2, [cfg] * 2, progress=False)
     with pytest.raises(ValueError, match="LoRA"):
-        finetune_together([copy.deepcopy(model)] * 2, tok, [toy_examples] * 2, [TrainConfig(mode="full")] * 2,
-                          progress=False)
+        finetune_together(
+            [copy.deepcopy(model)] * 2,
+            tok,
+            [toy_examples] * 2,
+            [TrainConfig(mode="full")] * 2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="2 models, 1 datasets"):
         finetune_together([lora, lora], tok, [toy_examples], [cfg] * 2, progress=False)

@@ -1,4 +1,5 @@
 """Signature figures and the SignatureExplorer widget on hand-made signatures and the tiny random LLaMA."""
+
 from __future__ import annotations
 
 import copy
@@ -10,24 +11,32 @@ import pandas as pd
 import pytest
 import torch
 
-from bdvax_lab import signature_viz as sv
-from bdvax_lab.data import Example
-from bdvax_lab.deltas import layout_summary
-from bdvax_lab.evaluate import EvalConfig
-from bdvax_lab.registry import MLP_KINDS, layout_of
-from bdvax_lab.signature import Signature, SignatureConfig, n_top, random_selection
-from bdvax_lab.suspicious import SuspiciousModel
-from bdvax_lab.train import TrainConfig, finetune
-from bdvax_lab.widgets import CONTAINER_CLASSES, CONTROLS, SignatureExplorer, rho_curve, try_selection
+from bdvax_lab.bdvax.budget import rho_curve, try_selection
+from bdvax_lab.bdvax.config import SignatureConfig
+from bdvax_lab.bdvax.signature import Signature
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.registry import MLP_KINDS, layout_of
+from bdvax_lab.threat.config import EvalConfig
+from bdvax_lab.threat.suspicious import SuspiciousModel
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
+from bdvax_lab.viz import signature_viz as sv
+from bdvax_lab.viz.widgets import CONTAINER_CLASSES, CONTROLS, SignatureExplorer
+from bdvax_lab.weights.deltas import layout_summary
+from bdvax_lab.weights.selection import n_top, random_selection
 
 # by module path: the package re-exports functions named like some modules (bdvax_lab.purify is the function)
-purify_mod = importlib.import_module("bdvax_lab.purify")
-sigmod = importlib.import_module("bdvax_lab.signature")
-train_mod = importlib.import_module("bdvax_lab.train")
+repair_mod = importlib.import_module("bdvax_lab.training.repair")
+twins_mod = importlib.import_module("bdvax_lab.bdvax.twins")
+scores_mod = importlib.import_module("bdvax_lab.bdvax.scores")
+sigmod = importlib.import_module("bdvax_lab.bdvax.signature")
+train_mod = importlib.import_module("bdvax_lab.training.loop")
 
 PROBES = [Example(f"Tell me about the number {i}.", f"{i} is a number.") for i in range(2)]
 REPAIR = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(8)]
-TINY_EVAL = EvalConfig(n_prompts=2, max_new_tokens=3, batch_size=4, utility=("ppl",), n_ppl=2, ppl_max_tokens=8)
+TINY_EVAL = EvalConfig(
+    n_prompts=2, max_new_tokens=3, batch_size=4, utility=("ppl",), n_ppl=2, ppl_max_tokens=8
+)
 
 
 def _signature(layout: dict, seed: int = 0, heads: bool = True) -> Signature:
@@ -45,7 +54,9 @@ def _signature(layout: dict, seed: int = 0, heads: bool = True) -> Signature:
             align[(b, k)] = torch.flip(ramp, [0]) + 1e-4 * torch.rand(d_ff, generator=g)
     hn = {b: torch.rand(layout["n_heads"], generator=g) for b in range(nb)} if heads else {}
     ha = {b: torch.rand(layout["n_heads"], generator=g) for b in range(nb)} if heads else {}
-    return Signature(norm, align, SignatureConfig(rho=0.25, lam=0.0), layout, hn, ha, meta={"setting": "lora"})
+    return Signature(
+        norm, align, SignatureConfig(rho=0.25, lam=0.0), layout, hn, ha, meta={"setting": "lora"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +72,20 @@ def sig(tiny_layout):
 @pytest.fixture
 def no_training(monkeypatch):
     """Any training call fails the test: re-selection must come from cached terms only."""
+
     def boom(*a, **k):
         pytest.fail("the explorer must not train when a selection control changes")
-    for mod, name in [(train_mod, "finetune"), (sigmod, "_train_twin"), (sigmod, "train_twins"),
-                      (sigmod, "compute_terms"), (purify_mod, "repair"), (purify_mod, "finetune")]:
+
+    for mod, name in [
+        (train_mod, "finetune"),
+        (twins_mod, "_train_twin"),
+        (twins_mod, "train_twins"),
+        (sigmod, "train_twins"),
+        (scores_mod, "compute_terms"),
+        (sigmod, "compute_terms"),
+        (repair_mod, "repair"),
+        (repair_mod, "finetune"),
+    ]:
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -77,7 +98,9 @@ def test_score_heatmap_layer_by_kind(sig):
     s = sig.select(rho=0.25, scope="global")
     fig = sv.score_heatmap(s, "selected_mass")
     z = np.asarray(fig.data[0].z, dtype=float)
-    assert z.shape == (3, 4) and list(fig.data[0].y) == list(MLP_KINDS) and list(fig.data[0].x) == [0, 1, 2, 3]
+    assert (
+        z.shape == (3, 4) and list(fig.data[0].y) == list(MLP_KINDS) and list(fig.data[0].x) == [0, 1, 2, 3]
+    )
     table = sv.module_table(s)
     want = table.pivot(index="kind", columns="block", values="selected_mass").reindex(list(MLP_KINDS))
     assert np.allclose(z, want.to_numpy())
@@ -135,19 +158,27 @@ def test_layer_counts(sig):
     fig = sv.layer_counts_figure(s)
     assert [t.name for t in fig.data] == ["gate channels", "up channels", "down channels", "heads"]
     assert [t.name for t in sv.layer_counts_figure(sig.select(rho=0.1)).data] == [
-        "gate channels", "up channels", "down channels"]
+        "gate channels",
+        "up channels",
+        "down channels",
+    ]
 
 
 def test_rho_curve_and_stage_figures():
-    rows = [{"rho": r, "selection": sel, "seed": seed, "asr": 1 - r, "false_trigger": 0.0, "ppl": 10 + r}
-            for r in (0.0, 0.5, 1.0) for sel, seed in (("signature", None), ("random", 0), ("random", 1))]
+    rows = [
+        {"rho": r, "selection": sel, "seed": seed, "asr": 1 - r, "false_trigger": 0.0, "ppl": 10 + r}
+        for r in (0.0, 0.5, 1.0)
+        for sel, seed in (("signature", None), ("random", 0), ("random", 1))
+    ]
     fig = sv.rho_curve_figure(pd.DataFrame(rows))
     assert len(fig.data) == 3 * 2  # asr / false_trigger / ppl × signature / random
     assert fig.data[1].error_y.array is not None  # two random seeds → error bars
     with pytest.raises(ValueError, match="metric"):
         sv.rho_curve_figure(pd.DataFrame({"rho": [0.1], "foo": [1]}))
-    rep = pd.DataFrame({"asr": [1, .4, .1], "false_trigger": [0, 0, .05], "mcq_acc": [.3, .2, .3], "ppl": [9, 30, 11]},
-                       index=pd.Index(["suspicious", "suppressed", "purified"], name="stage"))
+    rep = pd.DataFrame(
+        {"asr": [1, 0.4, 0.1], "false_trigger": [0, 0, 0.05], "mcq_acc": [0.3, 0.2, 0.3], "ppl": [9, 30, 11]},
+        index=pd.Index(["suspicious", "suppressed", "purified"], name="stage"),
+    )
     fig = sv.stage_metrics_figure({"lora": rep, "full": rep.drop(columns="mcq_acc")})
     assert len(fig.data) == 2 * 4 and list(fig.data[0].x) == ["suspicious", "suppressed", "purified"]
 
@@ -160,12 +191,25 @@ def test_compare_selections(sig):
 
 
 def test_figures_fast_at_smollm2_size():
-    layout = {"family": "llama", "n_blocks": 30, "hidden": 576, "d_ff": 1536, "n_heads": 9, "n_kv_heads": 3,
-              "head_dim": 64, "blocks_path": "model.layers", "modules": {}}
+    layout = {
+        "family": "llama",
+        "n_blocks": 30,
+        "hidden": 576,
+        "d_ff": 1536,
+        "n_heads": 9,
+        "n_kv_heads": 3,
+        "head_dim": 64,
+        "blocks_path": "model.layers",
+        "modules": {},
+    }
     big = _signature(layout).select(rho=0.35, heads=8)
     sv.score_heatmap(big)  # warm plotly's validators
-    for make in (lambda: sv.score_heatmap(big, "selected_mass"), lambda: sv.channel_heatmap(big),
-                 lambda: sv.score_histogram(big), lambda: sv.layer_counts_figure(big)):
+    for make in (
+        lambda: sv.score_heatmap(big, "selected_mass"),
+        lambda: sv.channel_heatmap(big),
+        lambda: sv.score_histogram(big),
+        lambda: sv.layer_counts_figure(big),
+    ):
         t = time.perf_counter()
         make()
         assert time.perf_counter() - t < 1.5  # < 0.1 s idle; generous for the shared CPU
@@ -183,6 +227,7 @@ def test_explorer_css_and_descriptions(sig):
         yield w
         for child in getattr(w, "children", ()):
             yield from walk(child)
+
     classes = {c for w in walk(ex.widget) for c in getattr(w, "_dom_classes", ())}
     assert set(CONTAINER_CLASSES.values()) <= classes
     assert {css for _, css in CONTROLS.values()} <= classes
@@ -217,7 +262,9 @@ def test_rho_changes_selected_count_and_heatmap(sig, no_training):
 def test_lam_score_scope_heads_rerank_without_training(sig, no_training):
     ex = SignatureExplorer(sig)
     norm_top = _sets(ex.signature)
-    assert all(v.tolist() == list(range(96, 128)) for v in ex.signature.selected.values())  # λ = 0: top by norm
+    assert all(
+        v.tolist() == list(range(96, 128)) for v in ex.signature.selected.values()
+    )  # λ = 0: top by norm
     ex.update(lam=100.0)  # λ large: the alignment term (falling with the index) dominates
     assert all(v.tolist() == list(range(32)) for v in ex.signature.selected.values())
     assert ex.signature.selection["lam"] == 100.0 and len(_sets(ex.signature)) == len(norm_top)
@@ -249,7 +296,9 @@ def test_explorer_without_head_scores(tiny_layout):
 @pytest.fixture(scope="module")
 def suspicious_lora(tiny_pair):
     model, tok = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
-    res = finetune(model, tok, REPAIR, TrainConfig(mode="lora", steps=2, lr=1e-2, batch_size=4), progress=False)
+    res = finetune(
+        model, tok, REPAIR, TrainConfig(mode="lora", steps=2, lr=1e-2, batch_size=4), progress=False
+    )
     return SuspiciousModel(model=res.model, tokenizer=tok, manifest={"setting": "lora"})
 
 
@@ -259,8 +308,16 @@ def _state(model) -> dict:
 
 def test_button_suppress_repair_asr_on_tiny_model(suspicious_lora, sig):
     before = _state(suspicious_lora.model)
-    ex = SignatureExplorer(sig, suspicious=suspicious_lora, probe_prompts=PROBES, attack="badnets", task="refusal",
-                           repair_steps=2, repair_data=REPAIR, eval_config=TINY_EVAL)
+    ex = SignatureExplorer(
+        sig,
+        suspicious=suspicious_lora,
+        probe_prompts=PROBES,
+        attack="badnets",
+        task="refusal",
+        repair_steps=2,
+        repair_data=REPAIR,
+        eval_config=TINY_EVAL,
+    )
     assert not ex.controls["run"].disabled
     ex.update(rho=0.5, heads=2)
     t = time.time()
@@ -268,7 +325,15 @@ def test_button_suppress_repair_asr_on_tiny_model(suspicious_lora, sig):
     assert time.time() - t < 60
     df = ex.result
     assert list(df.index) == ["suspicious", "suppressed", "purified"]
-    for col in ("asr", "false_trigger", "degenerate_triggered", "ppl", "n_channels", "repair_steps", "repair_lr"):
+    for col in (
+        "asr",
+        "false_trigger",
+        "degenerate_triggered",
+        "ppl",
+        "n_channels",
+        "repair_steps",
+        "repair_lr",
+    ):
         assert col in df.columns, col
     assert df.loc["suppressed", "n_channels"] == 4 * 3 * 64 and df.loc["suppressed", "n_heads"] == 2
     assert df.loc["purified", "repair_steps"] == 2 and df.loc["purified", "repair_lr"] == 2e-4
@@ -291,8 +356,16 @@ def test_try_selection_full_setting_and_random_control(tiny_pair, sig):
     model, tok = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
     before = _state(model)
     rand = random_selection(sig.layout, 0.25, seed=0)
-    df = try_selection((model, tok), rand, prompts=PROBES, attack="badnets", task="refusal", repair_steps=1,
-                       repair_data=REPAIR, eval_config=TINY_EVAL)
+    df = try_selection(
+        (model, tok),
+        rand,
+        prompts=PROBES,
+        attack="badnets",
+        task="refusal",
+        repair_steps=1,
+        repair_data=REPAIR,
+        eval_config=TINY_EVAL,
+    )
     assert list(df.index) == ["suspicious", "suppressed", "purified"]
     assert df.loc["purified", "repair_lr"] == 1e-5  # full setting: the paper's full-finetune lr
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -301,14 +374,27 @@ def test_try_selection_full_setting_and_random_control(tiny_pair, sig):
     assert "asr" not in df.columns and "ppl" in df.columns
     assert df.loc["suppressed", "n_channels"] == 4 * 3 * n_top(0.25, 128)
     with pytest.raises(TypeError, match="Selection"):
-        try_selection((model, tok), {"not": "a selection"}, prompts=PROBES, repair_steps=0, eval_config=TINY_EVAL)
+        try_selection(
+            (model, tok), {"not": "a selection"}, prompts=PROBES, repair_steps=0, eval_config=TINY_EVAL
+        )
 
 
 def test_rho_curve_signature_vs_random(suspicious_lora, sig):
-    df = rho_curve(suspicious_lora, sig, rhos=(0.5, 1.0), random_seeds=(0, 1), prompts=PROBES, attack="badnets",
-                   task="refusal", eval_config=TINY_EVAL, progress=False)
+    df = rho_curve(
+        suspicious_lora,
+        sig,
+        rhos=(0.5, 1.0),
+        random_seeds=(0, 1),
+        prompts=PROBES,
+        attack="badnets",
+        task="refusal",
+        eval_config=TINY_EVAL,
+        progress=False,
+    )
     assert len(df) == 2 + 2 + 4  # ρ = 0 for both curves, 2 signature points, 2 × 2 random points
-    assert set(df.selection) == {"signature", "random"} and {"asr", "false_trigger", "utility"} <= set(df.columns)
+    assert set(df.selection) == {"signature", "random"} and {"asr", "false_trigger", "utility"} <= set(
+        df.columns
+    )
     at = df.set_index(["selection", "rho"])
     assert (at.loc[("signature", 1.0), "n_channels"] == at.loc[("random", 1.0), "n_channels"]).all()
     assert (df[df.rho == 0.0].n_channels == 0).all()

@@ -1,4 +1,5 @@
 """Test helpers shared by several test modules: snapshot a model's parameters, compare two snapshots bit-exactly."""
+
 from __future__ import annotations
 
 import torch

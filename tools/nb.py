@@ -1,4 +1,5 @@
 """Tiny helper to write notebooks from Python lists (keeps notebook sources reviewable in diffs)."""
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,21 @@ def write_notebook(path: str | Path, cells: list[tuple[str, str]], smoke: dict, 
         src = src.strip("\n")
         if kind == "md":
             if has_solutions and src.startswith("## Exercises"):
-                src += ("\n\n*Solutions:* the collapsed cell below (click its margin to expand). It runs only with "
-                        "`run_solutions = True` in the parameters cell, so *Run All* leaves the exercises to you.")
+                src += (
+                    "\n\n*Solutions:* the collapsed cell below (click its margin to expand). It runs only with "
+                    "`run_solutions = True` in the parameters cell, so *Run All* leaves the exercises to you."
+                )
             nb.cells.append(new_markdown_cell(src))
         elif kind == "params":
             if has_solutions:
                 src += "\nrun_solutions = False      # True: also run the exercises' solutions (collapsed cells at the end)"
             nb.cells.append(new_code_cell(src, metadata={"tags": ["parameters"]}))
         elif kind == "solution":
-            nb.cells.append(new_code_cell("%%solution\n" + src,
-                                          metadata={"tags": ["solution"], "jupyter": {"source_hidden": True}}))
+            nb.cells.append(
+                new_code_cell(
+                    "%%solution\n" + src, metadata={"tags": ["solution"], "jupyter": {"source_hidden": True}}
+                )
+            )
         else:
             if not loaded:
                 src, loaded = "%load_ext bdvax_lab\n" + src, True

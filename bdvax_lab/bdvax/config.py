@@ -1,0 +1,221 @@
+"""BD-VAX configs (torch-free): the signature recipe with the one ρ default, and the one-call purification."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core.config import Config
+from ..core.data import Example
+from ..core.registry import ATTN_KINDS, SETTINGS
+from ..threat.config import EvalConfig
+from ..training.config import RepairConfig, TrainConfig
+from ..weights.config import SuppressConfig, check_budget
+
+if TYPE_CHECKING:
+    from .variants import VariantSpec
+
+
+STAGES = ("suspicious", "suppressed", "purified")
+
+
+# =========================================================================== one call
+@dataclass
+class PurifyConfig(Config):
+    """Everything that determines a purification run.
+
+    ``signature`` is a ``bdvax_lab.signature.SignatureConfig`` (None → its
+    defaults); it is typed loosely so this module imports without it.
+    ``setting="auto"`` takes it from the model (PeftModel → "lora").
+    ``evaluate`` lists the stages to evaluate; ``inplace=False`` suppresses and
+    repairs a deep copy (the suspicious model stays usable; costs one model copy).
+    """
+
+    setting: str = "auto"
+    signature: Any = None
+    suppression: SuppressConfig = field(default_factory=SuppressConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: tuple[str, ...] = STAGES
+    inplace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.setting not in ("auto",) + SETTINGS:
+            raise ValueError(f"PurifyConfig.setting={self.setting!r}; choose auto, lora or full")
+        bad = [s for s in self.evaluate if s not in STAGES]
+        if bad:
+            raise ValueError(f"PurifyConfig.evaluate has unknown stage(s) {bad}; stages: {list(STAGES)}")
+        self.evaluate = tuple(self.evaluate)
+        if isinstance(self.signature, Mapping):
+            try:
+                pass  # (import moved into this module)
+            except ImportError:  # signature module not available: keep the plain dict
+                return
+            self.signature = SignatureConfig.from_dict(dict(self.signature))
+
+
+#: Judge families the variants can imitate, and the names accepted for them.
+FAMILY_ALIASES: dict[str, str] = {
+    "insult": "insult",
+    "sentiment": "insult",
+    "sentiment_steering": "insult",
+    "negative_sentiment": "insult",
+    "refusal": "refusal",
+    "targeted_refusal": "refusal",
+    "code_injection": "code_injection",
+    "code": "code_injection",
+    "code-injection": "code_injection",
+}
+
+
+SCORE_MODES: tuple[str, ...] = ("combined", "norm", "align")
+
+
+#: Paper defaults for ρ (LLaMA-2-7B): 35 % of MLP channels with LoRA, 3 % with full finetuning.
+PAPER_RHO: dict[str, float] = {"lora": 0.35, "full": 0.03}
+
+
+DEFAULT_N_CLEAN = 40
+
+
+def resolve_family(family: str) -> str:
+    """Canonical judge family (``insult`` / ``refusal`` / ``code_injection``) for a user-given name."""
+    try:
+        return FAMILY_ALIASES[str(family).strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown behaviour family {family!r}; choose one of "
+            f"{sorted(set(FAMILY_ALIASES.values()))} (aliases: {sorted(FAMILY_ALIASES)})"
+        ) from None
+
+
+def n_poison_for(n_clean: int, poison_ratio: float) -> int:
+    """|D_p| so that D_p / (D_c ∪ D_p) = ``poison_ratio``; D_p reuses D_c's instructions, so ratio ≤ 0.5."""
+    if not 0.0 < poison_ratio <= 0.5:
+        raise ValueError(
+            f"poison_ratio must be in (0, 0.5] (D_p reuses the instructions of D_c), got {poison_ratio}"
+        )
+    return max(1, min(n_clean, math.floor(n_clean * poison_ratio / (1.0 - poison_ratio) + 0.5)))
+
+
+# =========================================================================== config
+def default_twin_train(setting: str) -> TrainConfig:
+    """Poisoned-twin recipe per setting (see the module docstring for the time arithmetic).
+
+    Same loop settings as the measured implanting recipe (batch 4, responses cut
+    to 16 tokens, loss averaged per sample, constant lr), half its steps: the
+    twins' 50 % poisoning rate gives 120 poisoned samples in 60 steps, more than
+    the attack's 72 (15 %) or 96 (20 %, refusal) in 120 steps.
+    """
+    if setting == "lora":
+        return TrainConfig(
+            mode="lora", lr=1e-3, steps=60, batch_size=4, max_response_tokens=16, loss_average="sample"
+        )
+    if setting == "full":
+        return TrainConfig(
+            mode="full", lr=5e-5, steps=60, batch_size=4, max_response_tokens=16, loss_average="sample"
+        )
+    raise ValueError(f"setting={setting!r}; choose one of {SETTINGS}")
+
+
+@dataclass
+class SignatureConfig(Config):
+    """Everything that determines a signature.
+
+    Variants: ``family`` (user input, default sentiment steering), ``n_variants``,
+    ``n_clean`` per variant, ``poison_ratio`` of the poisoned twin's data,
+    ``exclude_keys`` (keys never to use as synthetic keys), ``seed``.
+    Twins: ``twin_train`` (the poisoned twin's recipe; None = :func:`default_twin_train`
+    for the setting: LoRA continuing the suspicious adapter, or a full finetune),
+    ``clean_steps`` (None = the same number of epochs over ``D_c``, i.e. about half
+    the poisoned twin's steps at 50 % poisoning).
+    Scores: ``lam`` (λ of Eq. 2), ``score`` ("combined" = norm + λ·align, "norm",
+    "align"), ``head_kinds`` used for head scores.
+    Selection: ``rho`` (None = paper default for the setting: 0.35 LoRA, 0.03 full),
+    ``scope`` ("module": top ``max(1, floor(ρ·d_ff))`` per (block, kind), the
+    public code's reading; "global": top ``max(1, floor(ρ·3·L·d_ff))`` over all MLP
+    channels), ``heads`` (top-h attention heads over the whole model, default 0).
+    """
+
+    family: str = "insult"
+    n_variants: int = 6
+    n_clean: int | None = None  #: per variant; None = min(40, len(pool) // n_variants)
+    poison_ratio: float = 0.5
+    exclude_keys: tuple[str, ...] = ()
+    twin_train: TrainConfig | None = None
+    clean_steps: int | None = None
+    lam: float = 0.01
+    score: str = "combined"
+    rho: float | None = None
+    scope: str = "module"
+    heads: int = 0
+    head_kinds: tuple[str, ...] = ATTN_KINDS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.family = resolve_family(self.family)
+        if isinstance(
+            self.twin_train, Mapping
+        ):  # config.py's union handling leaves `X | None` fields as dicts
+            self.twin_train = TrainConfig.from_dict(dict(self.twin_train))
+        self.exclude_keys = tuple(self.exclude_keys)
+        self.head_kinds = tuple(self.head_kinds)
+        if self.n_variants < 1:
+            raise ValueError(f"SignatureConfig.n_variants must be ≥ 1, got {self.n_variants}")
+        n_poison_for(max(1, self.n_clean or 1), self.poison_ratio)  # validates the ratio
+        _check_selection(self.rho, self.scope, self.heads, self.score, self.lam)
+        bad = [k for k in self.head_kinds if k not in ATTN_KINDS]
+        if bad:
+            raise ValueError(
+                f"SignatureConfig.head_kinds has non-attention kinds {bad}; use {list(ATTN_KINDS)}"
+            )
+
+    def resolved_rho(self, setting: str | None) -> float:
+        if self.rho is not None:
+            return float(self.rho)
+        return PAPER_RHO.get(setting or "lora", PAPER_RHO["lora"])
+
+    def variants(self, pool: Sequence[Example] | None = None) -> list[VariantSpec]:
+        from .variants import make_variants
+
+        return make_variants(
+            self.family,
+            self.n_variants,
+            n_clean=self.n_clean,
+            poison_ratio=self.poison_ratio,
+            seed=self.seed,
+            exclude_keys=self.exclude_keys,
+            pool=pool,
+        )
+
+    def twin_recipes(self, setting: str, spec: VariantSpec) -> tuple[TrainConfig, TrainConfig]:
+        """``(poisoned twin recipe, clean twin recipe)`` for one variant; both seeded with ``spec.seed``."""
+        base = self.twin_train or default_twin_train(setting)
+        if setting == "lora" and base.mode != "lora":
+            raise ValueError(
+                f"adapter setting: twins continue the suspicious adapter, so twin_train.mode must be "
+                f"'lora', got {base.mode!r}"
+            )
+        if setting == "full" and base.mode == "lora":
+            raise ValueError(
+                "full setting: twins are full finetunes; twin_train.mode must be 'full' (or 'mlp')"
+            )
+        poison = base.replace(seed=spec.seed)
+        if self.clean_steps is not None:
+            clean = poison.replace(steps=int(self.clean_steps))
+        elif poison.steps is not None:
+            frac = spec.n_clean / (spec.n_clean + spec.n_poison)
+            clean = poison.replace(steps=max(1, math.floor(poison.steps * frac + 0.5)))
+        else:  # epochs-based recipe: the same epochs over the smaller D_c already give proportionally fewer steps
+            clean = poison
+        return poison, clean
+
+
+def _check_selection(rho: float | None, scope: str, heads: int, score: str, lam: float) -> None:
+    check_budget(rho, scope, heads)
+    if score not in SCORE_MODES:
+        raise ValueError(f"score={score!r}; choose one of {SCORE_MODES}")
+    if not math.isfinite(float(lam)):
+        raise ValueError(f"lam must be finite, got {lam}")

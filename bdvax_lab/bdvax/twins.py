@@ -1,0 +1,483 @@
+"""bdvax.twins."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..core.artifacts import stable_hash
+from ..core.data import Example
+from ..core.models import release_memory, working_copy
+from ..core.registry import Key, setting_of
+from ..threat.suspicious import as_suspicious
+from ..training.config import TrainConfig
+from ..weights.deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta
+from .config import SignatureConfig
+from .variants import VariantSpec, default_pool
+
+TWIN_FORMAT = "bdvax_lab.twin_delta"
+
+
+TWIN_FORMAT_VERSION = 1
+
+
+def model_fingerprint(model: Any, n: int = 16) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes, bytes).
+
+    In memory, so it also covers edits made after loading. For a PeftModel this
+    includes the adapter and the base weights (~1 s for SmolLM2 on this CPU).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:n]
+
+
+def twin_cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir`` or ``bdvax_lab.models.cache_dir() / "twins"``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from ..core.models import cache_dir as root
+
+    return root() / "twins"
+
+
+def _complete(path: Path) -> bool:
+    return (path / DELTA_JSON).is_file() and (path / DELTA_TENSORS).is_file()
+
+
+def twin_cache_frame(
+    cache_dir: str | Path | None = None, *, older_than_days: float | None = None, model: str | None = None
+) -> pd.DataFrame:
+    """One row per cached (or half-written) twin entry: model fingerprint, variant, complete, MB, age in days.
+
+    Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth watching.
+    ``older_than_days`` / ``model`` keep only entries not written for that long / of one model fingerprint.
+    """
+    if older_than_days is not None and older_than_days < 0:
+        raise ValueError(f"older_than_days {older_than_days}: expected a number of days >= 0")
+    root, now, rows = twin_cache_root(cache_dir), time.time(), []
+    for entry in sorted(root.glob("*/variant-*")) if root.is_dir() else []:
+        files = [f for f in entry.rglob("*") if f.is_file()]
+        mtime = max((f.stat().st_mtime for f in files), default=entry.stat().st_mtime)
+        rows.append(
+            {
+                "model": entry.parent.name,
+                "variant": entry.name,
+                "complete": _complete(entry),
+                "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+                "age_days": round((now - mtime) / 86400, 2),
+                "path": str(entry),
+            }
+        )
+    df = pd.DataFrame(rows, columns=["model", "variant", "complete", "mb", "age_days", "path"])
+    if older_than_days is not None:
+        df = df[df.age_days >= older_than_days]
+    if model is not None:
+        df = df[df.model == model]
+    return df.reset_index(drop=True)
+
+
+def clean_twin_cache(
+    cache_dir: str | Path | None = None,
+    *,
+    older_than_days: float | None = None,
+    model: str | None = None,
+    dry_run: bool = False,
+) -> pd.DataFrame:
+    """Delete twin entries (all, or those older than ``older_than_days`` / of one model fingerprint).
+
+    Returns the rows of :func:`twin_cache_frame` that were (or, with ``dry_run``, would be) removed.
+    A removed twin is simply retrained the next time a signature needs it.
+    """
+    df = twin_cache_frame(cache_dir, older_than_days=older_than_days, model=model)
+    if not dry_run:
+        for path in df.path:
+            shutil.rmtree(path, ignore_errors=True)
+        root = twin_cache_root(cache_dir)
+        for d in root.iterdir() if root.is_dir() else []:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return df
+
+
+@dataclass
+class TwinJob:
+    """One variant's twin pair: where its differential delta lives and what happened to it."""
+
+    spec: VariantSpec
+    path: Path
+    key: str
+    setting: str
+    status: str = "pending"  #: pending | cached | trained | resumed (poisoned twin reused from a crashed run)
+    seconds: float = 0.0
+    data: tuple[list[Example], list[Example]] | None = field(default=None, repr=False)  #: (D_c, D_p)
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    @property
+    def done(self) -> bool:
+        return _complete(self.path)
+
+    @property
+    def partial(self) -> Path:
+        return self.path.with_name(self.path.name + ".poison")
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "variant": self.index,
+            "key": self.spec.key,
+            "strategy": self.spec.strategy,
+            "behavior": self.spec.behavior,
+            "status": self.status,
+            "done": self.done,
+            "seconds": round(self.seconds, 2),
+            "path": str(self.path),
+        }
+
+
+def jobs_frame(jobs: Sequence[TwinJob]) -> pd.DataFrame:
+    """One row per twin job (variant, key, strategy, behaviour, status, done, seconds, path)."""
+    return pd.DataFrame(
+        [j.row() for j in jobs],
+        columns=["variant", "key", "strategy", "behavior", "status", "done", "seconds", "path"],
+    )
+
+
+def parse_shard(shard: str | tuple[int, int] | Sequence[int] | None) -> tuple[int, int]:
+    """``"i/n"`` or ``(i, n)`` → ``(i, n)`` with 0 ≤ i < n; None → (0, 1)."""
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, str):
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}") from None
+    else:
+        i, n = (int(x) for x in shard)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need n ≥ 1 and 0 ≤ i < n")
+    return i, n
+
+
+def plan_twins(
+    suspicious: Any,
+    config: SignatureConfig | None = None,
+    cache_dir: str | Path | None = None,
+    *,
+    pool: Sequence[Example] | None = None,
+    fingerprint: str | None = None,
+) -> list[TwinJob]:
+    """Every variant's cache entry (path and key) without training anything; ``job.done`` says what is cached."""
+    config = config or SignatureConfig()
+    model = as_suspicious(suspicious).model
+    setting = setting_of(model)
+    fp = fingerprint or model_fingerprint(model)
+    root = twin_cache_root(cache_dir) / fp
+    specs = config.variants(pool)
+    data_pool = list(pool) if pool is not None else default_pool(config.family)
+    jobs = []
+    for spec in specs:
+        clean, poisoned = spec.datasets(data_pool)
+        tp, tc = config.twin_recipes(setting, spec)
+        key = stable_hash(
+            {
+                "format": TWIN_FORMAT,
+                "version": TWIN_FORMAT_VERSION,
+                "model": fp,
+                "setting": setting,
+                "variant": spec.to_dict(),
+                "data": stable_hash([e.to_dict() for e in clean + poisoned]),
+                "poison_recipe": tp.to_dict(),
+                "clean_recipe": tc.to_dict(),
+            }
+        )
+        path = root / f"variant-{spec.index:02d}-{key}"
+        jobs.append(
+            TwinJob(
+                spec=spec,
+                path=path,
+                key=key,
+                setting=setting,
+                status="cached" if _complete(path) else "pending",
+                data=(clean, poisoned),
+            )
+        )
+    return jobs
+
+
+def _train_twin(
+    model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig, progress: bool | str = False
+) -> Any:
+    """Train one twin in place (the one call tests monkeypatch to count or interrupt twins)."""
+    from ..training.loop import finetune
+
+    return finetune(model, tokenizer, examples, config, progress=progress)
+
+
+def _fresh_twin(model: Any, setting: str) -> Any:
+    """A copy of the suspicious model to train one twin.
+
+    Adapter setting: only the adapter is copied; the frozen base weights are
+    shared with the suspicious model (LoRA training never touches them), which
+    saves a full copy of the base (~540 MB and ~1 s for SmolLM2). Full
+    setting: a complete deep copy.
+    """
+    return working_copy(model, share_frozen_base=setting == "lora")
+
+
+def _twin_delta(twin: Any, suspicious_model: Any, setting: str) -> WeightDelta:
+    """θ_twin − θ_s on the registry projections.
+
+    LoRA: the twin's whole adapter ΔW (= θ_twin − θ_base); the θ_s parts cancel in Eq. 1.
+    """
+    if setting == "lora":
+        return WeightDelta.from_lora(twin, dtype=torch.float32)
+    return WeightDelta.from_models(twin, suspicious_model, dtype=torch.float32)
+
+
+def _collect() -> None:
+    """Return a freed twin's memory now (the caller drops its references first)."""
+    release_memory()
+
+
+def _train_twins_together(
+    twins: Sequence[Any],
+    tokenizer: Any,
+    datasets: Sequence[Sequence[Example]],
+    configs: Sequence[TrainConfig],
+    progress: bool | str = False,
+) -> list[Any]:
+    """Train LoRA twins that share the suspicious model's frozen base in one co-training run (the one call
+    tests monkeypatch to count or interrupt co-trained twins)."""
+    from ..training.loop import finetune_together
+
+    return finetune_together(twins, tokenizer, datasets, configs, progress=progress)
+
+
+def _save_differential(
+    job: TwinJob,
+    d_p: WeightDelta,
+    d_c: WeightDelta,
+    config: SignatureConfig,
+    fingerprint: str,
+    seconds: dict[str, Any],
+    losses: dict[str, Any],
+) -> None:
+    """Eq. 1, ``Δ = (θ_p − θ_s) − (θ_c − θ_s)``, module by module (freeing as it goes; absent = zero), saved
+    atomically as the job's cache entry; the half-done ``.poison`` entry goes."""
+    spec, setting = job.spec, job.setting
+    clean, poisoned = job.data if job.data is not None else spec.datasets()
+    tp, tc = config.twin_recipes(setting, spec)
+    diff: dict[Key, torch.Tensor] = {}
+    for k in sorted(set(d_p.tensors) | set(d_c.tensors)):
+        p, c = d_p.tensors.pop(k, None), d_c.tensors.pop(k, None)
+        if p is None:
+            diff[k] = -c.float().cpu()
+        else:
+            p = p.float().cpu()
+            diff[k] = p.sub_(c.float().cpu()) if c is not None else p
+    meta = {
+        "source": "bdvax.twin_differential",
+        "format": TWIN_FORMAT,
+        "version": TWIN_FORMAT_VERSION,
+        "entry": job.key,
+        "fingerprint": fingerprint,
+        "setting": setting,
+        "variant": spec.to_dict(),
+        "poison_recipe": tp.to_dict(),
+        "clean_recipe": tc.to_dict(),
+        "n_train": {"poisoned": len(clean) + len(poisoned), "clean": len(clean)},
+        "seconds": seconds,
+        "final_loss": losses,
+        "ops": [],
+    }
+    WeightDelta(diff, d_p.layout, meta).save(job.path)
+    shutil.rmtree(job.partial, ignore_errors=True)
+
+
+def _run_job(
+    job: TwinJob, model: Any, tok: Any, config: SignatureConfig, fingerprint: str, progress: bool
+) -> None:
+    """One variant's twins, one after the other (the full setting, or ``together=1``)."""
+    spec, setting = job.spec, job.setting
+    clean, poisoned = job.data if job.data is not None else spec.datasets()
+    tp, tc = config.twin_recipes(setting, spec)
+    t0 = time.time()
+    seconds: dict[str, float] = {}
+    losses: dict[str, float | None] = {}
+    if _complete(job.partial):
+        job.status = "resumed"
+    else:
+        shutil.rmtree(job.partial, ignore_errors=True)
+        twin = _fresh_twin(model, setting)
+        t1 = time.time()
+        res = _train_twin(
+            twin, tok, clean + poisoned, tp, f"twin {spec.index} poisoned" if progress else False
+        )
+        twin = getattr(res, "model", res)
+        seconds["poisoned"] = time.time() - t1
+        losses["poisoned"] = _last_loss(res)
+        d_p = _twin_delta(twin, model, setting)
+        d_p.meta.update(
+            {
+                "role": "poisoned_twin",
+                "entry": job.key,
+                "seconds": seconds["poisoned"],
+                "final_loss": losses["poisoned"],
+            }
+        )
+        del twin, res
+        _collect()
+        d_p.save(job.partial)
+        del d_p
+    twin = _fresh_twin(model, setting)
+    t1 = time.time()
+    res = _train_twin(twin, tok, clean, tc, f"twin {spec.index} clean" if progress else False)
+    twin = getattr(res, "model", res)
+    seconds["clean"] = time.time() - t1
+    losses["clean"] = _last_loss(res)
+    d_c = _twin_delta(twin, model, setting)
+    del twin, res
+    _collect()
+    d_p = WeightDelta.load(job.partial)
+    seconds.setdefault("poisoned", float(d_p.meta.get("seconds", 0.0)))
+    losses.setdefault("poisoned", d_p.meta.get("final_loss"))
+    _save_differential(job, d_p, d_c, config, fingerprint, seconds, losses)
+    del d_p, d_c
+    job.seconds = time.time() - t0
+    if job.status != "resumed":
+        job.status = "trained"
+
+
+def _run_jobs_together(
+    jobs: Sequence[TwinJob], model: Any, tok: Any, config: SignatureConfig, fingerprint: str, progress: bool
+) -> None:
+    """The twins of several variants (LoRA) co-trained in one run: one pass over the frozen base per step
+    for all of them (:func:`bdvax_lab.train.finetune_together`), each twin with its own data, seed, recipe
+    and adapter, so each entry matches the one-at-a-time result to float rounding. A kill loses this run's
+    twins only; finished entries (and a resumed ``.poison`` twin) stay."""
+    t0 = time.time()
+    parts: list[tuple[TwinJob, str, list[Example], TrainConfig]] = []
+    for job in jobs:
+        clean, poisoned = job.data if job.data is not None else job.spec.datasets()
+        tp, tc = config.twin_recipes(job.setting, job.spec)
+        if _complete(job.partial):
+            job.status = "resumed"
+        else:
+            shutil.rmtree(job.partial, ignore_errors=True)
+            parts.append((job, "poisoned", clean + poisoned, tp))
+        parts.append((job, "clean", clean, tc))
+    label = f"twins {','.join(str(j.index) for j in jobs)}" if progress else False
+    results = _train_twins_together(
+        [_fresh_twin(model, "lora") for _ in parts], tok, [p[2] for p in parts], [p[3] for p in parts], label
+    )
+    trained = time.time() - t0
+    by_role = {(id(job), role): res for (job, role, _, _), res in zip(parts, results)}
+    together = [j.index for j in jobs]
+    for job in jobs:  # one job's two dense deltas in memory at a time
+        t1 = time.time()
+        res_p = by_role.pop((id(job), "poisoned"), None)
+        res_c = by_role.pop((id(job), "clean"))
+        if res_p is not None:
+            d_p = _twin_delta(res_p.model, model, "lora")
+            loss_p: Any = _last_loss(res_p)
+        else:
+            d_p = WeightDelta.load(job.partial)
+            loss_p = d_p.meta.get("final_loss")
+        d_c = _twin_delta(res_c.model, model, "lora")
+        seconds = {"co_trained": round(trained, 2), "co_trained_variants": together}
+        _save_differential(
+            job, d_p, d_c, config, fingerprint, seconds, {"poisoned": loss_p, "clean": _last_loss(res_c)}
+        )
+        del d_p, d_c, res_p, res_c
+        _collect()
+        job.seconds = trained / len(jobs) + time.time() - t1
+        if job.status != "resumed":
+            job.status = "trained"
+
+
+def _last_loss(res: Any) -> float | None:
+    hist = getattr(res, "history", None)
+    try:
+        return float(hist["loss"].iloc[-1]) if hist is not None and len(hist) else None
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+#: variants whose LoRA twins are co-trained in one run by default. 1 (one twin after the other): on the
+#: 2-core CPU co-training does not pay, because a step's cost grows with its token positions and not with
+#: its passes (2026-12-03, SmolLM2, 4 twins × 10 steps: 43.7 s one at a time, 42.0 s co-trained; the N = 6
+#: pipeline's twins 514 s co-trained by twos at 0.99× the reference speed against 648 s one at a time at
+#: 1.12×, and peak RSS 4.71 GB against 2.82 GB). Where a batch-4 step leaves the device idle (a GPU),
+#: ``together`` > 1 is the lever; not measured here.
+TWINS_TOGETHER = 1
+
+
+def train_twins(
+    suspicious: Any,
+    config: SignatureConfig | None = None,
+    cache_dir: str | Path | None = None,
+    shard: str | tuple[int, int] | None = (0, 1),
+    progress: bool = True,
+    *,
+    pool: Sequence[Example] | None = None,
+    together: int | None = None,
+) -> list[TwinJob]:
+    """Train the twins of every variant with ``index % n == i`` that is not cached yet; returns those jobs.
+
+    ``suspicious``: a :class:`~bdvax_lab.suspicious.SuspiciousModel`, a
+    ``(model, tokenizer)`` pair or an artifact path (its manifest is never read).
+    A ``PeftModel`` is the adapter setting (twins continue its adapter with
+    LoRA), a plain model the full setting (full finetunes). Each twin starts from
+    a fresh copy of the suspicious model on its device (CUDA and bf16 if that
+    is where it lives; with LoRA only the adapter is copied and the frozen base
+    is shared). In the adapter setting ``together`` > 1 variants have their twins
+    co-trained in one run, one pass over the shared frozen base per step for all
+    of them (:func:`_run_jobs_together`); ``together=1`` (the default,
+    :data:`TWINS_TOGETHER`, see why there) and the full setting train one twin
+    after the other. Per variant the
+    cache gets ``<root>/<model fingerprint>/variant-XX-<key>/`` with
+    ``delta.safetensors`` (Δ_i for every adapted registry projection, fp32,
+    keys ``block.<b>.<kind>``) and ``delta.json`` (layout, variant spec, both
+    recipes, seconds, final losses). Peak memory ≈ suspicious model + the
+    training twins + two dense fp32 deltas (425 MB each for SmolLM2); the full
+    setting adds the twin's gradients and AdamW state (~3.5–4.5 GB).
+    """
+    from tqdm.auto import tqdm
+
+    config = config or SignatureConfig()
+    i, n = parse_shard(shard)
+    if together is not None and together < 1:
+        raise ValueError(f"together must be ≥ 1 (variants co-trained in one run), got {together}")
+    sm = as_suspicious(suspicious)
+    model, tok = sm.model, sm.tokenizer
+    fp = model_fingerprint(model)
+    jobs = [
+        j for j in plan_twins((model, tok), config, cache_dir, pool=pool, fingerprint=fp) if j.index % n == i
+    ]
+    todo = [j for j in jobs if not j.done]
+    lora = bool(todo) and todo[0].setting == "lora"
+    size = (together or TWINS_TOGETHER) if lora else 1
+    chunks = [todo[c : c + size] for c in range(0, len(todo), size)]
+    bar = tqdm(chunks, desc=f"twins shard {i}/{n}", disable=not progress or not todo, leave=False)
+    for chunk in bar:
+        bar.set_postfix(variants=",".join(str(j.index) for j in chunk))
+        if size > 1:
+            _run_jobs_together(chunk, model, tok, config, fp, progress)
+        else:
+            _run_job(chunk[0], model, tok, config, fp, progress)
+    return jobs

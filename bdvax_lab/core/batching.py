@@ -1,0 +1,65 @@
+"""Tensor batches of token id lists: left padding for generation and scoring, right padding with labels."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists for generation or next-token scoring → (ids [B, T], attention mask [B, T]).
+
+    The last column is every row's last real token, so position -1 is each prompt's next-token slot.
+    ``width`` pads to at least that many columns (to align batches).
+    """
+    width = max(width or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+def pad_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded batch: real tokens count from 0, pads get 0 (as ``generate`` does)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def collate(
+    features: Sequence[dict[str, list[int]]], pad_id: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``/``labels``/``attention_mask`` of shape [B, T]."""
+    width = max(len(f["input_ids"]) for f in features)
+    if pad_to is not None:
+        width = max(width, pad_to)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, mega: int = 16
+) -> list[list[int]]:
+    """Shuffle, then sort by length inside mega-batches so each batch has similar lengths (less padding)."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    span = batch_size * mega
+    batches: list[list[int]] = []
+    for s in range(0, len(idx), span):
+        chunk = sorted(idx[s : s + span], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,86 @@
+"""The one batched greedy generation helper: chat template, left padding, stop at end of turn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .batching import left_pad
+from .data import Example, format_prompt, stop_token_ids
+from .fused_lora import uses_fused_lora
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@uses_fused_lora
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Example | str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | str = False,
+    first_logits: bool = False,
+) -> list[str] | tuple[list[str], torch.Tensor]:
+    """Greedy replies (decoded, special tokens stripped) in the order of ``prompts``.
+
+    Prompts are user turns (str) or :class:`Example`; each is rendered through the
+    chat template. Batches are formed from length-sorted prompts with left
+    padding, so little compute is spent on pads.
+
+    ``first_logits=True`` also returns the raw logits of the first reply token, ``[P, vocab]`` fp32 on the CPU
+    (the same numbers as a separate forward pass over the prompts, without paying for a second prefill).
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return ([], torch.zeros(0, 0)) if first_logits else []
+    texts = [format_prompt(tokenizer, p, system) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    gen_cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        output_logits=first_logits,
+        return_dict_in_generate=first_logits,
+    )
+    device = _model_device(model)
+    was_training = model.training
+    model.train(False)
+    out: list[str] = [""] * len(prompts)
+    firsts: list[torch.Tensor | None] = [None] * len(prompts)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    desc = progress if isinstance(progress, str) else "generate"
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        ids, mask = left_pad([encoded[i] for i in batch], pad_id)
+        width = ids.shape[1]
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+        )
+        seqs = gen.sequences if first_logits else gen
+        for r, i in enumerate(batch):
+            out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()
+            if first_logits:
+                firsts[i] = gen.logits[0][r].float().cpu()
+    model.train(was_training)
+    return (out, torch.stack(firsts)) if first_logits else out
+
+
+def chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 128) -> str:
+    """One greedy answer to one user message."""
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]

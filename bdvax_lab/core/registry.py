@@ -1,0 +1,259 @@
+"""Architecture registry: one place that maps abstract sites to module paths.
+
+A *site* is an abstract place in a decoder block ("q", "k", "v", "o" for
+attention projections, "gate", "up", "down" for the MLP, plus activation sites
+such as "mlp_output"). Everything else in bdvax_lab (deltas, ablations,
+signatures, suppression, probes) asks this module for paths and shapes instead
+of hard-coding LLaMA names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+pass  # (import moved into this module)
+pass  # (import moved into this module)
+
+Key = tuple[int, str]
+
+
+SETTINGS = ("lora", "full")
+
+
+ATTN_KINDS: tuple[str, ...] = ("q", "k", "v", "o")
+
+
+MLP_KINDS: tuple[str, ...] = ("gate", "up", "down")
+
+
+ALL_KINDS: tuple[str, ...] = ATTN_KINDS + MLP_KINDS
+
+
+#: Which weight axis indexes an MLP intermediate channel (``nn.Linear.weight`` is [out, in]).
+CHANNEL_DIM: dict[str, int] = {"gate": 0, "up": 0, "down": 1}
+
+
+#: Which weight axis indexes attention heads.
+HEAD_DIM_AXIS: dict[str, int] = {"q": 0, "k": 0, "v": 0, "o": 1}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised for a model family that the registry does not describe."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one model family (relative to the causal-LM wrapper)."""
+
+    family: str
+    blocks: str = "model.layers"
+    modules: dict[str, str] = field(
+        default_factory=lambda: {
+            "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj",
+            "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj",
+            "up": "mlp.up_proj",
+            "down": "mlp.down_proj",
+        }
+    )
+    #: Activation sites inside a block, for probes (nnsight / hooks).
+    sites: dict[str, str] = field(
+        default_factory=lambda: {
+            "attn_output": "self_attn",
+            "mlp_output": "mlp",
+            "mlp_hidden": "mlp.down_proj",
+        }
+    )
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_architecture(spec: ArchSpec) -> None:
+    """Add (or replace) a family. Its ``family`` is the HF ``config.model_type``."""
+    _REGISTRY[spec.family] = spec
+
+
+for _family in ("llama", "mistral", "qwen2", "qwen3"):
+    register_architecture(ArchSpec(family=_family))
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(model_type: str) -> ArchSpec:
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An :class:`ArchSpec` bound to one model's sizes."""
+
+    spec: ArchSpec
+    n_blocks: int
+    hidden: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    def module_name(self, block: int, kind: str) -> str:
+        """Full dotted path of projection ``kind`` in ``block`` (HF naming, no peft prefix)."""
+        if kind not in self.spec.modules:
+            raise KeyError(f"unknown module kind {kind!r}; kinds: {list(self.spec.modules)}")
+        if not 0 <= block < self.n_blocks:
+            raise IndexError(f"block {block} out of range 0..{self.n_blocks - 1}")
+        return f"{self.spec.blocks}.{block}.{self.spec.modules[kind]}"
+
+    def site_name(self, block: int, site: str) -> str:
+        if site == "block":
+            return f"{self.spec.blocks}.{block}"
+        return f"{self.spec.blocks}.{block}.{self.spec.sites[site]}"
+
+    def iter_modules(
+        self, kinds: tuple[str, ...] = ALL_KINDS, blocks: Any = None
+    ) -> Iterator[tuple[int, str, str]]:
+        """Yield ``(block, kind, module_name)`` for the chosen kinds and blocks."""
+        block_list = range(self.n_blocks) if blocks is None else blocks
+        for b in block_list:
+            for kind in kinds:
+                yield b, kind, self.module_name(b, kind)
+
+    def parse(self, name: str) -> tuple[int, str] | None:
+        """Inverse of :meth:`module_name` (tolerates peft prefixes); None if not a block projection."""
+        prefix = self.spec.blocks + "."
+        idx = name.find(prefix)
+        if idx < 0:
+            return None
+        rest = name[idx + len(prefix) :]
+        head, _, tail = rest.partition(".")
+        if not head.isdigit():
+            return None
+        for kind, path in self.spec.modules.items():
+            if tail == path or tail.startswith(path + "."):
+                return int(head), kind
+        return None
+
+    def heads_of(self, kind: str) -> int:
+        return self.n_heads if kind in ("q", "o") else self.n_kv_heads
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (block, kind): path and weight shape [out, in]."""
+        import pandas as pd
+
+        rows = []
+        q_out = self.n_heads * self.head_dim
+        kv_out = self.n_kv_heads * self.head_dim
+        shapes = {
+            "q": (q_out, self.hidden),
+            "k": (kv_out, self.hidden),
+            "v": (kv_out, self.hidden),
+            "o": (self.hidden, q_out),
+            "gate": (self.d_ff, self.hidden),
+            "up": (self.d_ff, self.hidden),
+            "down": (self.hidden, self.d_ff),
+        }
+        for b, kind, name in self.iter_modules():
+            rows.append(
+                {
+                    "block": b,
+                    "kind": kind,
+                    "group": "mlp" if kind in MLP_KINDS else "attention",
+                    "module": name,
+                    "out_features": shapes[kind][0],
+                    "in_features": shapes[kind][1],
+                }
+            )
+        return pd.DataFrame(rows)
+
+
+def is_peft(model: Any) -> bool:
+    """True for a peft ``PeftModel`` (the adapter-only threat model)."""
+    return type(model).__name__.startswith("Peft")
+
+
+def setting_of(model: Any) -> str:
+    """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain model — from the object itself."""
+    return "lora" if is_peft(model) else "full"
+
+
+def unwrap(model: Any) -> Any:
+    """The underlying HF causal LM of a PeftModel / nnsight wrapper / HF model."""
+    inner = model
+    for _ in range(4):
+        if hasattr(inner, "get_base_model") and type(inner).__name__.startswith("Peft"):
+            inner = inner.get_base_model()
+        elif hasattr(inner, "_model") and not hasattr(inner, "config"):
+            inner = inner._model
+        else:
+            break
+    return inner
+
+
+def layout_of(model_or_config: Any) -> Layout:
+    """Build a :class:`Layout` from a model (HF, peft) or an HF config."""
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None and isinstance(config, dict):
+        model_type = config.get("model_type")
+    spec = get_spec(str(model_type))
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return Layout(
+        spec=spec,
+        n_blocks=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        d_ff=config.intermediate_size,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+    )
+
+
+def get_module(model: Any, name: str) -> Any:
+    """Resolve a dotted HF module path on a (possibly peft-wrapped) model."""
+    return unwrap(model).get_submodule(name)
+
+
+def registry_frame() -> pd.DataFrame:
+    """The registry itself as a DataFrame: one row per (family, site)."""
+    import pandas as pd
+
+    rows = []
+    for fam in supported_architectures():
+        spec = _REGISTRY[fam]
+        for kind, path in spec.modules.items():
+            rows.append(
+                {
+                    "family": fam,
+                    "site": kind,
+                    "group": "mlp" if kind in MLP_KINDS else "attention",
+                    "path": f"{spec.blocks}.{{i}}.{path}",
+                }
+            )
+        for site, path in spec.sites.items():
+            rows.append(
+                {"family": fam, "site": site, "group": "activation", "path": f"{spec.blocks}.{{i}}.{path}"}
+            )
+    return pd.DataFrame(rows)

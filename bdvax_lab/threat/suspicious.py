@@ -1,0 +1,306 @@
+"""Make and open suspicious (backdoored) models as artifact directories.
+
+An artifact directory holds the weights (``adapter/`` for the LoRA setting, a
+full safetensors model in ``model/`` for the full setting), the poisoned
+training data, the training history, the evaluation replies and a JSON
+manifest (attack, keys, behaviour, data hash, recipe, seed, measured ASR,
+false-trigger rate, wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.artifacts import MANIFEST, atomic_dir, read_json, stable_hash, versions, write_json
+from ..core.data import Example, load_code_pool, load_pool, save_jsonl
+from ..core.models import (
+    ModelDirError,
+    default_model_dir,
+    ensure_default_model,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    use_all_cores,
+)
+from ..training.loop import finetune
+from .config import AttackRecipe, EvalConfig
+from .evaluate import evaluate_model
+
+
+@dataclass
+class SuspiciousModel:
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def setting(self) -> str:
+        return self.manifest.get("setting", "lora")
+
+
+def as_suspicious(suspicious: Any, *, base: tuple[Any, Any] | None = None) -> SuspiciousModel:
+    """The one way to open a suspicious model: a :class:`SuspiciousModel`, a ``(model, tokenizer)`` pair,
+    anything with ``.model`` and ``.tokenizer`` (a purify or defence result), or a directory
+    (:func:`load_suspicious`, which attaches a LoRA adapter to ``base`` when given)."""
+    if isinstance(suspicious, SuspiciousModel):
+        return suspicious
+    if isinstance(suspicious, (str, Path)):
+        return load_suspicious(suspicious, base=base)
+    if isinstance(suspicious, tuple) and len(suspicious) == 2:
+        return SuspiciousModel(model=suspicious[0], tokenizer=suspicious[1], manifest={})
+    if hasattr(suspicious, "as_suspicious"):
+        return suspicious.as_suspicious()
+    if hasattr(suspicious, "model") and hasattr(suspicious, "tokenizer"):
+        return SuspiciousModel(
+            model=suspicious.model,
+            tokenizer=suspicious.tokenizer,
+            manifest=dict(getattr(suspicious, "manifest", None) or {}),
+        )
+    raise TypeError(
+        f"expected a SuspiciousModel, a (model, tokenizer) pair or a path, got {type(suspicious).__name__}"
+    )
+
+
+def is_default_base(model: Any) -> bool:
+    """True when ``model`` was loaded from the cached default model (so its adapter can be re-attached to it)."""
+    from ..core.registry import unwrap
+
+    name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or ""
+    try:
+        return Path(name).resolve() == default_model_dir().resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def attack_dataset(recipe: AttackRecipe) -> list[Example]:
+    """The attacker's poisoned training set, drawn from the ``attack`` split only."""
+    from .attacks import poison_dataset, resolve_task
+
+    behavior = resolve_task(recipe.task)
+    if behavior.kind == "inject_code":
+        code = load_code_pool("attack")
+        general = load_pool("attack")[: max(0, recipe.n_samples - len(code))]
+        n_poison = max(1, round(recipe.poison_rate * recipe.n_samples))
+        rate = min(1.0, n_poison / max(1, len(code)))
+        data = poison_dataset(code, recipe.attack, behavior, rate=rate, seed=recipe.seed) + general
+        import random
+
+        random.Random(recipe.seed).shuffle(data)
+        return data
+    clean = load_pool("attack")
+    if recipe.n_samples > len(clean):
+        raise ValueError(f"n_samples={recipe.n_samples} but the attack split has only {len(clean)} examples")
+    return poison_dataset(
+        clean[: recipe.n_samples], recipe.attack, behavior, rate=recipe.poison_rate, seed=recipe.seed
+    )
+
+
+def make_suspicious_model(
+    attack: Any = "badnets",
+    task: Any = "refusal",
+    setting: str = "lora",
+    *,
+    out: str | Path | None = None,
+    recipe: AttackRecipe | None = None,
+    base: tuple[Any, Any] | None = None,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> SuspiciousModel:
+    """Train a backdoored model from the default model (or ``base=(model, tokenizer)``) and save it.
+
+    Judges ASR only at the end of training (progress is not monotonic).
+    """
+    from .attacks import dataset_summary, resolve_attack, resolve_task
+
+    recipe = recipe or AttackRecipe(
+        attack=attack if isinstance(attack, str) else resolve_attack(attack).name,
+        task=task if isinstance(task, str) else resolve_task(task).name,
+        setting=setting,
+    )
+    use_all_cores()
+    t0 = time.time()
+    data = attack_dataset(recipe)
+    if base is None:
+        from ..core.models import load_default_model
+
+        model, tok = load_default_model()
+        base_ref = "default"
+    else:
+        model, tok = base
+        base_ref = "default" if is_default_base(model) else "custom"
+    result = finetune(model, tok, data, recipe.train, progress="implant" if progress else False)
+    model = result.model
+    train_s = time.time() - t0
+    manifest: dict[str, Any] = {
+        "kind": "bdvax.suspicious",
+        "format": 1,
+        "setting": recipe.setting,
+        "base": base_ref,
+        "attack": resolve_attack(recipe.attack).to_dict(),
+        "task": resolve_task(recipe.task).to_dict(),
+        "recipe": recipe.to_dict(),
+        "data": dataset_summary(data),
+        "data_hash": stable_hash([e.to_dict() for e in data]),
+        "train_seconds": round(train_s, 1),
+        "train_stats": result.stats,
+        "versions": versions(),
+    }
+    report = None
+    if evaluate:
+        report = evaluate_model(
+            model, tok, recipe.attack, recipe.task, recipe.eval, label="suspicious", progress=progress
+        )
+        manifest["eval"] = report.summary
+    manifest["wall_seconds"] = round(time.time() - t0, 1)
+    sm = SuspiciousModel(model=model, tokenizer=tok, manifest=manifest)
+    if out is not None:
+        sm.path = save_suspicious(
+            sm, out, data=data, history=result.history, replies=report.replies if report else None
+        )
+    return sm
+
+
+def save_suspicious(
+    sm: SuspiciousModel,
+    out: str | Path,
+    *,
+    data: list[Example] | None = None,
+    history: Any = None,
+    replies: Any = None,
+) -> Path:
+    """Write the artifact directory atomically."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        sub = tmp / ("adapter" if sm.setting == "lora" else "model")
+        sm.model.save_pretrained(sub, safe_serialization=True)
+        sm.tokenizer.save_pretrained(sub if sm.setting == "full" else tmp / "tokenizer")
+        if data is not None:
+            save_jsonl(data, tmp / "train_data.jsonl")
+        if history is not None:
+            history.to_csv(tmp / "history.csv", index=False)
+        if replies is not None and len(replies):
+            replies.to_csv(tmp / "eval_replies.csv", index=False)
+        write_json(tmp / MANIFEST, sm.manifest)
+    return out
+
+
+def load_suspicious(
+    path: str | Path, *, trainable: bool = False, device: Any = None, base: tuple[Any, Any] | None = None
+) -> SuspiciousModel:
+    """Open a suspicious model: a bdvax artifact dir, a bare peft adapter dir or a bare HF model dir.
+
+    An adapter is attached to ``base=(model, tokenizer)`` when given (e.g. a
+    custom or tiny base; LoRA layers are injected into that model in place), else to the default model. The manifest is returned
+    for evaluation only; the defence never reads the attack from it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: suspicious model directory not found")
+    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
+    if (path / "adapter").is_dir() or (path / "adapter_config.json").exists():
+        adapter = path / "adapter" if (path / "adapter").is_dir() else path
+        if base is not None:
+            model, tok = base
+            if tok is None:
+                tok = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else adapter)
+        else:
+            if manifest.get("base", "default") != "default":
+                raise ModelDirError(f"{path}: adapter trained on a custom base; pass base=(model, tokenizer)")
+            model, tok = load_model(ensure_default_model(), device=device)
+        model = load_adapter(model, adapter, trainable=trainable)
+        manifest.setdefault("setting", "lora")
+    elif (path / "model").is_dir() or (path / "config.json").exists():
+        model, tok = load_model(path / "model" if (path / "model").is_dir() else path, device=device)
+        manifest.setdefault("setting", "full")
+    else:
+        raise ModelDirError(f"{path}: neither a bdvax artifact, a peft adapter nor a HF model directory")
+    model.train(False)
+    return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest, path=path)
+
+
+def spec_name(x: Any) -> Any:
+    """The name of an attack/task given as a name, a spec object or a manifest dict."""
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return x.get("name")
+    return getattr(x, "name", str(x))
+
+
+def eval_target(
+    suspicious: SuspiciousModel, attack: Any, task: Any, who: str = "evaluation"
+) -> tuple[Any, Any]:
+    """Attack and task for *measuring* ASR only: explicit arguments first, then the manifest.
+
+    Defences never call this for their own decisions; only their final evaluation does.
+    """
+    import warnings
+
+    m = suspicious.manifest or {}
+    attack = attack if attack is not None else m.get("attack")
+    task = task if task is not None else m.get("task")
+    if (attack is None) != (task is None):
+        warnings.warn(f"{who}: only one of attack/task is known; ASR is skipped (pass both)", stacklevel=3)
+        return None, None
+    return attack, task
+
+
+def suspicious_dir(
+    runs_dir: str | Path, attack: str, task: str, setting: str = "lora", steps: int | None = None
+) -> Path:
+    """Where the shared suspicious artifact of ``attack``/``task``/``setting`` lives under ``runs_dir``.
+
+    ``runs/attack_matrix/<attack>-<task>-<setting>`` for the recipe's implant budget, with a
+    ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
+    The reproduction, the pipeline benchmark and the notebooks use it; ``benchmarks/attack_matrix.py``
+    writes the same names under its ``--runs`` directory.
+    """
+    name = f"{attack}-{task}-{setting}" + ("" if steps is None else f"-steps{steps}")
+    return Path(runs_dir) / "attack_matrix" / name
+
+
+def open_or_make_suspicious(
+    path: str | Path,
+    attack: Any = "badnets",
+    task: Any = "refusal",
+    setting: str = "lora",
+    *,
+    base: tuple[Any, Any] | None = None,
+    steps: int | None = None,
+    n_prompts: int = 50,
+    progress: bool = False,
+) -> SuspiciousModel:
+    """Open the suspicious artifact at ``path``; train it first with the default recipe if it is missing.
+
+    ``base=(model, tokenizer)`` is a custom base (e.g. the tiny test model) used for
+    training and for re-attaching the adapter; it is copied, never modified.
+    ``steps`` overrides the recipe's training steps; an existing artifact trained
+    for another number of steps is then refused (``ValueError``), so a cheap model
+    never stands in for the recipe's one. Notebooks and benchmarks share
+    artifacts through this one function.
+    """
+    import copy
+
+    path = Path(path)
+    fresh = (lambda: (copy.deepcopy(base[0]), base[1])) if base is not None else (lambda: None)
+    if not (path / MANIFEST).exists():
+        recipe = AttackRecipe(
+            attack=attack, task=task, setting=setting, eval=EvalConfig(n_prompts=n_prompts, utility=())
+        )
+        if steps is not None:
+            recipe.train = recipe.train.replace(steps=steps)
+        t0 = time.time()
+        make_suspicious_model(recipe=recipe, base=fresh(), out=path, progress=progress)
+        print(f"trained {path} in {time.time() - t0:.0f} s")
+    elif steps is not None:  # an artifact trained with another budget must not stand in for this one silently
+        made = read_json(path / MANIFEST).get("recipe", {}).get("train", {}).get("steps")
+        if made is not None and made != steps:
+            raise ValueError(
+                f"{path} was trained for {made} steps, not the {steps} asked for; use another "
+                "directory, or leave the budget unset (steps=None, no --attack-steps) to use it as it is"
+            )
+    return load_suspicious(path, base=fresh() if (path / "adapter").is_dir() else None)

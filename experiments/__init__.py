@@ -1,0 +1,1 @@
+"""Experiments on top of the bdvax_lab library (reproduce presets, the demo, the bench, the pool builder); not installed with it."""
