@@ -8,7 +8,7 @@ PIPQ    := $(PIP) install -q --disable-pip-version-check --progress-bar off
 QUIET   := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 STAMP   := $(VENV)/.bdvax-installed
 
-.PHONY: setup browser-deps demo test test-fast bench clean-venv
+.PHONY: setup browser-deps demo lint test test-fast bench clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ browser-deps:
 	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
 	  chromium --version; \
 	else echo "note: no /usr/bin/chromium and not root: the browser test will be skipped"; fi
+
+# ruff lint + format check (settings in pyproject.toml's [tool.ruff]); `ruff format <paths>` fixes the format.
+LINT_PATHS := bdvax_lab tests benchmarks experiments
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 # Whole test suite: unit (tiny model), notebooks (papermill, smoke parameters), real model (small budgets),
 # browser (JupyterLab in headless Chromium).
