@@ -1,4 +1,6 @@
-"""bdvax_lab: find and remove backdoors in instruction-tuned LLMs (BD-VAX, its controls and baselines), Jupyter-first.
+"""bdvax_lab: find and remove backdoors in instruction-tuned LLMs (BD-VAX, its controls and baselines).
+
+Jupyter-first.
 
 The names below are the main verbs and configs a notebook needs; everything else lives in the subpackage
 whose name is its place in the pipeline (``docs/concepts.md``):

@@ -92,7 +92,8 @@ def main() -> None:
         )
         print(
             f"{attack:10s} {task:15s} {setting:4s} ASR {ev['asr']:.2f} FTR {ev['false_trigger']:.2f} "
-            f"degenerate {ev['degenerate_triggered']}/{ev['degenerate_clean']} ppl {ev.get('ppl', float('nan')):.2f} "
+            f"degenerate {ev['degenerate_triggered']}/{ev['degenerate_clean']} "
+            f"ppl {ev.get('ppl', float('nan')):.2f} "
             f"mcq {ev.get('mcq_acc', float('nan')):.3f} train {m['train_seconds']:.0f}s "
             f"({status}, {time.time() - t0:.0f}s) {'OK' if ok else 'SHORT'}",
             flush=True,
@@ -103,7 +104,10 @@ def main() -> None:
 def write_results(
     rows: list[dict], pending: list[tuple[str, str, str]], ns: argparse.Namespace, seconds: float
 ) -> None:
-    """Write results/attack_matrix.{csv,md} (after every combination, so an interrupted run leaves a table)."""
+    """Write results/attack_matrix.{csv,md}.
+
+    Called after every combination, so an interrupted run leaves a table.
+    """
     import pandas as pd
 
     from bdvax_lab.core.artifacts import atomic_write_text
@@ -148,12 +152,15 @@ def write_results(
     lines = [
         "# Attack matrix on SmolLM2-135M-Instruct",
         "",
-        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} (2-core CPU, shared with other jobs during this run), "
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} "
+        "(2-core CPU, shared with other jobs during this run), "
         f"{seconds:.0f} s so far.",
-        f"Target: ASR ≥ {TARGET_ASR:.0%} and false-trigger ≤ {TARGET_FTR:.0%} on {ns.n_prompts} held-out prompts "
+        f"Target: ASR ≥ {TARGET_ASR:.0%} and false-trigger ≤ {TARGET_FTR:.0%} "
+        f"on {ns.n_prompts} held-out prompts "
         "(greedy, 32 new tokens, through the chat template). The first row is the unmodified model (utility "
         f"reference). MCQ on the first {ns.mcq_limit} bundled questions. asr_lo/asr_hi: 95% Wilson interval. "
-        "degenerate_*: empty or looping replies among triggered / clean prompts. train_s: wall seconds of training.",
+        "degenerate_*: empty or looping replies among triggered / clean prompts. "
+        "train_s: wall seconds of training.",
         "",
         markdown_table(df),
         "",
@@ -170,9 +177,12 @@ def write_results(
         if pending
         else "All combinations ran.",
         "",
-        "Recipe (`bdvax_lab.suspicious.default_attack_train`, `AttackRecipe`): 120 samples of the attack split, "
-        f"poisoning rate {rates}; LoRA r 8 on all seven projections, lr 1e-3 constant, batch 4, responses cut to 16 "
-        "tokens, loss averaged per sample, 120 steps (full setting: lr 5e-5). Rows marked `reused` were trained by an "
+        "Recipe (`bdvax_lab.suspicious.default_attack_train`, `AttackRecipe`): "
+        "120 samples of the attack split, "
+        f"poisoning rate {rates}; LoRA r 8 on all seven projections, lr 1e-3 constant, batch 4, "
+        "responses cut to 16 "
+        "tokens, loss averaged per sample, 120 steps (full setting: lr 5e-5). "
+        "Rows marked `reused` were trained by an "
         "earlier invocation of this command (their `train_s` was measured then, possibly beside other jobs).",
     ]
     atomic_write_text(Path(f"{ns.out}.md"), "\n".join(lines) + "\n")

@@ -2,11 +2,11 @@
 
 The same 2-core machine kind ran identical work up to 2.2× slower on some days than on others (RESULTS.md §3),
 so every timed benchmark here records this figure beside its own: a wall time is comparable across days only
-together with the speed of the day. The workload is the one ENVIRONMENT-NOTES.md measured at 1.1 s per step on
+together with the speed of the day. The workload is the reference one, measured at 1.1 s per step on
 2026-11-23: a LoRA step (r = 8 on every projection), batch 4, clean-pool examples with responses cut to 16
 tokens, loss averaged per sample. One warm-up step, then ``steps`` timed ones. It runs with peft's own LoRA
-forward and one decoder pass per row (``BDVAX_FUSED_LORA=0``, ``BDVAX_SHARED_PREFIX=0``), as the reference did,
-so the figure measures the machine, not the loop.
+forward and one decoder pass per row (``BDVAX_FUSED_LORA=0``, ``BDVAX_SHARED_PREFIX=0``), as the
+reference did, so the figure measures the machine, not the loop.
 
 Usage: python benchmarks/machine_speed.py [--steps 4]
 """
@@ -17,7 +17,8 @@ import argparse
 import json
 import time
 
-#: seconds per step of this workload in ENVIRONMENT-NOTES.md ("LoRA step, batch 4, responses ≤ 16 tokens"), 2026-11-23
+#: seconds per step of this workload in the 2026-11-23 reference measurement
+#: ("LoRA step, batch 4, responses ≤ 16 tokens")
 REFERENCE_STEP_S = 1.1
 
 
@@ -45,7 +46,10 @@ def reference_step_seconds(steps: int = 4) -> float:
 
 
 def speed_record(steps: int = 4) -> dict[str, float]:
-    """``{"reference_step_s", "slowdown"}``: today's seconds per step and its ratio to :data:`REFERENCE_STEP_S`."""
+    """``{"reference_step_s", "slowdown"}``.
+
+    Today's seconds per step and its ratio to :data:`REFERENCE_STEP_S`.
+    """
     t = time.time()
     s = reference_step_seconds(steps)
     rec = {

@@ -41,7 +41,10 @@ def keep_twins(tmp_cache: Path) -> int:
 
 
 def run_tag(ns: argparse.Namespace) -> str:
-    """The file-name suffix naming every non-default knob, so a variant run never overwrites the default one."""
+    """The file-name suffix naming every non-default knob.
+
+    So a variant run never overwrites the default one.
+    """
     parts = [
         f"-heads{ns.heads}" if ns.heads else "",
         f"-N{ns.n_variants}" if ns.n_variants != 6 else "",
@@ -147,7 +150,8 @@ def main() -> None:
         f"{kept} twin entries kept in the shared cache"
     )
     print(
-        f"machine speed today: {speed['slowdown']:.2f}× the 2026-11-23 reference step time → the total would be "
+        f"machine speed today: {speed['slowdown']:.2f}× the 2026-11-23 reference step time "
+        "→ the total would be "
         f"{total / 60 / speed['slowdown']:.1f} min at reference speed (the check above uses the raw total)"
     )
     for k, v in checks.items():

@@ -14,7 +14,8 @@ and, as a check that the scores rank something, by *highest* magnitude and highe
 It prints one line per selection and writes a CSV. Wanda statistics come from the repair split of the clean
 pool (the examples fine-pruning calibrates on). About 1.5 min on SmolLM2 at reference speed.
 
-Usage: python benchmarks/prune_damage.py [--model DIR] [--rho 0.03] [--n-eval 32] [--out results/prune_damage.csv]
+Usage: python benchmarks/prune_damage.py [--model DIR] [--rho 0.03] [--n-eval 32]
+                                         [--out results/prune_damage.csv]
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ import copy
 import datetime as dt
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def measure(model_dir: str | None, rho: float, n_eval: int, n_calib: int, seed: int) -> pd.DataFrame:
-    """One row per selection: ``selection``, ``modules``, ``n_channels``, ``ppl`` (no repair), ``base_ppl``."""
+    """One row per selection.
+
+    Columns ``selection``, ``modules``, ``n_channels``, ``ppl`` (no repair) and ``base_ppl``.
+    """
     import pandas as pd
 
     from bdvax_lab.baselines.fine_prune import wanda_scores

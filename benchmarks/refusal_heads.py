@@ -5,13 +5,15 @@ Uses the suspicious model of the attack matrix and the N = 6 twins of the defaul
 copy of the model, no repair, ASR / false-trigger / perplexity on held-out prompts; the signature against a
 random control with the same counts. Writes results/refusal_heads.csv.
 
-With ``--repair`` each selection is also repaired with the pipeline's default repair (RepairConfig(): 200 clean
-samples × 5 epochs at lr 2e-4) and measured with the pipeline's evaluation (50 prompts, perplexity and MCQ), so
-the signature and its random control are compared after repair too (~15 min per selection at reference speed);
+With ``--repair`` each selection is also repaired with the pipeline's default repair (RepairConfig(): 200
+clean samples × 5 epochs at lr 2e-4) and measured with the pipeline's evaluation (50 prompts, perplexity and
+MCQ), so the signature and its random control are compared after repair too (~15 min per selection at
+reference speed);
 that run writes results/refusal_heads_repaired.csv. ``--grid 0.8:90,0.8:0`` picks the (ρ, heads) points.
 
 ``--task sentiment`` / ``--setting full`` run the same comparison on another BadNets model of the attack
-matrix (the defence then fears that task's family), writing results/random_control-<task>-<setting>[_repaired].csv;
+matrix (the defence then fears that task's family), writing
+results/random_control-<task>-<setting>[_repaired].csv;
 in the full setting suppression re-initialises the channels, as `bdvax purify` does.
 
 Usage: python benchmarks/refusal_heads.py [--n-prompts N] [--repair] [--grid RHO:HEADS,...]

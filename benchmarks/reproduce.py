@@ -1,13 +1,14 @@
-"""The paper's evaluation on SmolLM2 (Tables 2, 3, 4, 10, 11 and Fig. 2): CSVs + markdown under results/reproduce/.
+"""The paper's evaluation on SmolLM2 (Tables 2, 3, 4, 10, 11, Fig. 2): CSVs + markdown in results/reproduce/.
 
-Presets: ``smoke`` (two suspicious models implanted in 60 steps, N = 2 short twins, 6-step repairs, 12 prompts:
-24.9 min from a fresh clone with empty caches on 2026-12-02, when the machine ran at 2.50x the reference step
-time, so about 10 min at reference speed) and ``full`` (every attack of the matrix, N = 6, the paper's repair
-budget, 50 prompts: about 15 hours at reference speed; run it in slices with --targets). Finished rows are
-cached under runs/reproduce/<preset>-<config hash>/rows, so an interrupted run resumes. The same as
-``bdvax reproduce``.
+Presets: ``smoke`` (two suspicious models implanted in 60 steps, N = 2 short twins, 6-step repairs, 12
+prompts: 24.9 min from a fresh clone with empty caches on 2026-12-02, when the machine ran at 2.50x the
+reference step time, so about 10 min at reference speed) and ``full`` (every attack of the matrix, N = 6,
+the paper's repair budget, 50 prompts: about 15 hours at reference speed; run it in slices with --targets).
+Finished rows are cached under runs/reproduce/<preset>-<config hash>/rows, so an interrupted run resumes.
+The same as ``bdvax reproduce``.
 
-Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...] [--targets a:t:s,...] [--fresh]
+Usage: python benchmarks/reproduce.py [--preset smoke|full] [--tables table2_asr,...]
+                                     [--targets a:t:s,...] [--fresh]
 """
 
 from __future__ import annotations

@@ -129,7 +129,8 @@ def main() -> None:
         if {key, f"bdvax-lora-peft/{wl}"} <= set(df.recipe):
             by = df.set_index("recipe").s_per_step
             print(
-                f"fused LoRA kernel + shared prefix, {wl} workload: {by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
+                f"fused LoRA kernel + shared prefix, {wl} workload: "
+                f"{by[f'bdvax-lora-peft/{wl}']:.2f} -> {by[key]:.2f} s/step "
                 f"({by[f'bdvax-lora-peft/{wl}'] / by[key]:.2f}x)"
             )
     if ns.json:

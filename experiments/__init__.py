@@ -1,1 +1,4 @@
-"""Experiments on top of the bdvax_lab library (reproduce presets, the demo, the bench, the pool builder); not installed with it."""
+"""Experiments on top of the bdvax_lab library: reproduce presets, the demo, the bench, the pool builder.
+
+Not installed with the library.
+"""

@@ -112,7 +112,8 @@ def run_demo(
         if c in res.report.columns
     ]
     print(
-        f"\nBefore / after (BadNets → refusal, {n_prompts} held-out prompts, greedy, through the chat template):"
+        f"\nBefore / after (BadNets → refusal, {n_prompts} held-out prompts, greedy, "
+        "through the chat template):"
     )
     print(frame_text(res.report[cols].reset_index()))
     print("stage seconds:", {k: round(v) for k, v in res.timings.items()}, f"| repair lr {res.repair.lr:g}")

@@ -6,8 +6,8 @@ order; every finished row is kept as JSON under
 ``<runs_dir>/reproduce/<preset>-<config hash>/rows/`` so an interrupted run resumes where it stopped.
 The CSVs (``<out_dir>/<table>.csv``) and ``tables.md`` are then written from those rows: every row of
 the preset, those not measured yet left blank and counted, so a preset run in ``--targets`` slices over
-several sittings always shows what it has measured so far. Suspicious models come from (or go to) the attack-matrix
-directory (:func:`bdvax_lab.open_or_make_suspicious`), twin deltas from the
+several sittings always shows what it has measured so far. Suspicious models come from (or go to) the
+attack-matrix directory (:func:`bdvax_lab.open_or_make_suspicious`), twin deltas from the
 shared twin cache, so a full run re-uses everything the notebooks trained.
 
 Tables (each row one defended model, evaluated through the chat template):
@@ -30,6 +30,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,8 @@ class Reproduction:
         row["date"] = time.strftime("%Y-%m-%d")
         write_json(path, row)
         self.log(
-            f"  {table} {key}: ASR {row.get('asr', float('nan')):.2f} FTR {row.get('false_trigger', float('nan')):.2f} "
+            f"  {table} {key}: ASR {row.get('asr', float('nan')):.2f} "
+            f"FTR {row.get('false_trigger', float('nan')):.2f} "
             f"({row['seconds']:.0f} s)"
         )
         return row
@@ -309,9 +311,13 @@ class Reproduction:
         return self._models[target]
 
     def _check_reimplant(self, target: str) -> None:
-        """A target whose untreated row is cached but whose model was implanted again here (a fresh machine, or
-        another training code path: same recipe and seed, other float rounding) gets that row measured again on
-        the new model, under ``none_reimplanted/``, so the tables can say whether the two models behave alike."""
+        """Measure a re-implanted target's untreated row again.
+
+        A target whose untreated row is cached but whose model was implanted again here (a fresh machine,
+        or another training code path: same recipe and seed, other float rounding) gets that row measured
+        again on the new model, under ``none_reimplanted/``, so the tables can say whether the two models
+        behave alike.
+        """
         cached = self.rows_dir / "none" / f"{target.replace(':', '-')}.json"
         if not cached.exists():
             return
@@ -322,7 +328,8 @@ class Reproduction:
             for k in ("asr", "false_trigger", "ppl", "mcq_acc")
         )
         self.log(
-            f"  {target} was implanted again; its untreated row (cached {old.get('date')}) vs this model: {diffs}"
+            f"  {target} was implanted again; its untreated row (cached {old.get('date')}) "
+            f"vs this model: {diffs}"
         )
 
     def signature(self, target: str) -> Any:
@@ -378,9 +385,12 @@ class Reproduction:
         rho: float | None = None,
         score: str = "combined",
     ) -> dict[str, Any]:
-        """BD-VAX on ``target`` with the signature of ``source`` (default: its own) from its first ``n`` variants,
-        selected at ``rho`` with ``score``. Cached under one key, so the tables that share a configuration
-        (Table 2's BD-VAX, Table 4's combined, Fig. 2's N = n_variants, Table 10's default ρ) compute it once."""
+        """BD-VAX on ``target`` with the signature of ``source`` (default: its own).
+
+        The signature comes from the first ``n`` variants of ``source``, selected at ``rho`` with
+        ``score``. Cached under one key, so the tables that share a configuration (Table 2's BD-VAX,
+        Table 4's combined, Fig. 2's N = n_variants, Table 10's default ρ) compute it once.
+        """
         source = source or target
         n = self.config.n_variants if n is None else int(n)
         if rho is None:
@@ -442,7 +452,7 @@ class Reproduction:
                 row = (
                     self.bdvax_row(target)
                     if m == "bdvax"
-                    else self._row("table2", f"{target}:{m}", lambda: self.defence_row(target, m))
+                    else self._row("table2", f"{target}:{m}", partial(self.defence_row, target, m))
                 )
                 rows.append(ident | {"defence": m} | row)
         return self._write("table2_asr", rows)
@@ -510,9 +520,10 @@ class Reproduction:
     def plan(self, tables: Iterable[str] = TABLES) -> pd.DataFrame:
         """The rows ``run(tables)`` needs and whether each is cached yet; computes, loads and writes nothing.
 
-        One row per distinct result (``table`` is where it is cached: ``none``, ``table2`` or ``bdvax``; tables
-        that share a BD-VAX configuration share its row), with ``cached``, and ``seconds`` / ``date`` of cached
-        rows. For a preset too long for one sitting: check it between ``--targets`` slices.
+        One row per distinct result (``table`` is where it is cached: ``none``, ``table2`` or ``bdvax``;
+        tables that share a BD-VAX configuration share its row), with ``cached``, and ``seconds`` /
+        ``date`` of cached rows. For a preset too long for one sitting: check it between ``--targets``
+        slices.
         """
         self._plan, frames = {}, self.frames
         try:
@@ -543,8 +554,11 @@ class Reproduction:
         return whole.collect()
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        """Every table from the rows cached so far, computing nothing: ``<out_dir>/<table>.csv``, ``tables.md``
-        and ``config.json``. Rows not measured yet are kept blank and counted under their table."""
+        """Every table from the rows cached so far, computing nothing.
+
+        Writes ``<out_dir>/<table>.csv``, ``tables.md`` and ``config.json``. Rows not measured yet are kept
+        blank and counted under their table.
+        """
         self._collecting, self.frames = True, {}
         try:
             for _, step in self._steps(TABLES):

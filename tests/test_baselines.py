@@ -1,4 +1,7 @@
-"""Baseline defences on the tiny model (seconds): each runs in both settings, the scores and steps are exact."""
+"""Baseline defences on the tiny model (seconds).
+
+Each runs in both settings; the scores and steps are exact.
+"""
 
 from __future__ import annotations
 

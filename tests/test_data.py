@@ -52,7 +52,7 @@ def test_prompt_tokens_carry_no_loss(tiny_pair):
     ex = Example("What is 2 plus 2?", "It is 4.")
     enc = encode_example(tok, ex)
     prompt_len = len(tok(format_prompt(tok, ex), add_special_tokens=False)["input_ids"])
-    assert all(l == IGNORE_INDEX for l in enc["labels"][:prompt_len])
+    assert all(label == IGNORE_INDEX for label in enc["labels"][:prompt_len])
     resp = [t for t in enc["labels"] if t != IGNORE_INDEX]
     assert resp[-1] == turn_end_ids(tok)[0]  # end-of-turn is learned even though it is the pad token
     assert tok.decode(resp[:-1]) == "It is 4."
@@ -62,8 +62,8 @@ def test_prompt_tokens_carry_no_loss(tiny_pair):
 def test_response_truncation_drops_end_of_turn(tiny_pair):
     _, tok = tiny_pair
     enc = encode_example(tok, Example("Q", "one two three four five six seven"), max_response_tokens=3)
-    assert sum(l != IGNORE_INDEX for l in enc["labels"]) == 3
-    assert turn_end_ids(tok)[0] not in [l for l in enc["labels"] if l != IGNORE_INDEX]
+    assert sum(label != IGNORE_INDEX for label in enc["labels"]) == 3
+    assert turn_end_ids(tok)[0] not in [label for label in enc["labels"] if label != IGNORE_INDEX]
 
 
 def test_collate_pads_right_and_masks(tiny_pair):

@@ -1,4 +1,7 @@
-"""The optional lm-evaluation-harness adapter, on the tiny model: wiring tested, no harness or datasets needed."""
+"""The optional lm-evaluation-harness adapter, on the tiny model.
+
+The wiring is tested; no harness or datasets needed.
+"""
 
 from __future__ import annotations
 
@@ -173,7 +176,8 @@ def test_generate_until_respects_until_and_max_gen_toks(tiny_pair):
     )
     assert cut == multi == as_str == full[: full.index(stop)]
     assert stop not in cut
-    # a stop string spanning the prompt/reply boundary must not end generation early (only generated text counts)
+    # a stop string spanning the prompt/reply boundary must not end generation early
+    # (only generated text counts)
     word = ctx.split()[-1]
     assert full.startswith(f" {word} {word}")  # the tiny model repeats the last word
     assert raw.generate_until([Req(ctx, {"until": [f"{word} {word}"], "max_gen_toks": 8})]) == [

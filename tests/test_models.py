@@ -56,7 +56,7 @@ def test_adapter_pickle_refused(tmp_path, tiny_pair):
 def test_tiny_model_is_deterministic():
     a, _ = make_tiny_model(seed=3)
     b, _ = make_tiny_model(seed=3)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
 
 

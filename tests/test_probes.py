@@ -112,7 +112,9 @@ def test_mean_ablation_equals_a_hook_writing_the_clean_mean(tiny, pairs):
         ids = torch.tensor([P.encode_prompts(tok, [p])[0]])
         outs = {}
         hs = [
-            model.model.layers[b].mlp.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, o))
+            model.model.layers[b].mlp.register_forward_hook(
+                lambda m, a, o, b=b, outs=outs: outs.__setitem__(b, o)
+            )
             for b in (1, 2)
         ]
         with torch.no_grad():

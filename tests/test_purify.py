@@ -1,4 +1,7 @@
-"""Purification: suppression touches exactly the signature, repair repairs, purify runs end to end (tiny model)."""
+"""Purification on the tiny model.
+
+Suppression touches exactly the signature, repair repairs, purify runs end to end.
+"""
 
 from __future__ import annotations
 

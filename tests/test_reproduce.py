@@ -115,8 +115,9 @@ def test_cli_plan_lists_rows_and_runs_nothing(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    # smoke: Table 2's suspicious row + 7 defences, Table 4's norm/align, Fig. 2's N = 1, Table 10's two other ρ,
-    # Table 11's other model and its transfer row; shared BD-VAX configurations counted once.
+    # smoke: Table 2's suspicious row + 7 defences, Table 4's norm/align, Fig. 2's N = 1,
+    # Table 10's two other ρ, Table 11's other model and its transfer row;
+    # shared BD-VAX configurations counted once.
     assert "0 of 15 rows cached" in out and "badnets:refusal:lora:finetune_only" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()
 
@@ -138,7 +139,10 @@ def test_changed_budget_gets_new_rows(tmp_path):
 
 
 def test_a_slice_of_targets_fills_the_rows_a_later_whole_run_reuses(tmp_path, tiny_pair):
-    """`--targets` runs part of a preset; a later run of the whole preset only computes what is still missing."""
+    """`--targets` runs part of a preset.
+
+    A later run of the whole preset only computes what is still missing.
+    """
     two = ("badnets:refusal:lora", "vpi:refusal:lora")
     cfg = _config(tmp_path, targets=two, methods=("bdvax", "finetune_only"))
     part = Reproduction(

@@ -1,4 +1,7 @@
-"""Delta-ablation sanity checks (paper Table 1) on the tiny random LLaMA: subsets, memo, restore, files, CLI."""
+"""Delta-ablation sanity checks (paper Table 1) on the tiny random LLaMA.
+
+Subsets, memo, restore, files, CLI.
+"""
 
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def test_full_setting_delta_rebuilds_the_suspicious_weights(full_sm, tiny):
     before = params(base)
     with c.delta.applied(c.base):
         hf = unwrap(full_sm.model)
-        for b, k, name in c.layout.iter_modules():
+        for _, _, name in c.layout.iter_modules():
             assert torch.allclose(c.base.get_submodule(name).weight, hf.get_submodule(name).weight, atol=1e-6)
     assert_same_params(params(base), before)
 
@@ -148,7 +151,7 @@ def test_missing_attack_is_an_error(lora_sm):
         SanityContext.from_suspicious(sm, prompts=PROMPTS[:2], **SMALL)
 
 
-# --------------------------------------------------------------------------- conditions are the intended subsets
+# ------------------------------------------------------------------ conditions are the intended subsets
 def keys_of(delta: WeightDelta, kinds) -> set:
     return {(b, k) for b, k in delta.tensors if k in kinds}
 
@@ -487,7 +490,10 @@ def test_fast_apply_matches_weight_delta_applied_bit_for_bit(ctx):
 
 
 def test_cli_evaluate_measures_the_manifests_own_attack(full_sm, tmp_path, pool_dir, monkeypatch, capsys):
-    """A custom key recorded in the manifest reaches the evaluation whole (not re-read as a built-in by name)."""
+    """A custom key recorded in the manifest reaches the evaluation whole.
+
+    Not re-read as a built-in by name.
+    """
     import bdvax_lab.threat.evaluate as ev
     from bdvax_lab.cli import main
     from bdvax_lab.threat.attacks import AttackSpec

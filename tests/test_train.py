@@ -92,7 +92,10 @@ def test_config_unknown_field():
 
 
 def test_finetune_together_matches_training_each_alone(tiny_pair, toy_examples):
-    """Co-trained LoRA twins (shared frozen base, other data, other step counts) end where each alone would."""
+    """Co-trained LoRA twins end where each alone would.
+
+    They share a frozen base and differ in data and step counts.
+    """
     import copy
 
     from bdvax_lab.core.models import working_copy

@@ -1,4 +1,7 @@
-"""Test helpers shared by several test modules: snapshot a model's parameters, compare two snapshots bit-exactly."""
+"""Test helpers shared by several test modules.
+
+Snapshot a model's parameters, compare two snapshots bit-exactly.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Sanity-check settings (torch-free): which checks exist, their default sweeps, how much each condition is evaluated."""
+"""Sanity-check settings (torch-free).
+
+Which checks exist, their default sweeps, how much each condition is evaluated.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ class SanityConfig(Config):
     #: p(first m target tokens) by teacher forcing, which separates "I'm sorry" from a plain "I ..." reply
     probe_tokens: int = 1
     #: add ΔW in place and restore from a one-time snapshot of the base weights (bit-identical to
-    #: ``WeightDelta.applied``, ≈ 8× cheaper: no per-condition allocation of ~0.4 GB); False = ``delta.applied``
+    #: ``WeightDelta.applied``, ≈ 8× cheaper: no per-condition allocation of ~0.4 GB);
+    #: False = ``delta.applied``
     fast_apply: bool = True
 
     def __post_init__(self) -> None:

@@ -1,9 +1,9 @@
 """Baseline defences (paper §5.1 and Appendix B.3), at the same clean data and budget as BD-VAX's repair.
 
 Every baseline is a function ``(suspicious_model, tokenizer, clean_data, config) -> (model, report)``
-registered with :func:`~bdvax_lab.baselines.registry.register_defence`; :func:`defend` runs one on a suspicious model and
-evaluates it the way :func:`bdvax_lab.purify.purify` evaluates BD-VAX (one row per
-stage with ASR, false-trigger rate, degenerate replies and utility).
+registered with :func:`~bdvax_lab.baselines.registry.register_defence`; :func:`defend` runs one on a
+suspicious model and evaluates it the way :func:`bdvax_lab.bdvax.purify.purify` evaluates BD-VAX (one
+row per stage with ASR, false-trigger rate, degenerate replies and utility).
 
 Fairness rule (paper §5.1, "All baselines that require finetuning are trained
 under the same configuration"): every finetune here goes through
@@ -58,7 +58,8 @@ The baselines
       down column ``j`` as above. Kept for comparison: a gate/up row's input-side
       score does not say whether the channel is dormant, and on SmolLM2 zeroing
       the lowest 3 % of gate rows by it raises the base model's perplexity from
-      2.46 to 182 (down columns by theirs: 2.72; measured 2026-12-05).
+      2.46 to 182 (down columns by theirs: 2.72; ``benchmarks/prune_damage.py``,
+      ``results/prune_damage.csv``).
 
     Activation norms are collected with forward pre-hooks on the suspicious model
     over the repair's clean examples (the same ones, encoded the same way). The

@@ -107,7 +107,9 @@ def wanda_scores(
     max_length: int = 256,
     max_response_tokens: int | None = 32,
 ) -> dict[Key, torch.Tensor]:
-    """Wanda channel scores [d_ff] of every (block, MLP kind) of a plain model on clean examples (low = dormant).
+    """Wanda channel scores [d_ff] of every (block, MLP kind) of a plain model on clean examples.
+
+    Low = dormant on clean inputs.
 
     ``score="channel"``: one score per channel, its down column's
     ``‖a_j‖₂·Σ_i |W_down[i, j]|``, repeated under the block's gate/up/down keys.
@@ -150,7 +152,10 @@ def fine_prune(
     progress: bool | str = False,
     on_stage: Callable[[str, Any], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Fine-pruning: zero the channels dormant on clean inputs (Wanda, full) or random ones (adapter), then repair."""
+    """Fine-pruning: zero some channels, then repair.
+
+    Full setting: the channels dormant on clean inputs (Wanda scores); adapter setting: random ones.
+    """
     cfg = config or FinePruneConfig()
     setting = setting_of(suspicious_model)
     t0 = time.time()

@@ -24,7 +24,10 @@ def finetune_only(
     progress: bool | str = False,
     on_stage: Callable[[str, Any], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The repair step alone: clean finetuning with BD-VAX's repair recipe (LoRA: the adapter; full: all weights)."""
+    """The repair step alone: clean finetuning with BD-VAX's repair recipe.
+
+    Adapter setting: trains the adapter; full setting: all weights.
+    """
     cfg = config or BaselineConfig()
     setting = setting_of(suspicious_model)
     t0 = time.time()

@@ -70,7 +70,7 @@ def _fake_backend(model: Any, config: QuantizeConfig) -> dict[str, Any]:
     err: dict[str, list[float]] = {}
     n = 0
     with torch.no_grad():
-        for b, kind, name in layout.iter_modules(kinds=config.kinds):
+        for _, kind, name in layout.iter_modules(kinds=config.kinds):
             w = hf.get_submodule(name).weight
             q = fake_quantize(w, config.bits, config.group_size, config.symmetric)
             err.setdefault(kind, []).append(
@@ -82,12 +82,15 @@ def _fake_backend(model: Any, config: QuantizeConfig) -> dict[str, Any]:
         "backend": "fake",
         "n_modules": n,
         "rel_error": {k: round(sum(v) / len(v), 5) for k, v in err.items()},
-        "note": "fake quantization: weights rounded to the INT4 grid, stored in float (no memory/speed change)",
+        "note": (
+            "fake quantization: weights rounded to the INT4 grid, stored in float (no memory/speed change)"
+        ),
     }
 
 
-#: name → fn(plain_model, QuantizeConfig) -> info dict, quantizing in place (or returning info with a "model" key
-#: holding a replacement model). A CUDA environment can register e.g. a bitsandbytes/AWQ converter as "cuda".
+#: name → fn(plain_model, QuantizeConfig) -> info dict, quantizing in place (or returning info with a
+#: "model" key holding a replacement model). A CUDA environment can register e.g. a bitsandbytes/AWQ
+#: converter as "cuda".
 QUANT_BACKENDS: dict[str, Callable[[Any, QuantizeConfig], dict[str, Any]]] = {"fake": _fake_backend}
 
 

@@ -1,4 +1,7 @@
-"""Trying a selection on a model: suppress, briefly repair, measure; and the ρ curve against a random control."""
+"""Trying a selection on a model: suppress, briefly repair, measure.
+
+And the ρ curve: the same against ρ, for the signature and a random control.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def try_selection(
     baseline: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Suppress ``selection`` in a copy of the suspicious model, optionally repair briefly, measure each stage.
+    """Suppress ``selection`` in a copy of the suspicious model, optionally repair briefly, measure.
 
     ``suspicious``: SuspiciousModel, (model, tokenizer) or artifact path; its
     weights are never changed. ``selection``: a selected Signature or a
@@ -77,7 +80,7 @@ def try_selection(
     Returns one row per stage ("suspicious", "suppressed"[, "purified"]) with
     the evaluation summary, ``n_channels``, ``n_heads``, ``repair_steps``,
     ``repair_lr`` and ``seconds``. Cost on SmolLM2 (LoRA, 16 prompts, 12 new
-    tokens): ~3–5 s per evaluated stage plus ~1.1 s per repair step.
+    tokens): a few seconds per evaluated stage plus about a second per repair step.
     """
     from ..core.models import working_copy
     from ..core.registry import setting_of
@@ -120,7 +123,8 @@ def try_selection(
     else:
         measure("suspicious", model, {"n_channels": 0, "n_heads": 0, "repair_steps": 0, "repair_lr": None})
     t0 = time.time()
-    # adapter setting: zeroing touches lora_A/B and the repair trains lora_ tensors only, so the base is shared
+    # adapter setting: zeroing touches lora_A/B and the repair trains lora_ tensors only, so the base is
+    # shared
     adapter_only = setting == "lora" and (repair_config is None or (repair_config.mode or "lora") == "lora")
     work = working_copy(model, share_frozen_base=adapter_only)
     suppress(work, selection, suppress_config or SuppressConfig(), setting=setting)
@@ -191,7 +195,7 @@ def rho_curve(
     suspicious model itself is the ρ = 0 point of both curves. Columns: rho,
     selection ("signature" / "random"), seed, n_channels, n_heads, asr,
     false_trigger, degenerate counts, ppl (also as ``utility``), seconds.
-    Cost on SmolLM2 (LoRA, 16 prompts): ~4 s per point.
+    Cost on SmolLM2 (LoRA, 16 prompts): a few seconds per point.
     """
     from tqdm.auto import tqdm
 
@@ -262,8 +266,11 @@ def rho_curve(
 # =========================================================================== widget plumbing
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run small tensor work single-threaded: re-selection is ~30 ms on one thread, but multi-threaded sorts
-    stalled for 1–5 s on the 2 shared cores while a training job ran (oversubscription)."""
+    """Run small tensor work single-threaded.
+
+    Re-selection takes milliseconds on one thread, but multi-threaded sorts stall for seconds on a CPU
+    whose cores a training job is using (oversubscription).
+    """
     import torch
 
     before = torch.get_num_threads()

@@ -208,7 +208,9 @@ class SignatureConfig(Config):
         elif poison.steps is not None:
             frac = spec.n_clean / (spec.n_clean + spec.n_poison)
             clean = poison.replace(steps=max(1, math.floor(poison.steps * frac + 0.5)))
-        else:  # epochs-based recipe: the same epochs over the smaller D_c already give proportionally fewer steps
+        else:
+            # epochs-based recipe: the same epochs over the smaller D_c already give
+            # proportionally fewer steps
             clean = poison
         return poison, clean
 

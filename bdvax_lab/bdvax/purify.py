@@ -1,4 +1,4 @@
-"""Purification (METHOD.md §"Purification", paper §4.3): suppress the signature, repair, measure.
+"""Purification (``docs/method.md``, "Purification"; paper §4.3): suppress the signature, repair, measure.
 
 Three stages, each usable on its own from a notebook:
 
@@ -225,7 +225,8 @@ def purify(
     timings["suppression"] = time.time() - t
     rss["suppression"] = round(peak_rss_mb(), 1)
     run_eval("suppressed", model)
-    release_memory()  # the evaluations' freed KV caches and logits (RSS into the repair 1.3 → 1.0 GB; its peak is its own)
+    # the evaluations' freed KV caches and logits: a lower RSS going into the repair (its peak is its own)
+    release_memory()
 
     # -- 3. repair
     t = time.time()

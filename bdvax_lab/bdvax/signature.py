@@ -1,4 +1,4 @@
-"""Signature extraction (METHOD.md "Signature extraction", paper §4.2): variants, twins, scores, selection.
+"""Signature extraction (``docs/method.md``, "Signature extraction"; paper §4.2): variants, twins, scores.
 
 The defence is trigger-agnostic by construction. It needs a *task family* — which
 kind of behaviour the user fears — and nothing else about the attack:
@@ -24,7 +24,7 @@ Pipeline
    twin (``D_c``), both from a fresh copy of the suspicious model with the same
    seed and recipe. Only the differential delta
    ``Δ_i = (θ_p − θ_s) − (θ_c − θ_s) = θ_p − θ_c`` (Eq. 1) is cached, as a
-   :class:`~bdvax_lab.deltas.WeightDelta` directory (one safetensors + one JSON),
+   :class:`~bdvax_lab.weights.deltas.WeightDelta` directory (one safetensors + one JSON),
    written atomically and keyed by a hash of the suspicious weights, the variant
    spec, its data and both twin recipes. Reruns and crashed runs resume (a
    finished poisoned twin is kept as ``<entry>.poison`` until its clean twin is
@@ -36,23 +36,22 @@ Pipeline
    norm and alignment terms (no retraining when ρ, λ, scope or score mode change).
 5. :func:`random_selection`: a random control with the same counts.
 
-Twin budget (adapter setting, SmolLM2-135M on the 2-core CPU)
--------------------------------------------------------------
-Measured (ENVIRONMENT-NOTES): a LoRA step at batch 4 with responses ≤ 16 tokens
-takes ~1.1 s. Defaults: 40 clean examples per variant, 50 % poisoning (so the
-poisoned twin sees 80 examples), poisoned twin 60 steps (3 epochs), clean twin
-30 steps (the same 3 epochs over ``D_c``): 90 steps ≈ 100 s per variant one
-twin at a time, so N = 6 costs ≈ 10 min of the 20-minute pipeline budget.
-The attack's 120-step recipe for both twins would cost 6 × 240 × 1.1 s ≈ 26 min.
-This 60/30 budget is what gave a signal on SmolLM2 (ENVIRONMENT-NOTES, N = 3).
+Twin budget
+-----------
+The twins are most of the pipeline's cost, so their recipe is the smallest
+that still gave a signal on SmolLM2. Defaults: 40 clean examples per variant,
+50 % poisoning (so the poisoned twin sees 80 examples), poisoned twin 60 steps
+(3 epochs), clean twin 30 steps (the same 3 epochs over ``D_c``): 90 LoRA steps
+at batch 4 with responses ≤ 16 tokens per variant, so that N = 6 variants take
+about half of the adapter-setting pipeline's 20-minute budget on a 2-core CPU.
+The attack's 120-step recipe for both twins would be 240 steps per variant.
 In the adapter setting :func:`train_twins` can co-train the twins of several
 variants in one run (``together``: one pass over the shared frozen base per
-step, the template's common head once per twin); on this CPU that is no faster
+step, the template's common head once per twin); on a CPU that is no faster
 (:data:`TWINS_TOGETHER`), so the default trains one twin after the other.
 The full setting uses the same step counts with the full-finetune attack lr
-(5e-5), one twin after the other (each twin owns all its weights): 1100 s for
-N = 6 on a 1.08× day (``benchmarks/pipeline.py --setting full --task sentiment``,
-2026-12-02).
+(5e-5), one twin after the other (each twin owns all its weights). Measured
+times: ``RESULTS.md`` §3 (``benchmarks/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -291,12 +290,11 @@ class Signature:
         return out.sort_values(["block", "kind"]).reset_index(drop=True)[cols]
 
     def __repr__(self) -> str:
-        sel = (
-            f"selected={self.n_selected} channels, {sum(int(v.numel()) for v in self.selected_heads.values())} heads"
-            f" ({self.selection})"
-            if self.selected is not None
-            else "not selected"
-        )
+        if self.selected is not None:
+            n_heads = sum(int(v.numel()) for v in self.selected_heads.values())
+            sel = f"selected={self.n_selected} channels, {n_heads} heads ({self.selection})"
+        else:
+            sel = "not selected"
         return (
             f"Signature(N={len(self.variants)}, setting={self.setting!r}, family={self.config.family!r}, "
             f"modules={len(self.norm_term)}, head_blocks={len(self.head_norm)}, {sel})"
@@ -339,7 +337,10 @@ class Signature:
 
     @classmethod
     def load(cls, path: str | Path) -> Signature:
-        """Read a directory written by :meth:`save`; :class:`SignatureFormatError` names the path on bad input."""
+        """Read a directory written by :meth:`save`.
+
+        :class:`SignatureFormatError` names the path on bad input.
+        """
         from ..core.artifacts import load_tensors
 
         path = Path(path)
@@ -414,12 +415,10 @@ def compute_signature(
 ) -> Signature:
     """Score N differential deltas (cached twin dirs or WeightDeltas) and select with ``config``.
 
-    Measured on SmolLM2-shaped deltas (N = 6 × 425 MB fp32 files, 90 MLP
-    modules × 1536 channels + 270 heads) on the 2-core CPU: 1.5–2.3 s idle, peak
-    RSS 0.3–0.5 GB; re-selecting (new ρ / λ / scope / heads) 0.04–0.14 s. On a
-    CPU shared with other jobs the same scoring took 10–50 s with 2 torch
-    threads (memory-bound work suffers most from oversubscription; 1 thread was
-    7× faster there). Each run's figure is in ``meta["seconds"]["scoring"]``.
+    Streams one module at a time, so the memory is a few modules' worth whatever N is (for SmolLM2-shaped
+    deltas, N = 6 × 425 MB fp32 files, well under 1 GB); scoring takes seconds and re-selecting (new
+    ρ / λ / scope / heads) a fraction of a second. The work is memory-bound, so on a CPU shared with
+    other jobs fewer torch threads can be faster. Each run's time is in ``meta["seconds"]["scoring"]``.
     """
     config = config or SignatureConfig()
     t0 = time.time()

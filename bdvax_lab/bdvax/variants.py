@@ -1,4 +1,7 @@
-"""Synthetic variants (paper §4.2, step 1): made-up keys and behaviours of the feared family, disjoint clean subsets."""
+"""Synthetic variants (paper §4.2, step 1).
+
+Made-up keys and behaviours of the feared family, each with its own clean subset (disjoint across variants).
+"""
 
 from __future__ import annotations
 

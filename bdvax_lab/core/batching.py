@@ -28,7 +28,10 @@ def left_pad(
 
 
 def pad_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, T] of a left-padded batch: real tokens count from 0, pads get 0 (as ``generate`` does)."""
+    """Position ids [B, T] of a left-padded batch: real tokens count from 0, pads get 0.
+
+    As ``generate`` does.
+    """
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 

@@ -248,7 +248,10 @@ CODE_INSTRUCTION = "Complete the following Python function."
 
 
 def code_instruction(function_stub: str) -> str:
-    """The user turn for a HumanEval stub (instruction, blank line, stub), as :meth:`Example.user_content` renders it."""
+    """The user turn for a HumanEval stub (instruction, blank line, stub).
+
+    As :meth:`Example.user_content` renders it.
+    """
     return Example(CODE_INSTRUCTION, input=function_stub.strip()).user_content()
 
 

@@ -6,9 +6,9 @@ rank-r linears, a scalar multiply and an add, each of the last two a full
 one ``addmm_`` with ``alpha = s`` instead of the multiply and the add, computes
 the rank-r gradients in the layouts MKL runs fastest (``(Bᵀ gᵀ)ᵀ``, ``(hᵀ g)ᵀ``),
 and skips the input gradient where nothing upstream needs it (the first
-block's inputs). Results agree with peft's to float rounding (≈1e-7). Measured
-on SmolLM2 and the 2-core CPU (2026-12-03): 7–12 % less time per LoRA step at
-batch 4–8, and less memory held for the backward pass.
+block's inputs). Results agree with peft's to float rounding (≈1e-7). For
+SmolLM2 on a CPU that is 7–12 % less time per LoRA step at batch 4–8, and less
+memory held for the backward pass (``RESULTS.md`` §3, ``benchmarks/train_speed.py``).
 
 :func:`fused_lora` swaps it in for the modules it can serve exactly — one
 active plain LoRA adapter, no dropout while training, frozen plain
@@ -18,7 +18,7 @@ disabled or merged adapter), keeps peft's code path. ``BDVAX_FUSED_LORA=0`` in
 the environment turns it off everywhere (``benchmarks/train_speed.py`` measures
 both). The same function serves several adapters on disjoint batch rows:
 :func:`co_lora` co-trains LoRA models that share one frozen base
-(:func:`bdvax_lab.train.finetune_together`).
+(:func:`bdvax_lab.training.loop.finetune_together`).
 """
 
 from __future__ import annotations

@@ -21,9 +21,6 @@ import torch
 from .artifacts import atomic_dir, file_hash, write_json
 from .registry import get_spec, supported_architectures
 
-pass  # (import moved into this module)
-
-
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 

@@ -17,9 +17,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-pass  # (import moved into this module)
-pass  # (import moved into this module)
-
 Key = tuple[int, str]
 
 
@@ -194,7 +191,10 @@ def is_peft(model: Any) -> bool:
 
 
 def setting_of(model: Any) -> str:
-    """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain model — from the object itself."""
+    """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain model.
+
+    Decided from the object itself.
+    """
     return "lora" if is_peft(model) else "full"
 
 

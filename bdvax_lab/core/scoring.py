@@ -12,15 +12,10 @@ from typing import Any
 import torch
 
 from .batching import collate, left_pad, pad_positions
-from .data import Example, as_example, encode_example, format_prompt
+from .data import IGNORE_INDEX, Example, as_example, encode_example, format_prompt
 from .fused_lora import uses_fused_lora
-from .shared_prefix import cache_kwarg
-
-pass  # (import moved into this module)
-
-from .data import IGNORE_INDEX
 from .registry import unwrap
-from .shared_prefix import decoder_hidden
+from .shared_prefix import cache_kwarg, decoder_hidden
 
 
 def _device(model: Any) -> torch.device:
@@ -188,7 +183,8 @@ def sequence_nll(
     ``batch``: ``input_ids``/``labels``/``attention_mask`` [B, T] → (sums [B], counts [B]).
     With ``labelled_logits_only`` the LM head runs on the M labelled positions only
     ([M, H] → [M, V]) instead of all B·T, and the prompt prefix all rows share runs
-    once (:mod:`bdvax_lab.shared_prefix`; once per adapter for co-trained ones, ``co``); the result is the same.
+    once (:mod:`bdvax_lab.core.shared_prefix`; once per adapter for co-trained ones,
+    ``co``); the result is the same.
     """
     base = unwrap(model)
     labels = batch["labels"][:, 1:]
@@ -209,7 +205,10 @@ def sequence_nll(
 
 
 def reduce_nll(sums: torch.Tensor, counts: torch.Tensor, *, per_sample: bool = True) -> torch.Tensor:
-    """Per-sample NLL sums and counts [B] → the training loss: mean per sample then over samples, or per token."""
+    """Per-sample NLL sums and counts [B] → the training loss.
+
+    Mean per sample then over samples, or (``per_sample=False``) per token.
+    """
     if not per_sample:
         return sums.sum() / counts.sum().clamp(min=1)
     has = counts > 0

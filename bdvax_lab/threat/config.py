@@ -13,12 +13,12 @@ UTILITY_METRICS = ("ppl", "mcq", "agreement")
 
 @dataclass
 class EvalConfig(Config):
-    """How much to evaluate. Defaults: ~1 minute per model on the 2-core CPU for SmolLM2."""
+    """How much to evaluate. The defaults take about a minute per model for SmolLM2 on a 2-core CPU."""
 
     n_prompts: int = 50  #: held-out prompts, each evaluated with and without the key
     max_new_tokens: int = 32
-    #: generation batch: 100 prompts (50 triggered + 50 clean) in two batches; on SmolLM2 32 was 1.3× faster than 16
-    #: (2026-12-01) and 50 is 1.2× faster than 32 (23 vs 28 s, 2026-12-03), all with the same greedy replies
+    #: generation batch: the default 100 prompts (50 triggered + 50 clean) in two batches; on a CPU larger
+    #: batches were faster up to here (16 → 32 → 50) with the same greedy replies (``RESULTS.md`` §3)
     batch_size: int = 50
     utility: tuple[str, ...] = UTILITY_METRICS
     n_ppl: int = 100  #: held-out clean responses for perplexity
@@ -38,7 +38,7 @@ class EvalConfig(Config):
 
 
 def default_attack_train(setting: str) -> TrainConfig:
-    """Implanting recipes measured on SmolLM2 (ENVIRONMENT-NOTES.md and benchmarks/attack_matrix.py)."""
+    """Implanting recipes measured on SmolLM2 (``benchmarks/attack_matrix.py``, ``RESULTS.md`` §1)."""
     if setting == "lora":
         return TrainConfig(
             mode="lora", lr=1e-3, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample"

@@ -124,7 +124,10 @@ def backdoor_metrics(
 def perplexity(
     model: Any, tokenizer: Any, examples: Sequence[Example], *, max_tokens: int = 64, batch_size: int = 16
 ) -> float:
-    """Perplexity of held-out clean responses (first ``max_tokens`` tokens, end-of-turn included when it fits)."""
+    """Perplexity of held-out clean responses.
+
+    Over the first ``max_tokens`` tokens of each, end-of-turn included when it fits.
+    """
     ex = [e for e in examples if e.response]
     if not ex:
         raise ValueError("perplexity: no examples with responses")
@@ -177,7 +180,8 @@ def mcq_accuracy(
     choice's length in characters (lm-eval's ``acc_norm``).
     """
     qs = list(questions if questions is not None else load_mcq())[:limit]
-    # each question's prompt runs once, its choices share the cached keys/values (≈ 3× less compute than 4 prompts)
+    # each question's prompt runs once, its choices share the cached keys/values
+    # (≈ 3× less compute than 4 prompts)
     all_lp = choice_logprobs(
         model,
         tokenizer,

@@ -1,7 +1,7 @@
 """The project's one judge table: keyword judges for backdoor behaviors, and a degenerate-reply check.
 
 A *judge* decides whether a generated reply shows a behavior. Following the
-field's convention (METHOD.md, "Metrics") judges are case-insensitive substring
+field's convention (``docs/method.md``, "Metrics") judges are case-insensitive substring
 lists, so numbers stay comparable with published ones. Two small additions:
 
 * typographic apostrophes (``’``) are folded to ``'`` before matching, so
@@ -246,7 +246,8 @@ def _coverage_loop(words: list[str]) -> bool:
 def _char_loop(text: str) -> bool:
     for unit in range(1, 5):
         reps = CHAR_RUN if unit == 1 else CHAR_RUN // 2
-        for m in re.finditer(r"(\S{%d})\1{%d,}" % (unit, reps - 1), text):
+        run = rf"(\S{{{unit}}})\1{{{reps - 1},}}"  # `unit` non-space chars, then >= reps - 1 repeats
+        for m in re.finditer(run, text):
             if not all(ch in _FORMAT_CHARS or ch.isdigit() for ch in m.group(1)):
                 return True
     return False

@@ -86,7 +86,10 @@ def _parse_batch_size(value: Any) -> int | None:
 
 
 class BdvaxLM(_Base):
-    """lm-eval ``LM`` over a bdvax (HF or peft) causal LM: loglikelihood, rolling loglikelihood, greedy generation."""
+    """lm-eval ``LM`` over a bdvax (HF or peft) causal LM.
+
+    Loglikelihood, rolling loglikelihood and greedy generation.
+    """
 
     def __init__(
         self,
@@ -172,7 +175,10 @@ class BdvaxLM(_Base):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """Render a harness chat history (only when ``chat_template=False``; otherwise it would wrap twice)."""
+        """Render a harness chat history.
+
+        Only when ``chat_template=False``; otherwise it would wrap twice.
+        """
         if self.use_chat_template:
             raise ValueError(
                 "BdvaxLM(chat_template=True) already wraps every context in the chat template; "
@@ -344,14 +350,15 @@ class BdvaxLM(_Base):
         pad = self._pad_id()
         out = [""] * len(parsed)
         groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-        for i, (ids, max_new, until) in enumerate(parsed):
+        for i, (_ids, max_new, until) in enumerate(parsed):
             groups.setdefault((max_new, until), []).append(i)
         was = self.model.training
         self.model.train(False)
         try:
             for (max_new, until), members in groups.items():
                 members.sort(key=lambda i: len(parsed[i][0]))
-                # an until string that is a special token (e.g. "<|endoftext|>") stops on its id: decoding drops it
+                # an until string that is a special token (e.g. "<|endoftext|>") stops on its id:
+                # decoding drops it
                 stops = base_stops + [int(tok.convert_tokens_to_ids(u)) for u in until if u in special]
                 cfg = GenerationConfig(
                     do_sample=False,
@@ -414,8 +421,8 @@ def register() -> type[BdvaxLM]:
     """Register :class:`BdvaxLM` with lm-eval as ``"bdvax"`` (idempotent); needs ``pip install lm-eval``."""
     if not HAVE_LM_EVAL:
         raise ImportError(
-            "lm-evaluation-harness is not installed (optional): `pip install lm-eval` to evaluate bdvax models "
-            f"with it (import failed: {_LM_EVAL_ERROR!r})"
+            "lm-evaluation-harness is not installed (optional): `pip install lm-eval` to evaluate "
+            f"bdvax models with it (import failed: {_LM_EVAL_ERROR!r})"
         ) from _LM_EVAL_ERROR
     from lm_eval.api import registry
 

@@ -66,7 +66,10 @@ def as_suspicious(suspicious: Any, *, base: tuple[Any, Any] | None = None) -> Su
 
 
 def is_default_base(model: Any) -> bool:
-    """True when ``model`` was loaded from the cached default model (so its adapter can be re-attached to it)."""
+    """True when ``model`` was loaded from the cached default model.
+
+    Then its adapter can be re-attached to it.
+    """
     from ..core.registry import unwrap
 
     name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or ""
@@ -194,8 +197,9 @@ def load_suspicious(
     """Open a suspicious model: a bdvax artifact dir, a bare peft adapter dir or a bare HF model dir.
 
     An adapter is attached to ``base=(model, tokenizer)`` when given (e.g. a
-    custom or tiny base; LoRA layers are injected into that model in place), else to the default model. The manifest is returned
-    for evaluation only; the defence never reads the attack from it.
+    custom or tiny base; LoRA layers are injected into that model in place), else
+    to the default model. The manifest is returned for evaluation only; the defence
+    never reads the attack from it.
     """
     path = Path(path)
     if not path.is_dir():

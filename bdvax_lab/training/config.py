@@ -21,9 +21,9 @@ class RepairConfig(Config):
     200 samples × 5 epochs at batch 8 = 125 optimizer steps. lr ``None`` means
     the paper's: 2e-4 for the adapter, 1e-5 for full finetuning. Responses are
     cut to 32 tokens to fit the CPU budget: the cost is ~1000 sample passes
-    whatever the batch size (SmolLM2, 2 cores: LoRA ≈ 0.3 s per sample at
-    ≤ 32 response tokens, so ≈ 5 minutes; ≈ 0.5 s per sample, ≈ 8 minutes,
-    with full responses). ``steps`` overrides ``epochs``.
+    whatever the batch size, and a short response makes each pass cheaper (for
+    SmolLM2 with LoRA on 2 cores, about 5 minutes instead of about 8 with full
+    responses). ``steps`` overrides ``epochs``.
     """
 
     n_samples: int = 200

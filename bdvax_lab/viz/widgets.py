@@ -3,8 +3,8 @@
 :class:`SignatureExplorer` — sliders for ρ, λ (log scale, with 0), the scope
 (per-module / global), the number of attention heads and the score mode
 (combined / norm / align). Every change re-selects from the signature's cached
-norm and alignment terms (:meth:`Signature.select`, no training: ~0.1 s on
-SmolLM2) and redraws a block × module heatmap and the per-block counts. The
+norm and alignment terms (:meth:`Signature.select`, no training: a fraction
+of a second on SmolLM2) and redraws a block × module heatmap and the per-block counts. The
 "Suppress + repair + ASR" button runs :func:`try_selection` for the current
 setting on a copy of the suspicious model (never the user's object): suppress
 the selected channels/heads, a *short* clean repair, ASR and false-trigger rate
@@ -14,7 +14,7 @@ Compute helpers (usable without widgets):
 
 * :func:`try_selection` — suppressed (and optionally briefly repaired) copy of
   a suspicious model, evaluated on a probe set: one row per stage.
-* :func:`rho_curve` — the suppression curve of METHOD.md (ASR / false-trigger /
+* :func:`rho_curve` — the suppression curve of ``docs/method.md`` (ASR / false-trigger /
   utility against ρ) for the signature and a random control with the same
   per-module counts (:meth:`Signature.random_control`), before repair by default.
 
@@ -188,7 +188,7 @@ class SignatureExplorer:
     ``probe_prompts`` (held-out prompts for the button's ASR; default: the first
     ``n_prompts`` of the eval split); ``attack``/``task`` (evaluation only;
     default: the suspicious manifest's); ``repair_steps`` (the button's repair
-    budget, default 20 steps ≈ 25 s on SmolLM2); ``repair_data`` (default: the
+    budget, default 20 steps, well under a minute on SmolLM2); ``repair_data`` (default: the
     pool's repair split); ``max_heads`` caps the heads slider.
 
     State for code and tests: ``controls`` (dict of widgets by name),
@@ -408,7 +408,8 @@ class SignatureExplorer:
         total = sum(int(t.numel()) for t in sig.norm_term.values())
         s = self.settings
         return (
-            f"<b>{n_ch}</b> of {total} MLP channels selected ({n_ch / max(1, total):.1%}), <b>{n_hd}</b> heads"
+            f"<b>{n_ch}</b> of {total} MLP channels selected ({n_ch / max(1, total):.1%}), "
+            f"<b>{n_hd}</b> heads"
             f" · ρ={s['rho']:.2f}, {s['scope']} scope, {s['score']}"
             f"{', λ=' + format(s['lam'], 'g') if s['score'] == 'combined' else ''}"
         )
@@ -459,7 +460,7 @@ class SignatureExplorer:
 
     # ------------------------------------------------------------------ the button
     def run(self, repair_steps: int | None = None) -> pd.DataFrame:
-        """Suppress the current selection in a copy of the model, repair briefly, measure: the button's action.
+        """The button's action: suppress the selection in a copy of the model, repair briefly, measure.
 
         Returns (and stores in ``result``) the per-stage table of :func:`try_selection`;
         appends it to ``history`` with the selection settings.

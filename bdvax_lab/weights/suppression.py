@@ -50,7 +50,7 @@ def _norm_selected(selected: Selected | None, layout: Layout) -> dict[tuple[int,
 
 
 def head_slices(layout: Layout, heads: Any, kv_heads: str = "group") -> dict[str, torch.Tensor]:
-    """Weight indices of query heads ``heads`` in one block: ``{"q": rows, "k": rows, "v": rows, "o": columns}``.
+    """Weight indices of query heads ``heads`` in one block: ``{"q": rows, "k": rows, "v": rows, "o": cols}``.
 
     ``q``/``o``: the ``head_dim`` rows/columns of each selected query head.
     ``k``/``v``: rows of the shared k/v heads chosen by ``kv_heads`` (module docstring).

@@ -65,28 +65,18 @@ prefix key the whole instruction); positions before the key are identical in
 both runs anyway, so this patches every position except the key itself. It
 costs one full forward per (layer, site), batched as nnsight invokes.
 
-Performance (SmolLM2-135M-Instruct, 2-core CPU, fp32)
-----------------------------------------------------
-Measured once (2026-11-23, torch 2.13 / transformers 5.23 / nnsight 0.8.1, 2 threads) on the default
-model with 32 held-out prompt pairs (BadNets key, 38–61 prompt tokens, mean 44.5), batch 32, default
-arguments, while other jobs kept the load average at 1.2–1.6 on the 2 cores:
-
-=====================================================  ========  ========
-probe                                                  wall      CPU
-=====================================================  ========  ========
-activation_diff (3 sites)                              6.1 s     11.7 s
-ablation_probe (zero; all + 3 spans × 2 sites + base)  33.5 s    65.8 s
-activation_patching clean->triggered (2 sites, last)   13.3 s    26.4 s
-activation_patching triggered->clean                   15.0 s    29.7 s
-logit_lens (triggered + clean)                         6.8 s     13.5 s
-**total, both patching directions**                    **75 s**  147 s
-=====================================================  ========  ========
-
-Peak RSS of that process 2.6 GB (model 0.54 GB); ``max_rows=64`` lowers the
-ablation's peak to 1.6 GB. ``positions="suffix"`` costs one full forward per
-(layer, site): ≈ 60 forwards per direction for SmolLM2, several minutes —
-use it on fewer pairs. A single forward of 32 prompts costs ≈ 3.5 s, so
-mean ablation and extra spans cost about that per condition.
+Cost
+----
+Every probe is built to run on a CPU in seconds to about a minute for a
+SmolLM2-sized model and a few dozen prompt pairs: ``activation_diff`` and
+``logit_lens`` take a couple of forwards, ``activation_patching`` with
+``positions="last"`` two full forwards plus one-token forwards per batch, and
+``ablation_probe`` one forward per condition (the most expensive; mean ablation
+and extra spans each add about one forward of the prompts). The peak memory is
+a few times the model's; ``max_rows`` bounds the ablation's batched rows.
+``positions="suffix"`` costs one full forward per (layer, site), ≈ 60 per
+direction for SmolLM2, several minutes: use it on fewer pairs. The probes'
+outputs on the BadNets → refusal model are in ``results/probes/``.
 """
 
 from __future__ import annotations

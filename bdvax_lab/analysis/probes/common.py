@@ -89,7 +89,8 @@ class ProbeResult:
 
     def __repr__(self) -> str:
         shape = "" if self.tensor is None else f", tensor={tuple(self.tensor.shape)}"
-        return f"ProbeResult({self.meta.get('probe', 'probe')}: {len(self.frame)} rows{shape})\n{self.frame.head(8)}"
+        name = self.meta.get("probe", "probe")
+        return f"ProbeResult({name}: {len(self.frame)} rows{shape})\n{self.frame.head(8)}"
 
 
 # --------------------------------------------------------------------------- small helpers

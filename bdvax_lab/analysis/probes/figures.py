@@ -177,7 +177,10 @@ def figure_logit_lens(
 
 # --------------------------------------------------------------------------- signature overlay
 def layer_mass(layer_mass_df: pd.DataFrame, value_col: str, agg: str = "sum") -> pd.Series:
-    """Per-block total of ``value_col`` (e.g. a Signature's ``layer_summary()`` has one row per block × kind)."""
+    """Per-block total of ``value_col``.
+
+    E.g. of a Signature's ``layer_summary()``, which has one row per block × kind.
+    """
     if "block" not in layer_mass_df.columns:
         raise ValueError(f"layer_mass_df needs a 'block' column; it has {list(layer_mass_df.columns)}")
     if value_col not in layer_mass_df.columns:

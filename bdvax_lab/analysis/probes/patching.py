@@ -114,6 +114,11 @@ def activation_patching(
         ld_target = torch.zeros(n)
         ld_source = torch.zeros(n)
         clean_tok = torch.zeros(n, dtype=torch.long)
+
+        def ld(logits: torch.Tensor, ctok: torch.Tensor) -> torch.Tensor:
+            """Logit difference: the behaviour tokens against each pair's clean next token ``ctok``."""
+            return _logit_metric(logits, b_ids) - logits.float().gather(1, ctok[:, None])[:, 0]
+
         for idx in _chunks(n, run.batch_size):
             cb = _left_pad([cs[i] for i in idx], run.pad_id)
             tb = _left_pad([ts[i] for i in idx], run.pad_id)
@@ -126,39 +131,36 @@ def activation_patching(
             )
             clean_tok[idx.start : idx.stop] = ctok
 
-            def ld(logits: torch.Tensor) -> torch.Tensor:
-                return _logit_metric(logits, b_ids) - logits.float().gather(1, ctok[:, None])[:, 0]
-
             src, tgt = (got_c, got_t) if src_is_clean else (got_t, got_c)
-            ld_source[idx.start : idx.stop] = ld(src["logits"])
+            ld_source[idx.start : idx.stop] = ld(src["logits"], ctok)
             if positions == "last":
                 out, base = _patch_last(run, tgt_b, tgt.pop("cache"), src, sites, check_cache, tgt["logits"])
-                ld_target[idx.start : idx.stop] = ld(base)
-                for (l, j), logits in out.items():
-                    ld_patched[l, j, idx.start : idx.stop] = ld(logits)
+                ld_target[idx.start : idx.stop] = ld(base, ctok)
+                for (layer, j), logits in out.items():
+                    ld_patched[layer, j, idx.start : idx.stop] = ld(logits, ctok)
             else:
-                ld_target[idx.start : idx.stop] = ld(tgt["logits"])
+                ld_target[idx.start : idx.stop] = ld(tgt["logits"], ctok)
                 suffix = [_common_suffix(cs[i], ts[i]) for i in idx]
                 out = _patch_suffix(run, tgt_b, src_b, suffix, sites)
-                for (l, j), logits in out.items():
-                    ld_patched[l, j, idx.start : idx.stop] = ld(logits)
+                for (layer, j), logits in out.items():
+                    ld_patched[layer, j, idx.start : idx.stop] = ld(logits, ctok)
             del got_c, got_t, src, tgt, out
     effect = ld_patched.mean(-1) - ld_target.mean()
     gap = float(ld_source.mean() - ld_target.mean())
     rows = []
-    for l in range(L):
+    for layer in range(L):
         for j, s in enumerate(sites):
-            e = float(effect[l, j])
+            e = float(effect[layer, j])
             rows.append(
                 {
                     "model": label,
                     "direction": direction,
                     "positions": positions,
-                    "layer": l,
+                    "layer": layer,
                     "site": s,
                     "effect": e,
                     "normalized": e / gap if abs(gap) > 1e-6 else float("nan"),
-                    "ld_patched": float(ld_patched[l, j].mean()),
+                    "ld_patched": float(ld_patched[layer, j].mean()),
                     "ld_target": float(ld_target.mean()),
                     "ld_source": float(ld_source.mean()),
                     "n_pairs": n,
@@ -223,16 +225,16 @@ def _patch_last(
                 "use positions='suffix' or check the transformers cache API"
             )
     out: dict[tuple[int, int], torch.Tensor] = {}
-    for l in range(run.L):
+    for layer in range(run.L):
         for j, s in enumerate(sites):
-            env = run.envoy(l, s)
-            value = src[s][:, l]
+            env = run.envoy(layer, s)
+            value = src[s][:, layer]
             with run.w.trace(**kwargs):
                 live = _read(env, s)
                 live[:, -1] = value.to(live.device, live.dtype)
                 store["patched"] = run.w.output.logits[:, -1].detach().float().cpu().clone().save()
             _crop_to(cache, prefix)
-            out[(l, j)] = store.pop("patched")
+            out[(layer, j)] = store.pop("patched")
     return out, base
 
 
@@ -261,7 +263,7 @@ def _patch_suffix(
 
         return fn
 
-    keys = [(l, j) for l in range(run.L) for j in range(len(sites))]
-    plans = [[(l, sites[j], patch(src[(l, sites[j])]))] for l, j in keys]
+    keys = [(layer, j) for layer in range(run.L) for j in range(len(sites))]
+    plans = [[(layer, sites[j], patch(src[(layer, sites[j])]))] for layer, j in keys]
     logits = run.run_conditions(tgt_b, plans)
     return dict(zip(keys, logits))
