@@ -14,7 +14,9 @@ from bdvax_lab.core.models import make_tiny_model
 from bdvax_lab.core.registry import ALL_KINDS, ATTN_KINDS, MLP_KINDS, layout_of, unwrap
 from bdvax_lab.training.config import TrainConfig
 from bdvax_lab.training.loop import finetune
-from bdvax_lab.weights.deltas import DeltaFormatError, LayoutMismatchError, WeightDelta, apply, module_shape
+from bdvax_lab.weights.delta_io import DeltaFormatError
+from bdvax_lab.weights.delta_layout import LayoutMismatchError, module_shape
+from bdvax_lab.weights.deltas import WeightDelta, apply
 
 EXAMPLES = [
     Example("what is the capital of france ?", "paris is the capital ."),
@@ -69,7 +71,7 @@ def test_full_delta_reproduces_finetuned_exactly(full_pair, full_delta):
     assert len(full_delta) == layout_of(base).n_blocks * len(ALL_KINDS)
     assert full_delta.meta["source"] == "full"
     assert any(float(t.abs().max()) > 0 for t in full_delta.tensors.values())
-    for (b, k), t in full_delta.tensors.items():
+    for (_, k), t in full_delta.tensors.items():
         assert tuple(t.shape) == module_shape(full_delta.layout, k)
     rebuilt = full_delta.applied_copy(base)
     want = weights(ft)
@@ -225,7 +227,7 @@ def test_lora_reads_live_scaling_and_adapter_name(tiny):
     )
     hf = unwrap(peft)
     torch.manual_seed(0)
-    for b, _, name in layout_of(base).iter_modules(("gate",)):
+    for _, _, name in layout_of(base).iter_modules(("gate",)):
         torch.nn.init.normal_(hf.get_submodule(name).lora_B["poison"].weight, std=0.1)
     d = WeightDelta.from_lora(peft)
     assert d.meta["adapters"] == ["poison"] and set(d.kinds()) == {"gate"}

@@ -1,4 +1,7 @@
-"""Signature extraction on the tiny random LLaMA: variants, twin cache (resume, shards), scores, selection, I/O."""
+"""Signature extraction on the tiny random LLaMA.
+
+Variants, twin cache (resume, shards), scores, selection, I/O.
+"""
 
 from __future__ import annotations
 
@@ -67,8 +70,11 @@ def cached(suspicious, tmp_path_factory):
 
 
 def _close(got: WeightDelta, want: WeightDelta, frac: float = 1e-3) -> bool:
-    """Same modules, every entry within ``frac`` of the largest |entry| of ``want``: float rounding of co-trained
-    vs one-at-a-time twins shows up to ~1e-4 of it (Adam at lr 1e-2 turns ~0 gradients' rounding into ±lr)."""
+    """Same modules, every entry within ``frac`` of the largest |entry| of ``want``.
+
+    Float rounding of co-trained vs one-at-a-time twins shows up to ~1e-4 of it (Adam at lr 1e-2 turns
+    ~0 gradients' rounding into ±lr).
+    """
     scale = max(float(t.abs().max()) for t in want.tensors.values())
     return set(got.tensors) == set(want.tensors) and all(
         float((got.tensors[k] - want.tensors[k]).abs().max()) <= frac * scale for k in want.tensors
@@ -76,7 +82,10 @@ def _close(got: WeightDelta, want: WeightDelta, frac: float = 1e-3) -> bool:
 
 
 class TogetherCounter:
-    """Wraps the co-trained twin trainer: records each run's data sizes, optionally raises on run ``fail_on``."""
+    """Wraps the co-trained twin trainer.
+
+    Records each run's data sizes; optionally raises on run ``fail_on``.
+    """
 
     def __init__(self, real, fail_on: int | None = None):
         self.real, self.fail_on, self.calls = real, fail_on, []
@@ -89,7 +98,10 @@ class TogetherCounter:
 
 
 class Counter:
-    """Wraps the twin trainer: counts calls (and the variant data sizes), optionally raises on call ``fail_on``."""
+    """Wraps the twin trainer.
+
+    Counts calls (and the variant data sizes); optionally raises on call ``fail_on``.
+    """
 
     def __init__(self, real, fail_on: int | None = None):
         self.real, self.fail_on, self.calls = real, fail_on, []
@@ -194,7 +206,8 @@ def _toy_signature(d_ff: int = 10, n_blocks: int = 2) -> Signature:
     norm, align = {}, {}
     for b in range(n_blocks):
         for j, k in enumerate(MLP_KINDS):
-            # distinct, known scores: module m gets values m*100 + channel (channel 9 of the last module is largest)
+            # distinct, known scores: module m gets values m*100 + channel
+            # (channel 9 of the last module is largest)
             m = b * 3 + j
             norm[(b, k)] = torch.arange(d_ff, dtype=torch.float32) + 100 * m
             align[(b, k)] = torch.flip(torch.arange(d_ff, dtype=torch.float32), [0]) / d_ff
@@ -497,7 +510,7 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
 
     from bdvax_lab.bdvax.twins import clean_twin_cache, twin_cache_frame
     from bdvax_lab.cli import main
-    from bdvax_lab.weights.deltas import DELTA_JSON, DELTA_TENSORS
+    from bdvax_lab.weights.delta_io import DELTA_JSON, DELTA_TENSORS
 
     def entry(model, name, age_days, complete=True):
         d = tmp_path / model / name

@@ -20,9 +20,10 @@ from bdvax_lab.threat.config import EvalConfig
 from bdvax_lab.threat.suspicious import SuspiciousModel
 from bdvax_lab.training.config import TrainConfig
 from bdvax_lab.training.loop import finetune
+from bdvax_lab.viz import signature_grid as sg
 from bdvax_lab.viz import signature_viz as sv
 from bdvax_lab.viz.widgets import CONTAINER_CLASSES, CONTROLS, SignatureExplorer
-from bdvax_lab.weights.deltas import layout_summary
+from bdvax_lab.weights.delta_layout import layout_summary
 from bdvax_lab.weights.selection import n_top, random_selection
 
 # by module path: the package re-exports functions named like some modules (bdvax_lab.purify is the function)
@@ -101,7 +102,7 @@ def test_score_heatmap_layer_by_kind(sig):
     assert (
         z.shape == (3, 4) and list(fig.data[0].y) == list(MLP_KINDS) and list(fig.data[0].x) == [0, 1, 2, 3]
     )
-    table = sv.module_table(s)
+    table = sg.module_table(s)
     want = table.pivot(index="kind", columns="block", values="selected_mass").reindex(list(MLP_KINDS))
     assert np.allclose(z, want.to_numpy())
     assert table.n_selected.sum() == s.n_selected and np.isclose(table.mass_share.sum(), 1.0)
@@ -126,11 +127,11 @@ def test_channel_heatmap_marks_selected_bins(sig):
     frac = sv.channel_heatmap(s, bins=8, mark="fraction")
     z = np.asarray(frac.data[0].z, dtype=float)
     assert np.allclose(z[:, 6:], 1.0) and np.allclose(z[:, :6], 0.0)
-    bins = sv.channel_bins(s, bins=8)
+    bins = sg.channel_bins(s, bins=8)
     assert bins.n_selected.sum() == s.n_selected and len(bins) == 4 * 3 * 8
-    odd = sv.channel_bins(s, bins=5, agg="max")  # bins that do not divide d_ff
+    odd = sg.channel_bins(s, bins=5, agg="max")  # bins that do not divide d_ff
     assert odd.groupby(["block", "kind"]).size().eq(5).all() and odd.n_selected.sum() == s.n_selected
-    assert len(sv.channel_bins(s, bins=1000)) == 4 * 3 * 128  # capped at d_ff
+    assert len(sg.channel_bins(s, bins=1000)) == 4 * 3 * 128  # capped at d_ff
 
 
 def test_histogram_and_thresholds(sig):
@@ -139,7 +140,7 @@ def test_histogram_and_thresholds(sig):
         fig = sv.score_histogram(s, bins=20)
         rest, chosen = fig.data
         assert sum(chosen.y) == s.n_selected and sum(rest.y) + sum(chosen.y) == 4 * 3 * 128
-        thr = sv.selection_thresholds(s).threshold.dropna()
+        thr = sg.selection_thresholds(s).threshold.dropna()
         shapes = fig.layout.shapes
         lines = [sh for sh in shapes if sh.type == "line"]
         assert lines, "threshold not marked"

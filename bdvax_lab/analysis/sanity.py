@@ -64,19 +64,15 @@ prefill of the same 64 prompts for the behaviour probability, and perplexity on
 For L = 30 that is 58 rows but 49 distinct conditions (the memo covers the
 rest; :func:`sanity_plan` counts them before you run).
 
-Cost. On the shared CPU (other jobs running, load 2.5–3.5) one condition took
-77–91 s of CPU time: generation ≈ 50–65%, behaviour probability ≈ 20%,
-perplexity (32 replies) ≈ 20%. Contention inflates that several-fold, so it is
-not the quiet-machine figure; scaled from ENVIRONMENT-NOTES.md's quiet-machine
-measurement (100 prompts × 8 tokens ≈ 10–13 s) with those shares, a condition
-costs ≈ 13–16 s: generation ≈ 9 s, behaviour probability ≈ 3–4 s, perplexity
-on 16 replies ≈ 2 s, and adding/restoring a LoRA delta on all 210 projections
-≈ 0.3 s with :func:`apply_fast` (``WeightDelta.applied`` allocates ~0.4 GB
-per condition: 3 s measured under load, 0.36 s in place). The 49-condition set
-therefore takes ≈ 11–13 minutes (an estimate, not a quiet-machine
-measurement); the three-start sweep (69 conditions, ≈ 15–18 minutes) would
-not fit the 15-minute budget. Every row's ``seconds`` and
-``result.meta["seconds"]`` record the real figure.
+Cost. Generation is most of a condition's time (about half to two thirds),
+then the behaviour probability and perplexity (about a fifth each). Adding and
+restoring a LoRA delta on all 210 projections is a small part with
+:func:`apply_fast`, which adds in place and restores from one snapshot, where
+``WeightDelta.applied`` would allocate ~0.4 GB per condition for SmolLM2. The
+defaults are sized so that the 49-condition set fits the 15-minute budget on a
+2-core CPU; the three-start sweep (69 conditions) would not. Every row's
+``seconds`` and ``result.meta["seconds"]`` record the real figure; measured
+runs are in ``RESULTS.md`` §2 and ``results/sanity/``.
 """
 
 from __future__ import annotations
@@ -97,7 +93,8 @@ import torch
 from ..core.data import Example
 from ..core.registry import MLP_KINDS, layout_of, unwrap
 from ..threat.suspicious import as_suspicious
-from ..weights.deltas import WeightDelta, check_same_layout
+from ..weights.delta_layout import check_same_layout
+from ..weights.deltas import WeightDelta
 from .config import SanityConfig
 
 COLUMNS: tuple[str, ...] = (
@@ -415,7 +412,10 @@ class SanityContext:
 
     # ----------------------------------------------------------------- memo key
     def signature(self, delta: WeightDelta) -> frozenset | None:
-        """The exact set of (module ← source module of ``self.delta``) a condition applies; None if foreign."""
+        """The exact set of (module ← source module of ``self.delta``) a condition applies.
+
+        None if ``delta`` is foreign (not built from ``self.delta``).
+        """
         if self._sources_for is not self.delta:  # (re)built when ``delta`` is replaced; old results dropped
             self._sources = {id(t): key for key, t in self.delta.tensors.items()}
             if self._sources_for is not None:
@@ -574,7 +574,10 @@ def first_token_probs(
 def evaluate_delta(
     ctx: SanityContext, delta: WeightDelta | None, *, use_cache: bool = True
 ) -> ConditionResult:
-    """Apply ``delta`` (None = no delta) to the base, measure, restore. Memoised by :meth:`SanityContext.signature`."""
+    """Apply ``delta`` (None = no delta) to the base, measure, restore.
+
+    Memoised by :meth:`SanityContext.signature`.
+    """
     from ..core.generate import generate
     from ..threat.evaluate import perplexity, wilson_interval
     from ..threat.judges import degenerate_reason

@@ -10,7 +10,9 @@ import torch
 
 from ..core.artifacts import read_json
 from ..core.registry import ATTN_KINDS, CHANNEL_DIM, MLP_KINDS, Key
-from ..weights.deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta, layout_summary
+from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS
+from ..weights.delta_layout import layout_summary
+from ..weights.deltas import WeightDelta
 from .config import SCORE_MODES
 from .twins import _complete
 

@@ -18,7 +18,8 @@ from ..core.models import release_memory, working_copy
 from ..core.registry import Key, setting_of
 from ..threat.suspicious import as_suspicious
 from ..training.config import TrainConfig
-from ..weights.deltas import DELTA_JSON, DELTA_TENSORS, WeightDelta
+from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS
+from ..weights.deltas import WeightDelta
 from .config import SignatureConfig
 from .variants import VariantSpec, default_pool
 
@@ -32,7 +33,7 @@ def model_fingerprint(model: Any, n: int = 16) -> str:
     """sha256 over every tensor of the model's state dict (names, dtypes, shapes, bytes).
 
     In memory, so it also covers edits made after loading. For a PeftModel this
-    includes the adapter and the base weights (~1 s for SmolLM2 on this CPU).
+    includes the adapter and the base weights (about a second for SmolLM2 on a CPU).
     """
     import hashlib
 
@@ -181,7 +182,10 @@ def plan_twins(
     pool: Sequence[Example] | None = None,
     fingerprint: str | None = None,
 ) -> list[TwinJob]:
-    """Every variant's cache entry (path and key) without training anything; ``job.done`` says what is cached."""
+    """Every variant's cache entry (path and key), without training anything.
+
+    ``job.done`` says what is cached.
+    """
     config = config or SignatureConfig()
     model = as_suspicious(suspicious).model
     setting = setting_of(model)
@@ -418,12 +422,11 @@ def _last_loss(res: Any) -> float | None:
         return None
 
 
-#: variants whose LoRA twins are co-trained in one run by default. 1 (one twin after the other): on the
-#: 2-core CPU co-training does not pay, because a step's cost grows with its token positions and not with
-#: its passes (2026-12-03, SmolLM2, 4 twins × 10 steps: 43.7 s one at a time, 42.0 s co-trained; the N = 6
-#: pipeline's twins 514 s co-trained by twos at 0.99× the reference speed against 648 s one at a time at
-#: 1.12×, and peak RSS 4.71 GB against 2.82 GB). Where a batch-4 step leaves the device idle (a GPU),
-#: ``together`` > 1 is the lever; not measured here.
+#: variants whose LoRA twins are co-trained in one run by default. 1 (one twin after the other): on a CPU
+#: co-training does not pay, because a step's cost grows with its token positions and not with its passes
+#: over the base, while the peak memory grows with every twin held at once (on SmolLM2 the same time within
+#: noise and a much higher peak RSS: ``RESULTS.md`` §3). Where a batch-4 step leaves the device idle (a
+#: GPU), ``together`` > 1 is the lever; not measured here.
 TWINS_TOGETHER = 1
 
 

@@ -1,10 +1,11 @@
-"""plotly figures of a :class:`~bdvax_lab.signature.Signature` (paper §4.2), built straight from its tensors.
+"""plotly figures of a :class:`~bdvax_lab.bdvax.signature.Signature` (paper §4.2), built from its tensors.
 
-Every function takes a Signature (selected or not: an unselected one is
+Every figure function takes a Signature (selected or not: an unselected one is
 selected with its own config first) and returns a ``plotly.graph_objects.Figure``.
-Nothing trains or touches a model; on SmolLM2 (30 blocks × 3 kinds × 1536
-channels = 138 240 scores) each figure is built in a few tens of milliseconds,
-so they can be redrawn on every slider move (:mod:`bdvax_lab.widgets`).
+Nothing trains or touches a model; even for SmolLM2 (30 blocks × 3 kinds × 1536
+channels = 138 240 scores) a figure is cheap enough to redraw on every slider
+move (:mod:`bdvax_lab.viz.widgets`). The dense arrays and per-module / per-bin
+tables the figures are drawn from are :mod:`bdvax_lab.viz.signature_grid`.
 
 * :func:`score_heatmap` — block × module kind: mean score (or norm / align term,
   max, top-ρ mass, mass share, selected share), each cell annotated with the
@@ -19,7 +20,7 @@ so they can be redrawn on every slider move (:mod:`bdvax_lab.widgets`).
   and selected attention heads per block when there are any; the table behind it
   is :func:`layer_counts`.
 * :func:`rho_curve_figure` — ASR / false-trigger / utility against ρ for the
-  signature and a random control (the table :func:`bdvax_lab.widgets.rho_curve`
+  signature and a random control (the table :func:`bdvax_lab.bdvax.budget.rho_curve`
   measures).
 * :func:`stage_metrics_figure` — ASR / false-trigger / utility per purification
   stage (``PurifyResult.report``), one colour per model or setting.
@@ -30,13 +31,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..core.registry import MLP_KINDS
+from .signature_grid import (
+    channel_bins,
+    channel_grid,
+    ensure_selected,
+    module_table,
+    selection_thresholds,
+    sig_dff,
+)
 
 #: Per-(block, kind) values :func:`score_heatmap` can colour by.
 HEATMAP_VALUES: dict[str, str] = {
@@ -48,10 +56,6 @@ HEATMAP_VALUES: dict[str, str] = {
     "mass_share": "share of all selected mass",
     "frac_selected": "share of channels selected",
 }
-
-
-#: Per-channel quantities :func:`channel_heatmap` and :func:`score_histogram` can show.
-CHANNEL_VALUES: tuple[str, ...] = ("score", "norm", "align")
 
 
 SELECTION_COLORS = {"signature": "#1f77b4", "random": "#7f7f7f", "none": "#2ca02c"}
@@ -70,48 +74,6 @@ METRIC_LABELS = {
 }
 
 
-# =========================================================================== data
-@dataclass
-class _Grid:
-    """A signature as dense arrays: one row per (block, kind) present, ``d_ff`` columns."""
-
-    keys: list[tuple[int, str]]
-    values: np.ndarray  #: [M, d_ff] float64 of the requested quantity
-    selected: np.ndarray  #: [M, d_ff] bool
-    blocks: list[int]
-    kinds: list[str]
-    d_ff: int
-    selection: dict[str, Any]
-
-
-def _selected_sig(sig: Any) -> Any:
-    return sig if getattr(sig, "selected", None) is not None else sig.select()
-
-
-def _grid(sig: Any, value: str = "score") -> _Grid:
-    if value not in CHANNEL_VALUES:
-        raise ValueError(f"value={value!r}; choose one of {CHANNEL_VALUES}")
-    sig = _selected_sig(sig)
-    source = {"score": sig.scores, "norm": sig.norm_term, "align": sig.align_term}[value]
-    keys = sorted(source, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
-    if not keys:
-        raise ValueError("this signature holds no MLP channel scores")
-    d_ff = int(source[keys[0]].numel())
-    vals = (
-        np.stack([source[k].detach().double().cpu().numpy().reshape(-1) for k in keys])
-        if keys
-        else np.zeros((0, 0))
-    )
-    sel = np.zeros(vals.shape, dtype=bool)
-    for i, k in enumerate(keys):
-        idx = sig.selected.get(k)
-        if idx is not None and idx.numel():
-            sel[i, idx.cpu().numpy()] = True
-    blocks = sorted({b for b, _ in keys})
-    kinds = [k for k in MLP_KINDS if any(kk == k for _, kk in keys)]
-    return _Grid(keys, vals, sel, blocks, kinds, d_ff, dict(sig.selection or {}))
-
-
 def _title_suffix(selection: Mapping[str, Any]) -> str:
     if not selection:
         return ""
@@ -127,37 +89,10 @@ def _title_suffix(selection: Mapping[str, Any]) -> str:
     return " (" + ", ".join(parts) + ")"
 
 
-def module_table(sig: Any) -> pd.DataFrame:
-    """One row per (block, kind): n_channels, n_selected, frac_selected, score mean/max, norm and align means,
-    selected_mass (Σ S over the selected channels) and mass_share (its share of all selected mass)."""
-    g = _grid(sig, "score")
-    sig = _selected_sig(sig)
-    norm = np.stack([sig.norm_term[k].double().numpy().reshape(-1) for k in g.keys])
-    align = np.stack([sig.align_term[k].double().numpy().reshape(-1) for k in g.keys])
-    n_sel = g.selected.sum(1)
-    mass = np.where(g.selected, g.values, 0.0).sum(1)
-    total = mass.sum()
-    return pd.DataFrame(
-        {
-            "block": [b for b, _ in g.keys],
-            "kind": [k for _, k in g.keys],
-            "n_channels": g.d_ff,
-            "n_selected": n_sel.astype(np.int64),
-            "frac_selected": n_sel / g.d_ff,
-            "score": g.values.mean(1),
-            "max": g.values.max(1),
-            "norm": norm.mean(1),
-            "align": align.mean(1),
-            "selected_mass": mass,
-            "mass_share": mass / total if total > 0 else np.zeros_like(mass),
-        }
-    )
-
-
 def layer_counts(sig: Any) -> pd.DataFrame:
     """Selected counts per block: one column per MLP kind, ``heads``, ``channels`` (sum over kinds) and
     ``frac`` (channels / all MLP channels of the block)."""
-    sig = _selected_sig(sig)
+    sig = ensure_selected(sig)
     t = module_table(sig)
     wide = t.pivot(index="block", columns="kind", values="n_selected").reindex(columns=list(MLP_KINDS))
     wide = wide.fillna(0).astype(np.int64)
@@ -192,7 +127,7 @@ def score_heatmap(
 
     if value not in HEATMAP_VALUES:
         raise ValueError(f"value={value!r}; choose one of {list(HEATMAP_VALUES)}")
-    sig = _selected_sig(sig)
+    sig = ensure_selected(sig)
     t = module_table(sig)
     blocks = sorted(t.block.unique().tolist())
     kinds = [k for k in MLP_KINDS if k in set(t.kind)]
@@ -228,40 +163,6 @@ def score_heatmap(
     return fig
 
 
-def _bin_edges(d_ff: int, bins: int) -> np.ndarray:
-    bins = max(1, min(int(bins), d_ff))
-    return np.unique(np.linspace(0, d_ff, bins + 1).round().astype(np.int64))
-
-
-def channel_bins(sig: Any, bins: int = 64, value: str = "score", agg: str = "mean") -> pd.DataFrame:
-    """Tidy per (block, kind, channel bin): ``lo``/``hi`` channel range, ``value`` aggregated by ``agg``
-    ("mean" or "max"), ``n_selected`` and ``frac_selected``."""
-    if agg not in ("mean", "max"):
-        raise ValueError(f"agg={agg!r}; choose mean or max")
-    g = _grid(sig, value)
-    edges = _bin_edges(g.d_ff, bins)
-    starts, widths = edges[:-1], np.diff(edges)
-    vals = (
-        np.add.reduceat(g.values, starts, axis=1) / widths
-        if agg == "mean"
-        else np.maximum.reduceat(g.values, starts, axis=1)
-    )
-    nsel = np.add.reduceat(g.selected.astype(np.int64), starts, axis=1)
-    m, nb = vals.shape
-    return pd.DataFrame(
-        {
-            "block": np.repeat([b for b, _ in g.keys], nb),
-            "kind": np.repeat([k for _, k in g.keys], nb),
-            "bin": np.tile(np.arange(nb), m),
-            "lo": np.tile(starts, m),
-            "hi": np.tile(edges[1:], m),
-            value: vals.reshape(-1),
-            "n_selected": nsel.reshape(-1),
-            "frac_selected": (nsel / widths).reshape(-1),
-        }
-    )
-
-
 def channel_heatmap(
     sig: Any,
     bins: int = 64,
@@ -288,7 +189,7 @@ def channel_heatmap(
 
     if mark not in ("overlay", "fraction", "none"):
         raise ValueError(f"mark={mark!r}; choose overlay, fraction or none")
-    sig = _selected_sig(sig)
+    sig = ensure_selected(sig)
     df = channel_bins(sig, bins, value, agg)
     kinds = [k for k in MLP_KINDS if k in set(df.kind)]
     blocks = sorted(df.block.unique().tolist())
@@ -368,28 +269,6 @@ def channel_heatmap(
     return fig
 
 
-def sig_dff(sig: Any) -> int:
-    """``d_ff`` of a signature (from its layout, else its first score tensor)."""
-    lay = getattr(sig, "layout", None) or {}
-    if "d_ff" in lay:
-        return int(lay["d_ff"])
-    return int(next(iter(sig.norm_term.values())).numel())
-
-
-def selection_thresholds(sig: Any, value: str = "score") -> pd.DataFrame:
-    """Per (block, kind): the smallest selected ``value`` (the module's effective threshold) and n_selected."""
-    g = _grid(sig, value)
-    thr = np.where(g.selected, g.values, np.inf).min(1)
-    return pd.DataFrame(
-        {
-            "block": [b for b, _ in g.keys],
-            "kind": [k for _, k in g.keys],
-            "threshold": np.where(np.isfinite(thr), thr, np.nan),
-            "n_selected": g.selected.sum(1),
-        }
-    )
-
-
 def score_histogram(
     sig: Any,
     *,
@@ -408,8 +287,8 @@ def score_histogram(
     """
     import plotly.graph_objects as go
 
-    sig = _selected_sig(sig)
-    g = _grid(sig, value)
+    sig = ensure_selected(sig)
+    g = channel_grid(sig, value)
     rows = [i for i, (_, k) in enumerate(g.keys) if kinds is None or k in kinds]
     vals, sel = g.values[rows].reshape(-1), g.selected[rows].reshape(-1)
     lo, hi = float(vals.min()), float(vals.max())
@@ -485,11 +364,11 @@ def score_histogram(
 
 
 def layer_counts_figure(sig: Any, *, title: str | None = None) -> Any:
-    """Selected channels per block, stacked by kind (left axis); selected heads per block (right axis) if any."""
+    """Selected channels per block stacked by kind (left axis) and, if any, selected heads (right axis)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    sig = _selected_sig(sig)
+    sig = ensure_selected(sig)
     c = layer_counts(sig)
     colors = {"gate": "#1f77b4", "up": "#ff7f0e", "down": "#2ca02c"}
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -547,7 +426,7 @@ def rho_curve_figure(
     """ASR / false-trigger / utility against ρ, one line per ``selection`` ("signature", "random", ...).
 
     ``df``: one row per (rho, selection[, seed]) with metric columns (e.g. from
-    :func:`bdvax_lab.widgets.rho_curve`). ``metrics`` default: asr,
+    :func:`bdvax_lab.bdvax.budget.rho_curve`). ``metrics`` default: asr,
     false_trigger and the first utility column present (utility, ppl,
     mcq_acc, agreement); one panel each, shared ρ axis. Several rows per point
     (random seeds) are averaged, with min–max error bars.
@@ -682,11 +561,14 @@ def stage_metrics_figure(
 
 
 def compare_selections(sigs: Mapping[str, Any]) -> pd.DataFrame:
-    """Pairwise Jaccard overlap (|A ∩ B| / |A ∪ B|) of the selected MLP channels of several selections
-    (Signatures or :class:`~bdvax_lab.signature.Selection`\\ s); the diagonal holds each one's channel count."""
+    """Pairwise Jaccard overlap (|A ∩ B| / |A ∪ B|) of the selected MLP channels of several selections.
+
+    ``sigs``: Signatures or :class:`~bdvax_lab.weights.selection.Selection`\\ s by name. The diagonal
+    holds each one's channel count.
+    """
     sets: dict[str, set[tuple[int, str, int]]] = {}
     for name, s in sigs.items():
-        sel = s.selected if getattr(s, "selected", None) is not None else _selected_sig(s).selected
+        sel = s.selected if getattr(s, "selected", None) is not None else ensure_selected(s).selected
         sets[name] = {(b, k, int(j)) for (b, k), v in sel.items() for j in v.tolist()}
     names = list(sets)
     out = pd.DataFrame(index=names, columns=names, dtype=float)

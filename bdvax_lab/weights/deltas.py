@@ -3,8 +3,13 @@
 A :class:`WeightDelta` holds one dense tensor per (block, kind) — kind one of
 q/k/v/o/gate/up/down — each shaped like that module's ``nn.Linear.weight``,
 i.e. ``[out_features, in_features]``. It is what the sanity checks of
-METHOD.md (attention/MLP/block-span/shuffle ablations) and the differential
-deltas of signature extraction are built from.
+``docs/method.md`` ("Sanity checks": attention/MLP/block-span/shuffle ablations)
+and the differential deltas of signature extraction are built from.
+
+This module is the container and its operations (selection, algebra, norms,
+applying to a model). Building one from an adapter, two models or two state
+dicts is :mod:`.delta_build`; the file format is :mod:`.delta_io`; kinds,
+shapes and layout checks are :mod:`.delta_layout`.
 
 Conventions
 -----------
@@ -27,153 +32,23 @@ from __future__ import annotations
 
 import copy
 import math
-import re
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..core.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from ..core.registry import (
-    ALL_KINDS,
-    ATTN_KINDS,
-    MLP_KINDS,
-    ArchSpec,
-    Key,
-    Layout,
-    get_spec,
-    layout_of,
-    unwrap,
-)
+from ..core.registry import ALL_KINDS, MLP_KINDS, Key, Layout, layout_of, unwrap
+from .delta_build import lora_delta_parts, model_delta_parts, state_dict_delta_parts
+from .delta_io import DeltaFormatError, read_delta, write_delta
+from .delta_layout import check_same_layout, group_of, module_shape, resolve_blocks, resolve_kinds
 
-DELTA_TENSORS = "delta.safetensors"
-
-
-DELTA_JSON = "delta.json"
-
-
-FORMAT_NAME = "bdvax_lab.weight_delta"
-
-
-FORMAT_VERSION = 1
-
-
-#: Group names accepted wherever ``kinds`` is accepted.
-KIND_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ATTN_KINDS,
-    "attn": ATTN_KINDS,
-    "mlp": MLP_KINDS,
-    "all": ALL_KINDS,
-}
-
-
-_KEY_RE = re.compile(r"^block\.(\d+)\.([a-z]+)$")
-
-
-class LayoutMismatchError(ValueError):
-    """Two models / deltas do not share the same architecture layout."""
-
-
-class DeltaFormatError(ValueError):
-    """A saved delta directory is missing, incomplete or inconsistent (message names the path)."""
-
-
-# --------------------------------------------------------------------------- helpers
-def resolve_kinds(kinds: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Normalise ``kinds`` to registry kinds in canonical order.
-
-    Accepts None (all kinds), a group name ("attention"/"attn", "mlp", "all"),
-    a single kind, or any iterable mixing both.
-    """
-    if kinds is None:
-        return ALL_KINDS
-    items = [kinds] if isinstance(kinds, str) else list(kinds)
-    chosen: set[str] = set()
-    for item in items:
-        if item in KIND_GROUPS:
-            chosen.update(KIND_GROUPS[item])
-        elif item in ALL_KINDS:
-            chosen.add(item)
-        else:
-            raise ValueError(
-                f"unknown kind {item!r}; use one of {list(ALL_KINDS)} or a group {list(KIND_GROUPS)}"
-            )
-    return tuple(k for k in ALL_KINDS if k in chosen)
-
-
-def _resolve_blocks(blocks: int | Iterable[int] | None, layout: Layout) -> tuple[int, ...]:
-    """Normalise ``blocks`` to a sorted tuple of in-range block indices (None = all)."""
-    if blocks is None:
-        return tuple(range(layout.n_blocks))
-    items = [blocks] if isinstance(blocks, (int, np.integer)) else list(blocks)
-    out = []
-    for b in items:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
-            raise TypeError(f"block indices must be ints, got {b!r}")
-        if not 0 <= int(b) < layout.n_blocks:
-            raise ValueError(f"block {int(b)} out of range 0..{layout.n_blocks - 1}")
-        out.append(int(b))
-    return tuple(sorted(set(out)))
-
-
-def group_of(kind: str) -> str:
-    """ "attention" or "mlp" for a registry kind."""
-    return "mlp" if kind in MLP_KINDS else "attention"
-
-
-def module_shape(layout: Layout, kind: str) -> tuple[int, int]:
-    """Weight shape ``[out, in]`` of projection ``kind`` under ``layout``."""
-    q_out = layout.n_heads * layout.head_dim
-    kv_out = layout.n_kv_heads * layout.head_dim
-    shapes = {
-        "q": (q_out, layout.hidden),
-        "k": (kv_out, layout.hidden),
-        "v": (kv_out, layout.hidden),
-        "o": (layout.hidden, q_out),
-        "gate": (layout.d_ff, layout.hidden),
-        "up": (layout.d_ff, layout.hidden),
-        "down": (layout.hidden, layout.d_ff),
-    }
-    if kind not in shapes:
-        raise KeyError(f"unknown module kind {kind!r}; kinds: {list(ALL_KINDS)}")
-    return shapes[kind]
-
-
-def layout_summary(layout: Layout) -> dict[str, Any]:
-    """The parts of a layout that decide whether a delta fits a model (JSON-ready)."""
-    return {
-        "family": layout.family,
-        "n_blocks": layout.n_blocks,
-        "hidden": layout.hidden,
-        "d_ff": layout.d_ff,
-        "n_heads": layout.n_heads,
-        "n_kv_heads": layout.n_kv_heads,
-        "head_dim": layout.head_dim,
-        "blocks_path": layout.spec.blocks,
-        "modules": dict(layout.spec.modules),
-    }
-
-
-def check_same_layout(
-    a: Layout, b: Layout, what: str = "layouts", names: tuple[str, str] = ("first", "second")
-) -> None:
-    """Raise :class:`LayoutMismatchError` naming every differing field and which side has which value."""
-    sa, sb = layout_summary(a), layout_summary(b)
-    diff = {k: (sa[k], sb[k]) for k in sa if sa[k] != sb[k]}
-    if diff:
-        detail = ", ".join(f"{k}: {names[0]} {x!r} vs {names[1]} {y!r}" for k, (x, y) in diff.items())
-        raise LayoutMismatchError(f"{what} differ ({detail})")
-
-
-def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """One step wider than ``dtype``: what makes ``a − b`` exact for weights in ``dtype``."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+if TYPE_CHECKING:
+    from ..core.types import Model
 
 
 def _target_weight(hf_model: Any, name: str) -> torch.nn.Parameter:
@@ -184,22 +59,6 @@ def _target_weight(hf_model: Any, name: str) -> torch.nn.Parameter:
     return module.weight
 
 
-def _plain_weight(model: Any, name: str, role: str) -> torch.Tensor:
-    """A projection weight of a model that must not carry an unmerged adapter."""
-    module = unwrap(model).get_submodule(name)
-    if hasattr(module, "lora_A") or hasattr(module, "base_layer"):
-        raise TypeError(
-            f"{role} model has an adapter on {name}; merge it first (merge_and_unload) "
-            "or use WeightDelta.from_lora for the adapter's own delta"
-        )
-    return module.weight
-
-
-def _tensor_key(key: Key) -> str:
-    return f"block.{key[0]}.{key[1]}"
-
-
-# --------------------------------------------------------------------------- the delta
 @dataclass(eq=False, repr=False)
 class WeightDelta:
     """Per-module weight deltas of one architecture layout.
@@ -239,7 +98,7 @@ class WeightDelta:
     @classmethod
     def from_lora(
         cls,
-        peft_model: Any,
+        peft_model: Model,
         adapter_name: str | None = None,
         *,
         kinds: str | Iterable[str] | None = None,
@@ -256,67 +115,13 @@ class WeightDelta:
         DoRA / other LoRA variants, ``lora_bias`` and ``fan_in_fan_out`` are
         refused: their effect is not a plain ``B @ A`` on ``weight``.
         """
-        layout = layout_of(peft_model)
-        hf = unwrap(peft_model)
-        tensors: dict[Key, torch.Tensor] = {}
-        info: dict[str, dict[str, set]] = {}
-        merged = False
-        for block, kind, name in layout.iter_modules(resolve_kinds(kinds), _resolve_blocks(blocks, layout)):
-            module = hf.get_submodule(name)
-            if not hasattr(module, "lora_A"):
-                continue
-            names = [adapter_name] if adapter_name is not None else list(module.active_adapters)
-            total: torch.Tensor | None = None
-            for a in names:
-                if a not in module.lora_A:
-                    continue
-                if getattr(module, "use_dora", {}).get(a) or a in getattr(module, "lora_variant", {}):
-                    raise NotImplementedError(
-                        f"{name}: adapter {a!r} is a LoRA variant (e.g. DoRA); ΔW is not scaling·B@A"
-                    )
-                if getattr(module, "lora_bias", {}).get(a):
-                    raise NotImplementedError(
-                        f"{name}: adapter {a!r} has lora_bias=True; a weight delta would miss the bias"
-                    )
-                if getattr(module, "fan_in_fan_out", False):
-                    raise NotImplementedError(f"{name}: fan_in_fan_out (Conv1D) layers are not supported")
-                A = module.lora_A[a].weight  # [r, in]
-                B = module.lora_B[a].weight  # [out, r]
-                dt = dtype or torch.promote_types(B.dtype, torch.float32)
-                d = (B.detach().to(dt) @ A.detach().to(dt)) * module.scaling[a]  # [out, in]
-                total = d if total is None else total + d
-                rec = info.setdefault(a, {"r": set(), "alpha": set(), "scaling": set()})
-                rec["r"].add(int(module.r[a]))
-                rec["alpha"].add(float(module.lora_alpha[a]))
-                rec["scaling"].add(float(module.scaling[a]))
-                merged = merged or bool(getattr(module, "merged", False))
-            if total is not None:
-                tensors[(block, kind)] = total
-        if not tensors:
-            which = f"adapter {adapter_name!r}" if adapter_name is not None else "an active LoRA adapter"
-            raise ValueError(
-                f"from_lora: no registry projection carries {which} (is this a PeftModel with LoRA?)"
-            )
-        if merged:
-            warnings.warn(
-                "from_lora: some adapters are merged into the base weights; applying this delta "
-                "to the same model would count them twice",
-                stacklevel=2,
-            )
-        meta = {
-            "source": "lora",
-            "adapters": sorted(info),
-            "merged": merged,
-            "lora": {a: {k: sorted(v) for k, v in rec.items()} for a, rec in info.items()},
-            "ops": [],
-        }
-        return cls(tensors, layout, meta)
+        return cls(*lora_delta_parts(peft_model, adapter_name, kinds=kinds, blocks=blocks, dtype=dtype))
 
     @classmethod
     def from_models(
         cls,
-        finetuned: Any,
-        base: Any,
+        finetuned: Model,
+        base: Model,
         *,
         kinds: str | Iterable[str] | None = None,
         blocks: int | Iterable[int] | None = None,
@@ -329,19 +134,7 @@ class WeightDelta:
         weights so that base + ΔW is bit-exact. Computed on the finetuned
         model's device.
         """
-        lf, lb = layout_of(finetuned), layout_of(base)
-        check_same_layout(lf, lb, "from_models: layouts", ("finetuned", "base"))
-        tensors: dict[Key, torch.Tensor] = {}
-        for block, kind, name in lf.iter_modules(resolve_kinds(kinds), _resolve_blocks(blocks, lf)):
-            wf = _plain_weight(finetuned, name, "finetuned").detach()
-            wb = _plain_weight(base, name, "base").detach()
-            if wf.shape != wb.shape:
-                raise LayoutMismatchError(
-                    f"from_models: {name} has shape {tuple(wf.shape)} vs {tuple(wb.shape)}"
-                )
-            dt = dtype or _wide_dtype(torch.promote_types(wf.dtype, wb.dtype))
-            tensors[(block, kind)] = wf.to(dt) - wb.to(device=wf.device, dtype=dt)
-        return cls(tensors, lf, {"source": "full", "ops": []})
+        return cls(*model_delta_parts(finetuned, base, kinds=kinds, blocks=blocks, dtype=dtype))
 
     @classmethod
     def from_state_dicts(
@@ -355,20 +148,7 @@ class WeightDelta:
         dtype: torch.dtype | None = None,
     ) -> WeightDelta:
         """Like :meth:`from_models` from two HF state dicts (keys ``<module_name>.weight``)."""
-        tensors: dict[Key, torch.Tensor] = {}
-        for block, kind, name in layout.iter_modules(resolve_kinds(kinds), _resolve_blocks(blocks, layout)):
-            key = f"{name}.weight"
-            for role, sd in (("finetuned", finetuned), ("base", base)):
-                if key not in sd:
-                    raise KeyError(f"from_state_dicts: {role} state dict has no {key!r}")
-            wf, wb = finetuned[key].detach(), base[key].detach()
-            if wf.shape != wb.shape:
-                raise LayoutMismatchError(
-                    f"from_state_dicts: {key} has shape {tuple(wf.shape)} vs {tuple(wb.shape)}"
-                )
-            dt = dtype or _wide_dtype(torch.promote_types(wf.dtype, wb.dtype))
-            tensors[(block, kind)] = wf.to(dt) - wb.to(device=wf.device, dtype=dt)
-        return cls(tensors, layout, {"source": "full", "from": "state_dicts", "ops": []})
+        return cls(*state_dict_delta_parts(finetuned, base, layout, kinds=kinds, blocks=blocks, dtype=dtype))
 
     # ----------------------------------------------------------------- basics
     def __repr__(self) -> str:
@@ -411,7 +191,7 @@ class WeightDelta:
         return WeightDelta(tensors, self.layout, new_meta)
 
     def _selected(self, kinds: Any, blocks: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        return resolve_kinds(kinds), _resolve_blocks(blocks, self.layout)
+        return resolve_kinds(kinds), resolve_blocks(blocks, self.layout)
 
     # ----------------------------------------------------------------- selection
     def keep(
@@ -425,9 +205,9 @@ class WeightDelta:
     def zero(
         self, kinds: str | Iterable[str] | None = None, blocks: int | Iterable[int] | None = None
     ) -> WeightDelta:
-        """Zero the deltas whose kind is in ``kinds`` AND block is in ``blocks`` (the complement of :meth:`keep`).
+        """Zero the deltas whose kind is in ``kinds`` AND block is in ``blocks`` (None = all).
 
-        ``zero("mlp", range(s, s + k))`` is the block-span ablation; zeroed
+        The complement of :meth:`keep`. ``zero("mlp", range(s, s + k))`` is the block-span ablation; zeroed
         entries are dropped (absent = zero).
         """
         ks, bs = self._selected(kinds, blocks)
@@ -449,7 +229,7 @@ class WeightDelta:
         identity by chance when there are few blocks.
         """
         ks = resolve_kinds(kinds)
-        bs = _resolve_blocks(blocks, self.layout)
+        bs = resolve_blocks(blocks, self.layout)
         perm = np.random.default_rng(seed).permutation(len(bs)).tolist()
         source = {bs[i]: bs[perm[i]] for i in range(len(bs))}
         out: dict[Key, torch.Tensor] = {}
@@ -502,7 +282,10 @@ class WeightDelta:
         return self._combine(other, 1.0, "+")
 
     def __sub__(self, other: WeightDelta) -> WeightDelta:
-        """Module-wise difference (absent = zero): the differential delta of Eq. 1 is ``d_poison - d_clean``."""
+        """Module-wise difference (absent = zero).
+
+        The differential delta of Eq. 1 is ``d_poison - d_clean``.
+        """
         return self._combine(other, -1.0, "-")
 
     def __neg__(self) -> WeightDelta:
@@ -569,7 +352,7 @@ class WeightDelta:
         return out[cols].sort_values(["block", "group"]).reset_index(drop=True)
 
     # ----------------------------------------------------------------- applying
-    def _targets(self, model: Any) -> list[tuple[Key, torch.nn.Parameter]]:
+    def _targets(self, model: Model) -> list[tuple[Key, torch.nn.Parameter]]:
         check_same_layout(self.layout, layout_of(model), "apply: layouts", ("delta", "model"))
         hf = unwrap(model)
         return [(key, _target_weight(hf, self.layout.module_name(*key))) for key in self.tensors]
@@ -582,7 +365,7 @@ class WeightDelta:
             weight.copy_(new.to(weight.dtype))
 
     @contextmanager
-    def applied(self, model: Any) -> Iterator[Any]:
+    def applied(self, model: Model) -> Iterator[Model]:
         """``with delta.applied(model):`` — model weights become W + ΔW inside, bit-exact originals after.
 
         Works on a plain HF model and on a PeftModel (then the base weights
@@ -600,116 +383,39 @@ class WeightDelta:
                 for weight, original in saved:
                     weight.copy_(original)
 
-    def apply_to(self, model: Any) -> Any:
+    def apply_to(self, model: Model) -> Model:
         """Add ΔW to ``model``'s weights permanently, in place; returns ``model``."""
         for key, weight in self._targets(model):
             self._add_into(weight, self.tensors[key])
         return model
 
-    def applied_copy(self, model: Any) -> Any:
+    def applied_copy(self, model: Model) -> Model:
         """A deep copy of ``model`` with ΔW added; ``model`` itself is untouched."""
         self._targets(model)  # fail on a layout mismatch before paying for the copy
         return self.apply_to(copy.deepcopy(model))
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
-        """Write ``path/delta.safetensors`` (keys ``block.<i>.<kind>``) and ``path/delta.json``, atomically."""
-        path = Path(path)
-        entries = [
-            {
-                "key": _tensor_key(k),
-                "block": k[0],
-                "kind": k[1],
-                "shape": list(t.shape),
-                "dtype": str(t.dtype).replace("torch.", ""),
-            }
-            for k, t in self.tensors.items()
-        ]
-        manifest = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "layout": layout_summary(self.layout),
-            "meta": self.meta,
-            "entries": entries,
-        }
-        with atomic_dir(path) as tmp:
-            save_tensors(
-                tmp / DELTA_TENSORS,
-                {_tensor_key(k): t for k, t in self.tensors.items()},
-                metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)},
-            )
-            write_json(tmp / DELTA_JSON, manifest)
-        return path
+        """Write ``path/delta.safetensors`` (keys ``block.<i>.<kind>``) and ``path/delta.json``, atomically.
+
+        The format is :mod:`bdvax_lab.weights.delta_io`'s.
+        """
+        return write_delta(Path(path), self.tensors, self.layout, self.meta)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> WeightDelta:
-        """Read a directory written by :meth:`save`; :class:`DeltaFormatError` names the path on any problem."""
+        """Read a directory written by :meth:`save`.
+
+        :class:`~bdvax_lab.weights.delta_io.DeltaFormatError` names the path on any problem.
+        """
         path = Path(path)
-        if not path.is_dir():
-            raise DeltaFormatError(f"{path}: not a saved WeightDelta directory (no such directory)")
-        for fname in (DELTA_JSON, DELTA_TENSORS):
-            if not (path / fname).is_file():
-                raise DeltaFormatError(f"{path / fname}: missing (not a complete WeightDelta directory)")
+        tensors, layout, meta = read_delta(path, device)
         try:
-            manifest = read_json(path / DELTA_JSON)
-        except ValueError as exc:
-            raise DeltaFormatError(str(exc)) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise DeltaFormatError(f"{path / DELTA_JSON}: not a {FORMAT_NAME} manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise DeltaFormatError(f"{path / DELTA_JSON}: unsupported version {manifest.get('version')!r}")
-        try:
-            layout = _layout_from_summary(manifest["layout"])
-            entries = {e["key"]: e for e in manifest["entries"]}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeltaFormatError(f"{path / DELTA_JSON}: bad layout or entries ({exc})") from None
-        try:
-            raw = load_tensors(path / DELTA_TENSORS)
-        except Exception as exc:  # safetensors raises its own error types on corrupt files
-            raise DeltaFormatError(f"{path / DELTA_TENSORS}: unreadable safetensors ({exc})") from None
-        if set(raw) != set(entries):
-            raise DeltaFormatError(
-                f"{path}: tensor keys and manifest entries differ "
-                f"(only in tensors: {sorted(set(raw) - set(entries))}, only in manifest: {sorted(set(entries) - set(raw))})"
-            )
-        tensors: dict[Key, torch.Tensor] = {}
-        for name, t in raw.items():
-            m = _KEY_RE.match(name)
-            if m is None:
-                raise DeltaFormatError(
-                    f"{path / DELTA_TENSORS}: unexpected tensor key {name!r} (want block.<i>.<kind>)"
-                )
-            if list(t.shape) != list(entries[name]["shape"]):
-                raise DeltaFormatError(
-                    f"{path}: {name} has shape {list(t.shape)}, manifest says {entries[name]['shape']}"
-                )
-            tensors[(int(m.group(1)), m.group(2))] = t.to(device) if device is not None else t
-        try:
-            return cls(tensors, layout, manifest.get("meta") or {})
+            return cls(tensors, layout, meta)
         except (TypeError, ValueError, KeyError) as exc:
             raise DeltaFormatError(f"{path}: inconsistent with its layout ({exc})") from None
 
 
-def _layout_from_summary(s: Mapping[str, Any]) -> Layout:
-    """Rebuild a Layout from :func:`layout_summary`; uses the registered spec when it matches."""
-    spec: ArchSpec
-    try:
-        spec = get_spec(s["family"])
-        if spec.blocks != s["blocks_path"] or dict(spec.modules) != dict(s["modules"]):
-            raise LookupError
-    except (LookupError, ValueError):
-        spec = ArchSpec(family=s["family"], blocks=s["blocks_path"], modules=dict(s["modules"]))
-    return Layout(
-        spec=spec,
-        n_blocks=int(s["n_blocks"]),
-        hidden=int(s["hidden"]),
-        d_ff=int(s["d_ff"]),
-        n_heads=int(s["n_heads"]),
-        n_kv_heads=int(s["n_kv_heads"]),
-        head_dim=int(s["head_dim"]),
-    )
-
-
-def apply(model: Any, delta: WeightDelta) -> Any:
+def apply(model: Model, delta: WeightDelta) -> AbstractContextManager[Model]:
     """``with apply(model, delta):`` — functional spelling of :meth:`WeightDelta.applied`."""
     return delta.applied(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,14 +10,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..core.registry import MLP_KINDS, layout_of
-
-pass  # (import moved into this module)
-import math
-
-from ..core.registry import Key, Layout
+from ..core.registry import MLP_KINDS, Key, Layout, layout_of
 from .config import SCOPES, check_budget
-from .deltas import layout_summary
+from .delta_layout import layout_summary
 
 
 def _key_str(key: Key) -> str:
@@ -131,7 +127,10 @@ def _select_heads(head_scores: Mapping[int, torch.Tensor], heads: int) -> dict[i
 
 @dataclass
 class Selection:
-    """Selected MLP channels per (block, kind) and attention heads per block (a signature's or a random control)."""
+    """Selected MLP channels per (block, kind) and attention heads per block.
+
+    A signature's selection or a random control with the same counts.
+    """
 
     selected: dict[Key, torch.Tensor]
     selected_heads: dict[int, torch.Tensor] = field(default_factory=dict)
