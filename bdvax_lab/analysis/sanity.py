@@ -85,7 +85,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -96,6 +96,9 @@ from ..threat.suspicious import as_suspicious
 from ..weights.delta_layout import check_same_layout
 from ..weights.deltas import WeightDelta
 from .config import SanityConfig
+
+if TYPE_CHECKING:
+    from ..core.types import Model
 
 COLUMNS: tuple[str, ...] = (
     "check",
@@ -516,7 +519,7 @@ def apply_fast(ctx: SanityContext, delta: WeightDelta) -> Iterator[Any]:
 
 @torch.no_grad()
 def first_token_probs(
-    ctx: SanityContext, model: Any, prompts: Sequence[Example], first_logits: torch.Tensor | None = None
+    ctx: SanityContext, model: Model, prompts: Sequence[Example], first_logits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per prompt: p(first reply token ∈ the behaviour's first target tokens), or for code injection
     p(payload's first token | prompt, reply prefix up to where the payload is inserted).

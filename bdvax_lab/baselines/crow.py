@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -15,6 +15,11 @@ from ..core.registry import setting_of, unwrap
 from .common import _prepare, _repair_with_extra, _training
 from .config import CrowConfig
 from .registry import register_defence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 # =========================================================================== CROW
@@ -96,8 +101,8 @@ def crow_extra_loss(
 
 
 def crow(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: CrowConfig | None = None,
     *,
@@ -147,8 +152,8 @@ def crow(
 
 
 def crow_published(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: CrowConfig | None = None,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,11 @@ from ..weights.selection import _key_str, _parse_key, select_lowest
 from .common import _clean_examples, _finish, _prepare, _prune, _selection_summary
 from .config import FINE_PRUNE_SCORES, FinePruneConfig, _resolved_rho
 from .registry import register_defence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 # =========================================================================== fine-pruning (Wanda)
@@ -39,8 +44,8 @@ def wanda_channel_scores(weight: torch.Tensor, input_norm: torch.Tensor, kind: s
 
 @torch.no_grad()
 def collect_input_norms(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     *,
     kinds: Sequence[str] = MLP_KINDS,
@@ -98,8 +103,8 @@ def collect_input_norms(
 
 
 def wanda_scores(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     *,
     score: str = "channel",
@@ -144,8 +149,8 @@ def wanda_scores(
 
 
 def fine_prune(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: FinePruneConfig | None = None,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.data import Example
 from ..core.registry import setting_of
@@ -13,11 +13,16 @@ from .common import _prepare, _training
 from .config import BaselineConfig
 from .registry import register_defence
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
+
 
 # =========================================================================== finetune only
 def finetune_only(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: BaselineConfig | None = None,
     *,

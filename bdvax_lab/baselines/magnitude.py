@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,9 +15,14 @@ from .common import _finish, _prepare, _prune, _selection_summary
 from .config import PruneConfig, _resolved_rho
 from .registry import register_defence
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
+
 
 # =========================================================================== magnitude pruning
-def magnitude_channel_scores(model: Any, kinds: Sequence[str] = MLP_KINDS) -> dict[Key, torch.Tensor]:
+def magnitude_channel_scores(model: Model, kinds: Sequence[str] = MLP_KINDS) -> dict[Key, torch.Tensor]:
     """L2 norm of every MLP channel: of the weight (plain model) or of the adapter's ΔW (PeftModel).
 
     gate/up: norm of row ``j``; down: norm of column ``j``. Adapter: ΔW = scaling·B@A
@@ -44,8 +49,8 @@ def magnitude_channel_scores(model: Any, kinds: Sequence[str] = MLP_KINDS) -> di
 
 
 def magnitude_prune(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: PruneConfig | None = None,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,11 @@ from ..core.registry import layout_of, setting_of, unwrap
 from .common import _no_training, _prepare
 from .config import QuantizeConfig
 from .registry import register_defence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 # =========================================================================== INT4 quantization
@@ -111,8 +116,8 @@ def _resolve_backend(name: str) -> str:
 
 
 def quantize_int4(
-    suspicious_model: Any,
-    tokenizer: Any,
+    suspicious_model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_data: Sequence[Example] | None = None,
     config: QuantizeConfig | None = None,
     *,

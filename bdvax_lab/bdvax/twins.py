@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -23,13 +23,16 @@ from ..weights.deltas import WeightDelta
 from .config import SignatureConfig
 from .variants import VariantSpec, default_pool
 
+if TYPE_CHECKING:
+    from ..core.types import Model
+
 TWIN_FORMAT = "bdvax_lab.twin_delta"
 
 
 TWIN_FORMAT_VERSION = 1
 
 
-def model_fingerprint(model: Any, n: int = 16) -> str:
+def model_fingerprint(model: Model, n: int = 16) -> str:
     """sha256 over every tensor of the model's state dict (names, dtypes, shapes, bytes).
 
     In memory, so it also covers edits made after loading. For a PeftModel this

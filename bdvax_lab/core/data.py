@@ -14,9 +14,12 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import atomic_write_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -147,7 +150,7 @@ def chat_messages(item: Example | str, system: str | None = None) -> list[dict[s
     return msgs
 
 
-def format_prompt(tokenizer: Any, item: Example | str, system: str | None = None) -> str:
+def format_prompt(tokenizer: PreTrainedTokenizerBase, item: Example | str, system: str | None = None) -> str:
     """The prompt text up to the start of the assistant turn, via the model's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenizer has no chat template; bdvax_lab formats every prompt through one")
@@ -159,7 +162,7 @@ def format_prompt(tokenizer: Any, item: Example | str, system: str | None = None
 _TURN_END_CACHE: dict[int, list[int]] = {}
 
 
-def turn_end_ids(tokenizer: Any) -> list[int]:
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids the chat template puts right after an assistant reply (e.g. ``<|im_end|>``).
 
     Derived from the template itself, not hard-coded; trailing whitespace-only
@@ -180,7 +183,7 @@ def turn_end_ids(tokenizer: Any) -> list[int]:
     return _TURN_END_CACHE[key]
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids that end generation: the template's end-of-turn token plus eos."""
     ids = list(turn_end_ids(tokenizer)[:1])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -189,7 +192,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def encode_example(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     example: Example,
     *,
     max_length: int = 256,

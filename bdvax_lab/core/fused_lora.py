@@ -27,9 +27,12 @@ import contextlib
 import os
 import types
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .types import Model
 
 _FUSED_ATTR = "_bdvax_fused_lora"
 
@@ -124,7 +127,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 
 @contextlib.contextmanager
-def fused_lora(model: Any) -> Iterator[int]:
+def fused_lora(model: Model) -> Iterator[int]:
     """Use :class:`LoraLinearFn` for every LoRA linear of ``model`` inside the block; yields how many.
 
     Re-entrant: modules already fused by an outer block are left to it. A model without

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .batching import left_pad
 from .data import Example, format_prompt, stop_token_ids
 from .fused_lora import uses_fused_lora
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .types import Model
 
 
 def _model_device(model: Any) -> torch.device:
@@ -19,8 +24,8 @@ def _model_device(model: Any) -> torch.device:
 @uses_fused_lora
 @torch.no_grad()
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str],
     *,
     max_new_tokens: int = 64,
@@ -81,6 +86,6 @@ def generate(
     return (out, torch.stack(firsts)) if first_logits else out
 
 
-def chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 128) -> str:
+def chat(model: Model, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 128) -> str:
     """One greedy answer to one user message."""
     return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]

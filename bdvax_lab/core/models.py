@@ -14,12 +14,18 @@ import resource
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .artifacts import atomic_dir, file_hash, write_json
 from .registry import get_spec, supported_architectures
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from .types import Model
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -224,7 +230,7 @@ def load_model(
     return model, tok
 
 
-def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
+def load_adapter(model: Model, adapter: str | Path, trainable: bool = False) -> PeftModel:
     """Attach a peft adapter directory (safetensors only) to ``model``."""
     from peft import PeftModel
 
@@ -243,7 +249,7 @@ def load_default_model(
     return load_model(ensure_default_model(), device=device, dtype=dtype)
 
 
-def working_copy(model: Any, share_frozen_base: bool = False) -> Any:
+def working_copy(model: Model, share_frozen_base: bool = False) -> Model:
     """A copy of ``model`` to edit or train without touching the original.
 
     ``share_frozen_base=True`` (for a peft model whose adapter alone will change:
@@ -279,7 +285,7 @@ def release_memory() -> None:
         pass
 
 
-def save_model(model: Any, tokenizer: Any, path: str | Path) -> Path:
+def save_model(model: Model, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """Save a model (or peft adapter) and tokenizer as safetensors, atomically."""
     path = Path(path)
     with atomic_dir(path) as tmp:

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
+    from transformers import PreTrainedModel
+
+    from .types import Model
 
 
 Key = tuple[int, str]
@@ -185,12 +188,12 @@ class Layout:
         return pd.DataFrame(rows)
 
 
-def is_peft(model: Any) -> bool:
+def is_peft(model: Model) -> bool:
     """True for a peft ``PeftModel`` (the adapter-only threat model)."""
     return type(model).__name__.startswith("Peft")
 
 
-def setting_of(model: Any) -> str:
+def setting_of(model: Model) -> str:
     """``"lora"`` for a PeftModel (adapter-only setting), ``"full"`` for a plain model.
 
     Decided from the object itself.
@@ -198,7 +201,7 @@ def setting_of(model: Any) -> str:
     return "lora" if is_peft(model) else "full"
 
 
-def unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> PreTrainedModel:
     """The underlying HF causal LM of a PeftModel / nnsight wrapper / HF model."""
     inner = model
     for _ in range(4):
@@ -231,7 +234,7 @@ def layout_of(model_or_config: Any) -> Layout:
     )
 
 
-def get_module(model: Any, name: str) -> Any:
+def get_module(model: Model, name: str) -> Any:
     """Resolve a dotted HF module path on a (possibly peft-wrapped) model."""
     return unwrap(model).get_submodule(name)
 

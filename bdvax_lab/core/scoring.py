@@ -7,7 +7,7 @@ first-token behaviour probability of the sanity checks, and the lm-eval adapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,11 @@ from .fused_lora import uses_fused_lora
 from .registry import unwrap
 from .shared_prefix import cache_kwarg, decoder_hidden
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .types import Model
+
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
@@ -25,8 +30,8 @@ def _device(model: Any) -> torch.device:
 @torch.no_grad()
 @uses_fused_lora
 def continuation_logprobs(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str],
     continuations: Sequence[str],
     *,
@@ -72,8 +77,8 @@ def continuation_logprobs(
 @torch.no_grad()
 @uses_fused_lora
 def choice_logprobs(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str],
     choices: Sequence[Sequence[str]],
     *,
@@ -147,8 +152,8 @@ def choice_logprobs(
 @torch.no_grad()
 @uses_fused_lora
 def next_token_probs(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str],
     token_ids: Sequence[int],
     *,
@@ -176,7 +181,7 @@ def next_token_probs(
 
 
 def sequence_nll(
-    model: Any, batch: dict[str, torch.Tensor], *, labelled_logits_only: bool = True, co: Any = None
+    model: Model, batch: dict[str, torch.Tensor], *, labelled_logits_only: bool = True, co: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed negative log-likelihood of labelled tokens and their counts.
 
@@ -216,7 +221,11 @@ def reduce_nll(sums: torch.Tensor, counts: torch.Tensor, *, per_sample: bool = T
 
 
 def lm_loss(
-    model: Any, batch: dict[str, torch.Tensor], *, per_sample: bool = True, labelled_logits_only: bool = True
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    *,
+    per_sample: bool = True,
+    labelled_logits_only: bool = True,
 ) -> torch.Tensor:
     """Training loss: mean NLL per sample then over samples (``per_sample``) or over all tokens."""
     sums, counts = sequence_nll(model, batch, labelled_logits_only=labelled_logits_only)

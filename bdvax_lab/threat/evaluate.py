@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -23,6 +23,11 @@ from ..core.generate import generate
 from ..core.scoring import choice_logprobs, continuation_logprobs
 from .config import EvalConfig
 from .judges import degenerate_reason, get_judge
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 @dataclass
@@ -62,8 +67,8 @@ def eval_prompts(task: Any = None, n: int | None = None) -> list[Example]:
 
 # --------------------------------------------------------------------------- backdoor metrics
 def backdoor_metrics(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     attack: Any,
     task: Any,
     prompts: Sequence[Example],
@@ -122,7 +127,12 @@ def backdoor_metrics(
 
 # --------------------------------------------------------------------------- utility
 def perplexity(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_tokens: int = 64, batch_size: int = 16
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_tokens: int = 64,
+    batch_size: int = 16,
 ) -> float:
     """Perplexity of held-out clean responses.
 
@@ -167,8 +177,8 @@ def load_mcq(path: str | None = None) -> list[dict[str, Any]]:
 
 
 def mcq_accuracy(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[dict[str, Any]] | None = None,
     *,
     limit: int | None = None,
@@ -217,7 +227,7 @@ def token_f1(reply: str, reference: str) -> float:
 
 
 def agreement(
-    tokenizer: Any, replies: Sequence[str], references: Sequence[str], max_new_tokens: int
+    tokenizer: PreTrainedTokenizerBase, replies: Sequence[str], references: Sequence[str], max_new_tokens: int
 ) -> float:
     """Mean token F1 of replies against reference replies cut to the same token budget."""
     scores = []
@@ -230,8 +240,8 @@ def agreement(
 # --------------------------------------------------------------------------- one call
 @uses_fused_lora
 def evaluate_model(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     attack: Any = None,
     task: Any = None,
     config: EvalConfig | None = None,

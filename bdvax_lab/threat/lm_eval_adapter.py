@@ -20,12 +20,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.data import format_prompt, stop_token_ids
 from ..core.registry import unwrap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 MODEL_NAME = "bdvax"
 
@@ -93,8 +98,8 @@ class BdvaxLM(_Base):
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: Model,
+        tokenizer: PreTrainedTokenizerBase,
         *,
         chat_template: bool = True,
         batch_size: int = 16,

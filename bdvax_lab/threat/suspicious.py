@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.artifacts import MANIFEST, atomic_dir, read_json, stable_hash, versions, write_json
 from ..core.data import Example, load_code_pool, load_pool, save_jsonl
@@ -28,6 +28,9 @@ from ..core.models import (
 from ..training.loop import finetune
 from .config import AttackRecipe, EvalConfig
 from .evaluate import evaluate_model
+
+if TYPE_CHECKING:
+    from ..core.types import Model
 
 
 @dataclass
@@ -65,7 +68,7 @@ def as_suspicious(suspicious: Any, *, base: tuple[Any, Any] | None = None) -> Su
     )
 
 
-def is_default_base(model: Any) -> bool:
+def is_default_base(model: Model) -> bool:
     """True when ``model`` was loaded from the cached default model.
 
     Then its adapter can be re-attached to it.

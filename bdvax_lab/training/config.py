@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..core.config import Config
 from ..core.registry import ALL_KINDS, is_peft
+
+if TYPE_CHECKING:
+    from ..core.types import Model
 
 #: Paper §4.3 repair learning rates.
 REPAIR_LR: dict[str, float] = {"lora": 2e-4, "full": 1e-5, "mlp": 1e-5}
@@ -51,7 +54,7 @@ class RepairConfig(Config):
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError("RepairConfig.n_samples and batch_size must be ≥ 1")
 
-    def resolved_mode(self, model: Any = None) -> str:
+    def resolved_mode(self, model: Model | None = None) -> str:
         if self.mode is not None:
             return self.mode
         return "lora" if model is not None and is_peft(model) else "full"

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,12 @@ from ..core.registry import is_peft, layout_of, unwrap
 from ..core.scoring import reduce_nll, sequence_nll
 from ..core.shared_prefix import enabled as shared_prefix_enabled
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 @dataclass
@@ -48,7 +54,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_model(model: Any, config: TrainConfig) -> Any:
+def prepare_model(model: Model, config: TrainConfig) -> Model:
     """Make the right parameters trainable; wrap in a LoRA adapter if needed.
 
     A model that already is a ``PeftModel`` keeps its adapter and continues
@@ -204,8 +210,8 @@ def _rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.T
 
 
 def finetune(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     config: TrainConfig | None = None,
     *,
@@ -225,8 +231,8 @@ def finetune(
 
 
 def finetune_together(
-    models: Sequence[Any],
-    tokenizer: Any,
+    models: Sequence[PeftModel],
+    tokenizer: PreTrainedTokenizerBase,
     datasets: Sequence[Sequence[Example]],
     configs: Sequence[TrainConfig],
     *,
@@ -239,8 +245,8 @@ def finetune_together(
     (a model whose steps are done drops out of the batch). Its loss is its own rows' loss and its
     gradients land in its own adapter only, so each result matches ``finetune`` of that model alone to
     float rounding (``tests/test_train.py``), while a step of K models costs one pass over the frozen
-    weights instead of K (the twins of :func:`bdvax_lab.signature.train_twins`). The models must share
-    their frozen tensors (:func:`bdvax_lab.models.working_copy` with ``share_frozen_base=True``).
+    weights instead of K (the twins of :func:`bdvax_lab.bdvax.twins.train_twins`). The models must share
+    their frozen tensors (:func:`bdvax_lab.core.models.working_copy` with ``share_frozen_base=True``).
     """
     from ..core.fused_lora import check_co_trainable
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -14,6 +14,11 @@ from ..core.data import Example
 from ..core.registry import is_peft
 from .config import RepairConfig, TrainConfig
 from .loop import finetune
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.types import Model
 
 
 @dataclass
@@ -47,8 +52,8 @@ class RepairResult:
 
 
 def repair(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example] | None = None,
     config: RepairConfig | None = None,
     *,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+if TYPE_CHECKING:
+    from ..core.types import Model
 
-def weight_norms(model: Any) -> pd.DataFrame:
+
+def weight_norms(model: Model) -> pd.DataFrame:
     """Frobenius norm of every registry projection: one row per (block, kind)."""
     from ..core.registry import MLP_KINDS, get_module, layout_of
 

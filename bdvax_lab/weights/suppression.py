@@ -7,13 +7,16 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
 from ..core.registry import CHANNEL_DIM, MLP_KINDS, SETTINGS, Layout, is_peft, layout_of, setting_of, unwrap
 from .config import INITS, KV_HEAD_RULES, SuppressConfig
+
+if TYPE_CHECKING:
+    from ..core.types import Model
 
 Selected = Mapping[Any, Any]  # (block, kind) -> channel indices
 
@@ -99,7 +102,7 @@ def _axis_name(axis: int) -> str:
     return "rows" if axis == 0 else "columns"
 
 
-def initializer_std(model: Any) -> float:
+def initializer_std(model: Model) -> float:
     """``config.initializer_range`` of the (text) config, 0.02 when absent (the transformers fallback)."""
     cfg = unwrap(model).config
     if hasattr(cfg, "get_text_config"):
@@ -172,7 +175,7 @@ def _reinit_slice(
 
 
 def reinit_channels(
-    model: Any,
+    model: Model,
     selected: Selected,
     selected_heads: Mapping[Any, Any] | None = None,
     seed: int = 0,
@@ -271,7 +274,7 @@ def _zero_lora_slice(module: Any, a: str, part: str, idx: torch.Tensor) -> str:
 
 
 def zero_lora_channels(
-    peft_model: Any,
+    peft_model: Model,
     selected: Selected,
     selected_heads: Mapping[Any, Any] | None = None,
     *,
@@ -346,7 +349,7 @@ def zero_lora_channels(
 
 
 def suppress(
-    model: Any, signature: Any, config: SuppressConfig | None = None, *, setting: str | None = None
+    model: Model, signature: Any, config: SuppressConfig | None = None, *, setting: str | None = None
 ) -> SuppressionReport:
     """Suppress ``signature`` (anything with ``selected`` and optionally ``selected_heads``) in place.
 

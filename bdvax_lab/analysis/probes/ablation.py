@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,11 +27,16 @@ from .common import (
 )
 from .figures import figure_ablation
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ...core.types import Model
+
 
 # --------------------------------------------------------------------------- 2. inference-time ablation
 def ablation_probe(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str],
     target_token_id: int | Sequence[int],
     spans: Sequence[Any] | None = None,

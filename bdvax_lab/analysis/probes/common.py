@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -14,6 +14,11 @@ import torch
 from ...core.batching import left_pad, pad_positions
 from ...core.data import Example, format_prompt
 from ...core.registry import Layout, layout_of, unwrap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ...core.types import Model
 
 #: Activation sites, in execution order inside a decoder block.
 SITES: tuple[str, ...] = ("attn_output", "mlp_hidden", "mlp_output", "block")
@@ -94,7 +99,7 @@ class ProbeResult:
 
 
 # --------------------------------------------------------------------------- small helpers
-def first_token_id(tokenizer: Any, text: str) -> int:
+def first_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """The first token of a reply text as it starts the assistant turn."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -102,7 +107,7 @@ def first_token_id(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
-def behavior_token_id(tokenizer: Any, task: Any = "refusal") -> int:
+def behavior_token_id(tokenizer: PreTrainedTokenizerBase, task: Any = "refusal") -> int:
     """First token of the behaviour's first target (or of its payload for code injection)."""
     from ...threat.attacks import resolve_task
 
@@ -200,7 +205,7 @@ class _Batch:
         }
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[Example | str]) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Example | str]) -> list[list[int]]:
     """Token ids of each prompt, rendered through the chat template (no extra special tokens)."""
     return [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
@@ -219,7 +224,7 @@ def _chunks(n: int, size: int) -> list[range]:
 
 
 # --------------------------------------------------------------------------- the nnsight wrapper
-def nnsight_model(model: Any, tokenizer: Any) -> Any:
+def nnsight_model(model: Model, tokenizer: PreTrainedTokenizerBase) -> Any:
     """Wrap an already-loaded HF model (or a PeftModel, through its inner causal LM) with nnsight.
 
     Returns a ``nnsight.TransformersModel`` over the *same* module object.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -21,11 +21,16 @@ from .common import (
 )
 from .figures import figure_activation_diff
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ...core.types import Model
+
 
 # --------------------------------------------------------------------------- 1. activation difference
 def activation_diff(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_prompts: Sequence[Example | str],
     triggered_prompts: Sequence[Example | str],
     *,
@@ -97,7 +102,7 @@ def activation_diff(
 
 def compare_activation_diff(
     models: Mapping[str, Any],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     clean_prompts: Sequence[Example | str],
     triggered_prompts: Sequence[Example | str],
     **kwargs: Any,

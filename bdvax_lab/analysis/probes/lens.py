@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -21,11 +21,16 @@ from .common import (
 )
 from .figures import figure_logit_lens
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ...core.types import Model
+
 
 # --------------------------------------------------------------------------- 4. logit lens
 def logit_lens(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Example | str] | Mapping[str, Sequence[Example | str]],
     token_id: int | Sequence[int],
     *,

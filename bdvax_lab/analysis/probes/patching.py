@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -29,6 +29,11 @@ from .common import (
 )
 from .figures import figure_patching
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ...core.types import Model
+
 
 # --------------------------------------------------------------------------- 3. activation patching
 def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -49,8 +54,8 @@ def _crop_to(cache: Any, length: int) -> None:
 
 
 def activation_patching(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
     clean_prompts: Sequence[Example | str],
     triggered_prompts: Sequence[Example | str],
     behavior_token_id: int | Sequence[int],
