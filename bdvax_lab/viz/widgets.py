@@ -3,20 +3,24 @@
 :class:`SignatureExplorer` — sliders for ρ, λ (log scale, with 0), the scope
 (per-module / global), the number of attention heads and the score mode
 (combined / norm / align). Every change re-selects from the signature's cached
-norm and alignment terms (:meth:`Signature.select`, no training: a fraction
-of a second on SmolLM2) and redraws a block × module heatmap and the per-block counts. The
-"Suppress + repair + ASR" button runs :func:`try_selection` for the current
-setting on a copy of the suspicious model (never the user's object): suppress
-the selected channels/heads, a *short* clean repair, ASR and false-trigger rate
-on a small probe set; the table appears under the button.
+norm and alignment terms (:meth:`Signature.select`, no training: a fraction of
+a second on SmolLM2) and redraws a block × module heatmap and the per-block
+counts. The "Suppress + repair + ASR" button runs
+:func:`~bdvax_lab.bdvax.budget.try_selection` for the current setting on a copy
+of the suspicious model (never the user's object): suppress the selected
+channels/heads, a *short* clean repair, ASR and false-trigger rate on a small
+probe set; the table appears under the button.
 
-Compute helpers (usable without widgets):
+The compute helpers behind it work without widgets, in
+:mod:`bdvax_lab.bdvax.budget`:
 
-* :func:`try_selection` — suppressed (and optionally briefly repaired) copy of
-  a suspicious model, evaluated on a probe set: one row per stage.
-* :func:`rho_curve` — the suppression curve of ``docs/method.md`` (ASR / false-trigger /
-  utility against ρ) for the signature and a random control with the same
-  per-module counts (:meth:`Signature.random_control`), before repair by default.
+* :func:`~bdvax_lab.bdvax.budget.try_selection` — suppressed (and optionally
+  briefly repaired) copy of a suspicious model, evaluated on a probe set: one
+  row per stage.
+* :func:`~bdvax_lab.bdvax.budget.rho_curve` — the suppression curve of
+  ``docs/method.md`` (ASR / false-trigger / utility against ρ) for the
+  signature and a random control with the same per-module counts
+  (:meth:`Signature.random_control`), before repair by default.
 
 Plots: plotly ``FigureWidget`` when ``anywidget`` is installed (plotly ≥ 6
 needs it), otherwise a plain ``Figure`` re-rendered into an ``Output`` widget
