@@ -50,5 +50,16 @@ test: setup browser-deps
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not real and not notebook and not browser" tests
 
+# Every notebook under papermill with its smoke parameters (notebooks/smoke/NN_name.yaml: the tiny random
+# model, every exercise solution run), one after another; the executed copies go to runs/_smoke/notebooks/.
+.PHONY: notebooks-smoke
+notebooks-smoke: setup
+	@mkdir -p runs/_smoke/notebooks
+	@for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+	  name=$$(basename $$nb .ipynb); echo "== $$name"; \
+	  BDVAX_NUM_THREADS=$${BDVAX_NUM_THREADS:-1} $(VENV)/bin/papermill --cwd notebooks -k bdvax \
+	    --no-progress-bar -f notebooks/smoke/$$name.yaml $$nb runs/_smoke/notebooks/$$name.ipynb; \
+	done
+
 clean-venv:
 	rm -rf $(VENV)

@@ -38,6 +38,7 @@ import pandas as pd
 
 from bdvax_lab.core.artifacts import atomic_write_text, read_json, write_json
 from bdvax_lab.core.config import Config
+from bdvax_lab.viz.results_figures import pareto_figure, variants_figure  # noqa: F401 (re-exported)
 
 METHODS = (
     "bdvax",
@@ -638,54 +639,6 @@ def load_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 
 # ---------------------------------------------------------------------- figures and markdown
-def variants_figure(df: pd.DataFrame) -> Any:
-    """Fig. 2 analogue: ASR and false-trigger after purification vs the number of variants N."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for col, name in (("asr", "ASR"), ("false_trigger", "false-trigger")):
-        fig.add_scatter(x=df.n_variants, y=df[col], mode="lines+markers", name=name)
-    fig.update_layout(
-        title="ASR after BD-VAX vs number of variants N",
-        xaxis_title="N (variants)",
-        yaxis_title="rate",
-        yaxis_range=[-0.02, 1.02],
-        template="plotly_white",
-    )
-    return fig
-
-
-def pareto_figure(df: pd.DataFrame, utility: str = "mcq_acc") -> Any:
-    """Table 10 analogue: ASR vs utility over ρ, the non-dominated points joined."""
-    import plotly.graph_objects as go
-
-    d = df.dropna(subset=["asr", utility]).sort_values(utility)
-    front, best = [], 2.0
-    for _, r in d.sort_values(utility, ascending=False).iterrows():
-        if r.asr < best:
-            front.append(r)
-            best = r.asr
-    fig = go.Figure()
-    fig.add_scatter(
-        x=d[utility],
-        y=d.asr,
-        mode="markers+text",
-        text=[f"ρ={v:g}" for v in d.rho_requested],
-        textposition="top center",
-        name="ρ",
-    )
-    if front:
-        f = pd.DataFrame(front).sort_values(utility)
-        fig.add_scatter(x=f[utility], y=f.asr, mode="lines", name="Pareto front", line={"dash": "dot"})
-    fig.update_layout(
-        title="BD-VAX over ρ: ASR vs utility",
-        xaxis_title=utility,
-        yaxis_title="ASR after purification",
-        template="plotly_white",
-    )
-    return fig
-
-
 INT_COLUMNS = (
     "degenerate_triggered",
     "degenerate_clean",

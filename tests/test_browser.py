@@ -1,7 +1,7 @@
 """The signature explorer in a real browser: JupyterLab (headless, loopback) driven in Debian's Chromium.
 
 papermill proves the cells run; this proves a person sees a working slider. The
-test prepares notebook 03 with its smoke parameters (tiny random model), opens
+test prepares notebook 03 with its smoke parameters (notebooks/smoke/, the tiny random model), opens
 it in JupyterLab, runs every cell from the Run menu, drags the ρ slider of the
 explorer and checks that the heatmap and the per-block counts are redrawn.
 Screenshots go to ``test-artifacts/browser/`` (or ``$BDVAX_TEST_ARTIFACTS``).
@@ -26,9 +26,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "03_signature_extraction.ipynb"
+SMOKE = ROOT / "notebooks" / "smoke" / "03_signature_extraction.yaml"  # its smoke parameters
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 RUN_ALL_TIMEOUT = 900  # s; the smoke run takes well under a minute under papermill
@@ -61,12 +63,8 @@ def lab(tmp_path, kernel_name):
 
     work = tmp_path / "lab"
     work.mkdir()
-    params = json.loads(NOTEBOOK.read_text())["metadata"]["bdvax"]["smoke_parameters"]
-    params |= {
-        "runs_dir": str(tmp_path / "runs"),
-        "cache_dir": str(tmp_path / "runs" / "twins"),
-        "out_dir": str(tmp_path / "runs" / "03_signature"),
-    }
+    params = yaml.safe_load(SMOKE.read_text())
+    params |= {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "runs" / "twins")}
     pm.execute_notebook(
         str(NOTEBOOK),
         str(work / NOTEBOOK.name),

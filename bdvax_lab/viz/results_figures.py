@@ -1,0 +1,128 @@
+"""Saved reproduction results: read the CSVs ``benchmarks/reproduce.py`` wrote, and draw their figures.
+
+``python benchmarks/reproduce.py --preset smoke|full`` writes one CSV per table (``table2_asr.csv``,
+``table10_rho.csv``, ...) and a ``config.json`` under ``results/reproduce/<preset>/``. Nothing here trains
+or evaluates: notebook 05 renders those files in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+PRESET_ORDER: tuple[str, ...] = ("full", "smoke")
+
+
+@dataclass
+class SavedResults:
+    """One preset's tables as written by a reproduction run."""
+
+    path: Path
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preset(self) -> str:
+        return self.path.name
+
+    @property
+    def rows_measured(self) -> dict[str, tuple[int, int]]:
+        """table → (rows measured, rows in the preset); empty when ``config.json`` is missing."""
+        return {t: (int(k), int(n)) for t, (k, n) in self.meta.get("rows_measured", {}).items()}
+
+    @property
+    def complete(self) -> bool:
+        """Every row of every table measured (a preset run in slices is not, until its last slice)."""
+        counts = self.rows_measured
+        return bool(counts) and all(k == n for k, n in counts.values())
+
+    def partial(self) -> dict[str, str]:
+        """The tables with rows not measured yet: ``{"table2_asr": "40 of 102"}``."""
+        return {t: f"{k} of {n}" for t, (k, n) in self.rows_measured.items() if k < n}
+
+    def __repr__(self) -> str:
+        partial = f", incomplete: {self.partial()}" if self.partial() else ""
+        date = self.meta.get("date", "?")
+        return f"SavedResults({str(self.path)!r}: {len(self.tables)} tables, {date}{partial})"
+
+
+def read_results(results_dir: str | Path, preset: str = "auto") -> SavedResults:
+    """Every ``<table>.csv`` under ``results_dir/<preset>/`` and its ``config.json``.
+
+    ``preset="auto"``: the first of :data:`PRESET_ORDER` whose tables are complete (``full`` once its
+    last slice is measured), else the first one that has any table at all.
+    """
+    root = Path(results_dir)
+    if preset == "auto":
+        found = [_read(root / p) for p in PRESET_ORDER if (root / p).is_dir()]
+        found = [r for r in found if r.tables]
+        if not found:
+            raise FileNotFoundError(
+                f"{root}: no saved results in any of {', '.join(p + '/' for p in PRESET_ORDER)}; "
+                "run python benchmarks/reproduce.py --preset smoke"
+            )
+        return next((r for r in found if r.complete), found[0])
+    out = _read(root / preset)
+    if not out.tables:
+        raise FileNotFoundError(f"{out.path}: no CSVs; run python benchmarks/reproduce.py --preset {preset}")
+    return out
+
+
+def _read(path: Path) -> SavedResults:
+    import json
+
+    meta_path = path / "config.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    tables = {p.stem: pd.read_csv(p) for p in sorted(path.glob("*.csv"))}
+    return SavedResults(path=path, tables=tables, meta=meta)
+
+
+def variants_figure(df: pd.DataFrame) -> Any:
+    """Fig. 2 analogue: ASR and false-trigger after purification vs the number of variants N."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for col, name in (("asr", "ASR"), ("false_trigger", "false-trigger")):
+        fig.add_scatter(x=df.n_variants, y=df[col], mode="lines+markers", name=name)
+    fig.update_layout(
+        title="ASR after BD-VAX vs number of variants N",
+        xaxis_title="N (variants)",
+        yaxis_title="rate",
+        yaxis_range=[-0.02, 1.02],
+        template="plotly_white",
+    )
+    return fig
+
+
+def pareto_figure(df: pd.DataFrame, utility: str = "mcq_acc") -> Any:
+    """Table 10 analogue: ASR vs utility over ρ, the non-dominated points joined."""
+    import plotly.graph_objects as go
+
+    d = df.dropna(subset=["asr", utility]).sort_values(utility)
+    front, best = [], 2.0
+    for _, r in d.sort_values(utility, ascending=False).iterrows():
+        if r.asr < best:
+            front.append(r)
+            best = r.asr
+    fig = go.Figure()
+    fig.add_scatter(
+        x=d[utility],
+        y=d.asr,
+        mode="markers+text",
+        text=[f"ρ={v:g}" for v in d.rho_requested],
+        textposition="top center",
+        name="ρ",
+    )
+    if front:
+        f = pd.DataFrame(front).sort_values(utility)
+        fig.add_scatter(x=f[utility], y=f.asr, mode="lines", name="Pareto front", line={"dash": "dot"})
+    fig.update_layout(
+        title="BD-VAX over ρ: ASR vs utility",
+        xaxis_title=utility,
+        yaxis_title="ASR after purification",
+        template="plotly_white",
+    )
+    return fig
