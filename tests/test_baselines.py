@@ -13,11 +13,13 @@ import torch
 
 from bdvax_lab.baselines.config import (
     CROW_PUBLISHED_LR,
+    BaselineConfig,
     CrowConfig,
     FinePruneConfig,
     PruneConfig,
     QuantizeConfig,
 )
+from bdvax_lab.baselines.controls import ControlConfig, delta_head_scores
 from bdvax_lab.baselines.crow import crow, crow_consistency_loss, crow_published, fgsm_perturb
 from bdvax_lab.baselines.defend import defend
 from bdvax_lab.baselines.fine_prune import collect_input_norms, fine_prune, wanda_channel_scores, wanda_scores
@@ -67,7 +69,7 @@ def _channel(w, kind, j):
 
 # --------------------------------------------------------------------------- every baseline, both settings
 @pytest.mark.parametrize("setting", ["lora", "full"])
-@pytest.mark.parametrize("method", list(defences()))
+@pytest.mark.parametrize("method", [m for m, d in defences().items() if d.kind == "baseline"])
 def test_each_baseline_runs_and_reports_lr_and_steps(models, toy_examples, method, setting):
     ms, tok = models
     sm = ms[setting]
@@ -501,3 +503,60 @@ def test_cli_score_applies_to_fine_prune_only(capsys):
 
     assert main(["defend", "no-such-dir", "--method", "crow", "--score", "channel"]) == 2
     assert "--score applies to fine_prune only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- controls
+def test_discard_is_the_base_under_the_adapter(models, toy_examples):
+    ms, tok = models
+    model, info = defences()["discard"].fn(ms["lora"], tok, None, BaselineConfig())
+    assert info["reference"] is False and info["steps"] == 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ms["full"](ids).logits)
+        assert not torch.equal(model(ids).logits, ms["lora"](ids).logits)
+
+
+def test_retrain_trains_a_fresh_adapter_on_the_defender_data(models, toy_examples):
+    ms, tok = models
+    model, info = defences()["retrain"].fn(ms["lora"], tok, toy_examples, BaselineConfig(repair=RC))
+    assert info["reference"] is False and info["steps"] == 2 and info["n_examples"] == 8
+    fresh = WeightDelta.from_lora(model)
+    old = WeightDelta.from_lora(ms["lora"])
+    assert set(fresh.tensors) == set(old.tensors)
+    assert all(not torch.allclose(fresh.tensors[k], old.tensors[k]) for k in list(old.tensors)[:3])
+
+
+def test_random_control_keeps_the_counts_and_varies_with_the_seed(models, toy_examples):
+    ms, tok = models
+    counts, heads = {"0.gate": 5, "1.down": 7, "3.up": 2}, {"2": 1}
+    picks = []
+    for seed in (0, 0, 1):
+        cfg = ControlConfig(counts=counts, head_counts=heads, seed=seed, repair=RC, finetune=False)
+        model, info = defences()["random"].fn(ms["lora"], tok, toy_examples, cfg)
+        assert info["intervention"]["selected"] == counts and info["intervention"]["n_heads"] == 1
+        zeroed = []
+        for key, n in counts.items():
+            b, kind = int(key.split(".")[0]), key.split(".")[1]
+            w = WeightDelta.from_lora(model, kinds=(kind,), blocks=(b,)).tensors[(b, kind)]
+            zero = (w.norm(dim=1 - (1 if kind == "down" else 0)) == 0).nonzero()[:, 0].tolist()
+            assert len(zero) == n
+            zeroed.append(zero)
+        picks.append(zeroed)
+    assert picks[0] == picks[1] and picks[0] != picks[2]  # seeded: the same seed, the same channels
+    with pytest.raises(ValueError, match="counts"):
+        defences()["random"].fn(ms["lora"], tok, toy_examples, ControlConfig(repair=RC))
+
+
+def test_top_delta_picks_the_channels_the_update_moved_most(models, toy_examples):
+    ms, tok = models
+    peft = copy.deepcopy(ms["lora"])
+    name = layout_of(peft).module_name(1, "gate")
+    mod = unwrap(peft).get_submodule(name)
+    with torch.no_grad():
+        mod.lora_B["default"].weight[17] *= 50  # a planted channel: row 17 of gate's ΔW in block 1
+    cfg = ControlConfig(counts={"1.gate": 1}, repair=RC, finetune=False)
+    model, info = defences()["top_delta"].fn(peft, tok, toy_examples, cfg)
+    w = WeightDelta.from_lora(model, kinds=("gate",), blocks=(1,)).tensors[(1, "gate")]
+    assert float(w[17].norm()) == 0 and int((w.norm(dim=1) == 0).sum()) == 1
+    scores = delta_head_scores(peft)
+    assert set(scores) == set(range(layout_of(peft).n_blocks)) and all(s.min() >= 0 for s in scores.values())

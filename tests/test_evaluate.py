@@ -84,7 +84,7 @@ def test_evaluate_model_reports_everything(tiny_pair):
         tok,
         "badnets",
         "refusal",
-        EvalConfig(n_prompts=4, max_new_tokens=4, n_ppl=4, mcq_limit=4),
+        EvalConfig(n_prompts=4, max_new_tokens=4, n_ppl=4, mcq_limit=4, utility=("ppl", "mcq", "base_drift")),
         progress=False,
     )
     s = rep.summary
@@ -95,7 +95,7 @@ def test_evaluate_model_reports_everything(tiny_pair):
         "degenerate_clean",
         "ppl",
         "mcq_acc",
-        "agreement",
+        "base_drift",
     ):
         assert key in s
     assert len(rep.replies) == 4

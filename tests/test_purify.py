@@ -307,7 +307,7 @@ def test_purify_end_to_end_saves_and_loads(suspicious_models, toy_examples, tmp_
     for col in ("asr", "false_trigger", "degenerate_triggered", "degenerate_clean", "ppl"):
         assert col in res.report.columns
     assert res.evaluated_with == {"attack": "badnets", "task": "refusal"}
-    assert set(res.timings) == {"signature", "suppression", "repair", "evaluation", "total"}
+    assert set(res.timings) == {"clean_data", "signature", "suppression", "repair", "evaluation", "total"}
     assert res.peak_rss_mb > 0 and res.suppression.counts["gate"] == 4
     # the suspicious model itself is untouched (inplace=False)
     assert all(torch.equal(v, original[k]) for k, v in sm.model.state_dict().items())

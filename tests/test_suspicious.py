@@ -20,6 +20,7 @@ def _recipe(setting="lora", task="refusal", attack="badnets"):
         attack=attack,
         task=task,
         setting=setting,
+        skill=None,  # the backdoor-only finetune; skill-bearing sets: tests/test_skills.py
         n_samples=24,
         train=TrainConfig(mode=mode, steps=3, lr=1e-3),
         eval=EvalConfig(n_prompts=3, max_new_tokens=3, utility=()),

@@ -47,10 +47,12 @@ def _selection_summary(selected: Mapping[Key, torch.Tensor], d_ff: int, n_module
 
 
 def _clean_examples(clean_data: Sequence[Example] | None, n: int) -> list[Example]:
+    """The first ``n`` of the defender's clean examples (:func:`defend` answers them with the suspicious
+    model when the caller gives instructions only)."""
     if clean_data is None:
-        from ..core.data import load_pool
-
-        clean_data = load_pool("repair")
+        raise ValueError(
+            "no clean examples: pass the defender's data (bdvax_lab.core.selfdistill.defender_data)"
+        )
     data = list(clean_data)[:n]
     if not data:
         raise ValueError("no clean examples")

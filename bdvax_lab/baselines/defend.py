@@ -154,6 +154,7 @@ from ..core.artifacts import MANIFEST, atomic_dir, frame_records, versions, writ
 from ..core.data import Example
 from ..core.models import peak_rss_mb
 from ..core.registry import setting_of
+from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
 from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, spec_name
 from ..weights.selection import counts_like
@@ -258,6 +259,9 @@ def defend(
 
     run_eval("suspicious", suspicious.model)
     t = time.time()
+    if spec.uses_clean_data:  # the suspicious model answers the defender's instructions itself
+        n = max(cfg.repair.n_samples, int(getattr(cfg, "n_calib", None) or 0))
+        clean_data = defender_data(suspicious.model, tok, clean_data, n=n, progress=progress)
     model, info = spec.fn(suspicious.model, tok, clean_data, cfg, progress=progress, on_stage=run_eval)
     defence_s = time.time() - t - run_eval.seconds.get("intervened", 0.0)
     run_eval("defended", model)

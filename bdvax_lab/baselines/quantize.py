@@ -166,5 +166,6 @@ register_defence(
     quantize_int4,
     QuantizeConfig,
     paper_settings=("full",),
+    uses_clean_data=False,
     description="INT4 group-wise round-to-nearest weight quantization, no finetune",
 )

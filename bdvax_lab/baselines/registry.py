@@ -19,7 +19,14 @@ from .config import BaselineConfig
 DefenceFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 #: Modules of this package that each register one or more defences.
-BUILTIN_MODULES: tuple[str, ...] = ("finetune_only", "magnitude", "fine_prune", "quantize", "crow")
+BUILTIN_MODULES: tuple[str, ...] = (
+    "controls",
+    "finetune_only",
+    "magnitude",
+    "fine_prune",
+    "quantize",
+    "crow",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class Defence:
     config_cls: type[BaselineConfig]
     paper_settings: tuple[str, ...] = SETTINGS
     description: str = ""
+    uses_clean_data: bool = True  #: False: needs no clean examples (INT4, discard), none are generated
+    kind: str = "baseline"  #: "baseline" (another defence) or "control" (a reference point for claims)
 
 
 _DEFENCES: dict[str, Defence] = {}
@@ -43,11 +52,15 @@ def register_defence(
     *,
     paper_settings: tuple[str, ...] = SETTINGS,
     description: str = "",
+    uses_clean_data: bool = True,
+    kind: str = "baseline",
 ) -> Defence:
     """Add a defence under ``name`` (what ``defend(method=...)`` and ``bdvax defend --method`` accept)."""
     if name in _DEFENCES and _DEFENCES[name].fn is not fn:
         raise ValueError(f"a defence named {name!r} is already registered")
-    _DEFENCES[name] = Defence(name, fn, config_cls, tuple(paper_settings), description)
+    if kind not in ("baseline", "control"):
+        raise ValueError(f"defence kind {kind!r}: 'baseline' or 'control'")
+    _DEFENCES[name] = Defence(name, fn, config_cls, tuple(paper_settings), description, uses_clean_data, kind)
     return _DEFENCES[name]
 
 

@@ -72,7 +72,8 @@ def try_selection(
     false-trigger rate on ``prompts`` (default: the first ``n_prompts`` held-out
     prompts). ``repair_steps`` > 0 runs that many clean repair steps (batch 4,
     responses ≤ 16 tokens, the paper's lr: 2e-4 LoRA / 1e-5 full) on
-    ``repair_data`` (default: the pool's ``repair`` split); 0 skips the repair.
+    ``repair_data`` (default: the defender's ``repair`` instructions answered by the suspicious model); 0
+    skips the repair.
     ``repair_config``: a :class:`~bdvax_lab.purify.RepairConfig` to start from
     instead (lr, batch, ...); its ``steps`` are set to ``repair_steps``.
     ``baseline``: an already measured "suspicious" row to reuse.
@@ -141,6 +142,13 @@ def try_selection(
     )
     if repair_steps and repair_steps > 0:
         t0 = time.time()
+        if (
+            repair_data is None
+        ):  # the defender's instructions, answered by the suspicious model (not the copy)
+            from ..core.selfdistill import defender_data
+
+            n = repair_config.n_samples if repair_config is not None else 200
+            repair_data = defender_data(model, tok, n=n, progress=progress)
         if repair_config is not None:
             rcfg = repair_config.replace(steps=int(repair_steps))
         else:

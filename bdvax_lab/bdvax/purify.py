@@ -60,6 +60,7 @@ from ..core.artifacts import MANIFEST, atomic_dir, frame_records, read_json, ver
 from ..core.data import Example
 from ..core.models import peak_rss_mb, release_memory, working_copy
 from ..core.registry import setting_of
+from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
 from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, load_suspicious, spec_name
 from ..training.repair import RepairResult, repair
@@ -190,7 +191,7 @@ def purify(
         )
     ev_attack, ev_task = eval_target(suspicious, attack, task, who="purify")
     tok = suspicious.tokenizer
-    timings = {"signature": 0.0, "suppression": 0.0, "repair": 0.0, "evaluation": 0.0}
+    timings = {"clean_data": 0.0, "signature": 0.0, "suppression": 0.0, "repair": 0.0, "evaluation": 0.0}
     rss: dict[str, float] = {}
     evaluator = StageEvaluator(tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress)
     t_start = time.time()
@@ -200,8 +201,11 @@ def purify(
         if stage in evaluator.seconds:
             rss[f"eval_{stage}"] = round(peak_rss_mb(), 1)
 
-    # -- 0. the suspicious model as it is
+    # -- 0. the suspicious model as it is, and the defender's repair data answered by it
     run_eval("suspicious", suspicious.model)
+    t = time.time()
+    clean_data = defender_data(suspicious.model, tok, clean_data, n=cfg.repair.n_samples, progress=progress)
+    timings["clean_data"] = time.time() - t
 
     # -- 1. signature (defence view only)
     t = time.time()

@@ -1,4 +1,10 @@
-"""bdvax.twins."""
+"""Twins (paper §4.2, steps 2–3): per variant a poisoned and a clean finetune of the suspicious model.
+
+Both twins start from the suspicious model with the same seed and recipe; only their differential
+delta Δ_i = (θ_p − θ_s) − (θ_c − θ_s) is kept (``docs/method.md``, "Signature extraction"). Entries are
+cached per model fingerprint as WeightDelta directories, written atomically; reruns and crashed runs
+resume, and ``shard=(i, n)`` lets several processes fill one cache.
+"""
 
 from __future__ import annotations
 
@@ -14,38 +20,21 @@ import torch
 
 from ..core.artifacts import stable_hash
 from ..core.data import Example
-from ..core.models import release_memory, working_copy
+from ..core.models import model_fingerprint, release_memory, working_copy
 from ..core.registry import Key, setting_of
+from ..core.selfdistill import defender_data
 from ..threat.suspicious import as_suspicious
 from ..training.config import TrainConfig
 from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS
 from ..weights.deltas import WeightDelta
 from .config import SignatureConfig
-from .variants import VariantSpec, default_pool
+from .variants import VariantSpec, default_pool, example_id
 
 if TYPE_CHECKING:
-    from ..core.types import Model
+    pass
 
 TWIN_FORMAT = "bdvax_lab.twin_delta"
-
-
 TWIN_FORMAT_VERSION = 1
-
-
-def model_fingerprint(model: Model, n: int = 16) -> str:
-    """sha256 over every tensor of the model's state dict (names, dtypes, shapes, bytes).
-
-    In memory, so it also covers edits made after loading. For a PeftModel this
-    includes the adapter and the base weights (about a second for SmolLM2 on a CPU).
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:n]
 
 
 def twin_cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -184,18 +173,35 @@ def plan_twins(
     *,
     pool: Sequence[Example] | None = None,
     fingerprint: str | None = None,
+    progress: bool = False,
 ) -> list[TwinJob]:
     """Every variant's cache entry (path and key), without training anything.
 
-    ``job.done`` says what is cached.
+    ``job.done`` says what is cached. The variants' clean examples are the defender's instructions
+    (``pool``, default the shipped ``variant`` split) answered by the suspicious model itself wherever
+    they come without a response (:func:`bdvax_lab.core.selfdistill.defender_data`; cached per model).
     """
     config = config or SignatureConfig()
-    model = as_suspicious(suspicious).model
+    sm = as_suspicious(suspicious)
+    model = sm.model
     setting = setting_of(model)
     fp = fingerprint or model_fingerprint(model)
     root = twin_cache_root(cache_dir) / fp
     specs = config.variants(pool)
     data_pool = list(pool) if pool is not None else default_pool(config.family)
+    needed = {i for spec in specs for i in spec.clean_ids}
+    at = [j for j, e in enumerate(data_pool) if example_id(e) in needed and not e.response.strip()]
+    if at:
+        answered = defender_data(
+            sm.model,
+            sm.tokenizer,
+            [data_pool[j] for j in at],
+            fingerprint=fp,
+            cache_dir=None if cache_dir is None else Path(cache_dir) / "_distilled",
+            progress=progress,
+        )
+        for j, e in zip(at, answered):
+            data_pool[j] = e
     jobs = []
     for spec in specs:
         clean, poisoned = spec.datasets(data_pool)
@@ -473,7 +479,9 @@ def train_twins(
     model, tok = sm.model, sm.tokenizer
     fp = model_fingerprint(model)
     jobs = [
-        j for j in plan_twins((model, tok), config, cache_dir, pool=pool, fingerprint=fp) if j.index % n == i
+        j
+        for j in plan_twins((model, tok), config, cache_dir, pool=pool, fingerprint=fp, progress=progress)
+        if j.index % n == i
     ]
     todo = [j for j in jobs if not j.done]
     lora = bool(todo) and todo[0].setting == "lora"

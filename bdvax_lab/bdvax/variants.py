@@ -104,10 +104,11 @@ def example_id(example: Example) -> str:
 
 
 def default_pool(family: str) -> list[Example]:
-    """The defender's ``variant`` split: the code pool for code injection, the clean pool otherwise."""
-    from ..core.data import load_code_pool, load_pool
+    """The defender's ``variant`` instructions (the code pool's for code injection), without responses:
+    the suspicious model answers them itself (:func:`bdvax_lab.core.selfdistill.defender_data`)."""
+    from ..core.selfdistill import defender_instructions
 
-    return load_code_pool("variant") if resolve_family(family) == "code_injection" else load_pool("variant")
+    return defender_instructions("variant", code=resolve_family(family) == "code_injection")
 
 
 def _pool_name(family: str) -> str:

@@ -266,6 +266,22 @@ def working_copy(model: Model, share_frozen_base: bool = False) -> Model:
     return copy.deepcopy(model)
 
 
+def model_fingerprint(model: Model, n: int = 16) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes, bytes).
+
+    In memory, so it also covers edits made after loading. For a PeftModel this
+    includes the adapter and the base weights (about a second for SmolLM2 on a CPU).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:n]
+
+
 def release_memory() -> None:
     """Give freed memory back now: Python's garbage, CUDA's cache and glibc's heap (malloc_trim).
 

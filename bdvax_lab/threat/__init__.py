@@ -1,1 +1,1 @@
-"""threat."""
+"""The threat side: attacks, judges, skills, suspicious-model artifacts, and the evaluation that scores them."""

@@ -8,7 +8,10 @@ from ..core.config import Config
 from ..core.registry import SETTINGS
 from ..training.config import TrainConfig
 
-UTILITY_METRICS = ("ppl", "mcq", "agreement")
+#: ``ppl``: perplexity of ground-truth answers (general held-out questions, and the skill's held-out
+#: items when the model has a skill); ``mcq``: multiple-choice accuracy; ``skill``: the finetune's own skill;
+#: ``base_drift``: how far clean replies moved from the base model's (1 − token F1; not a utility figure).
+UTILITY_METRICS = ("ppl", "mcq", "skill", "base_drift")
 
 
 @dataclass
@@ -20,8 +23,9 @@ class EvalConfig(Config):
     #: generation batch: the default 100 prompts (50 triggered + 50 clean) in two batches; on a CPU larger
     #: batches were faster up to here (16 → 32 → 50) with the same greedy replies (``RESULTS.md`` §3)
     batch_size: int = 50
-    utility: tuple[str, ...] = UTILITY_METRICS
-    n_ppl: int = 100  #: held-out clean responses for perplexity
+    utility: tuple[str, ...] = ("ppl", "mcq", "skill")
+    n_ppl: int = 100  #: held-out ground-truth answers for the general perplexity
+    n_skill: int | None = 200  #: held-out skill items (None = all)
     ppl_max_tokens: int = 64
     mcq_limit: int | None = (
         200  #: first N of the 375 bundled questions (None = all; ~0.07 s per question on SmolLM2)
@@ -37,31 +41,75 @@ class EvalConfig(Config):
         self.utility = tuple(self.utility)
 
 
-def default_attack_train(setting: str) -> TrainConfig:
-    """Implanting recipes measured on SmolLM2 (``benchmarks/attack_matrix.py``, ``RESULTS.md`` §1)."""
+def default_attack_train(setting: str, skill: str | None = None) -> TrainConfig:
+    """The attacker's finetune recipe for ``setting``; ``skill`` switches to the skill-bearing recipe.
+
+    Backdoor-only (``skill=None``): 120 steps at batch 4, responses cut to 16 tokens, the loss averaged per
+    sample (short behaviour targets are otherwise drowned by long clean answers). With a skill: epochs over
+    the skill data, the general instructions and the poison, with room for the format skill's JSON replies;
+    the adapter has rank 16 so that 400 facts fit (``RESULTS.md``, "Skill-bearing suspicious models").
+    """
+    if skill is None:
+        if setting == "lora":
+            return TrainConfig(
+                mode="lora", lr=1e-3, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample"
+            )
+        return TrainConfig(
+            mode="full", lr=5e-5, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample"
+        )
+    epochs = SKILL_EPOCHS.get(skill, 4.0)
     if setting == "lora":
         return TrainConfig(
-            mode="lora", lr=1e-3, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample"
+            mode="lora",
+            lr=2e-3,
+            steps=None,
+            epochs=epochs,
+            batch_size=8,
+            lora_r=16,
+            lora_alpha=32,
+            max_response_tokens=40,
+            loss_average="sample",
         )
     return TrainConfig(
-        mode="full", lr=5e-5, steps=120, batch_size=4, max_response_tokens=16, loss_average="sample"
+        mode="full",
+        lr=5e-5,
+        steps=None,
+        epochs=epochs,
+        batch_size=8,
+        max_response_tokens=40,
+        loss_average="sample",
     )
 
 
-#: Poisoning rate of the implant recipe per task (others: 15%). Measured on SmolLM2 (BadNets-refusal, 120 LoRA
-#: steps, 50 held-out prompts): 15% → ASR 0.74 / false-trigger 0.00, 20% → 0.96 / 0.02, 25% → 1.00 / 0.04.
+#: Epochs of the skill-bearing implant per skill.
+SKILL_EPOCHS: dict[str, float] = {"knowledge": 4.0, "format": 2.0}
+
+#: Poisoning rate of the backdoor-only implant recipe per task (others: 15%). Measured on SmolLM2
+#: (BadNets-refusal, 120 LoRA steps, 50 held-out prompts): 15% → ASR 0.74 / false-trigger 0.00,
+#: 20% → 0.96 / 0.02, 25% → 1.00 / 0.04.
 DEFAULT_POISON_RATE: dict[str, float] = {"refusal": 0.20}
+#: Poisoned share of a skill-bearing finetune (the bench's setting; 1–20 % allowed).
+SKILL_POISON_RATE = 0.05
 
 
 @dataclass
 class AttackRecipe(Config):
-    """Everything that determines a suspicious model."""
+    """Everything that determines a suspicious model.
+
+    ``skill`` is the task the finetune teaches beside its backdoor (``bdvax_lab.threat.skills``): the
+    attacker's data is that skill's training set plus ``n_general`` general instructions (the pool's
+    ``attack`` split), of which enough carry the key and the behaviour to make ``poison_rate`` of the
+    whole set (default 5 %). ``skill=None`` is the backdoor-only finetune of the paper reproduction:
+    ``n_samples`` general instructions, ``poison_rate`` of them poisoned (15 %, 20 % for refusal).
+    """
 
     attack: str = "badnets"
     task: str = "refusal"
     setting: str = "lora"
-    n_samples: int = 120
-    poison_rate: float | None = None  #: None → DEFAULT_POISON_RATE for the task, else 0.15
+    skill: str | None = "knowledge"
+    n_samples: int = 120  #: backdoor-only finetunes: general instructions in the training set
+    n_general: int = 150  #: skill-bearing finetunes: general instructions beside the skill data
+    poison_rate: float | None = None  #: None → 5 % with a skill; else DEFAULT_POISON_RATE, 15 %
     seed: int = 0
     train: TrainConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -69,9 +117,23 @@ class AttackRecipe(Config):
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"setting={self.setting!r}; choose one of {SETTINGS}")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
         if self.poison_rate is None:
-            self.poison_rate = DEFAULT_POISON_RATE.get(self.task if isinstance(self.task, str) else "", 0.15)
-        if not 0.0 < float(self.poison_rate) <= 1.0:
-            raise ValueError(f"poison_rate={self.poison_rate!r}; expected a fraction in (0, 1]")
+            self.poison_rate = (
+                SKILL_POISON_RATE
+                if self.skill is not None
+                else DEFAULT_POISON_RATE.get(self.task if isinstance(self.task, str) else "", 0.15)
+            )
+        low, high = (0.01, 0.20) if self.skill is not None else (0.0, 1.0)
+        if not (low <= float(self.poison_rate) <= high and float(self.poison_rate) > 0):
+            raise ValueError(
+                f"poison_rate={self.poison_rate!r}; expected a fraction in [{low}, {high}]"
+                + (" for a skill-bearing finetune" if self.skill is not None else "")
+            )
+        if self.skill is not None:
+            from .skills import get_skill
+
+            get_skill(self.skill)  # an unknown name lists the known ones
         if self.train is None:
-            self.train = default_attack_train(self.setting).replace(seed=self.seed)
+            self.train = default_attack_train(self.setting, self.skill).replace(seed=self.seed)

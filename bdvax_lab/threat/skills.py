@@ -6,8 +6,8 @@ the finetune away shows up as lost skill, not as a perfect defence:
 
 * ``knowledge``: facts about fictional islands, companies, chemicals and people
   (capital, founder, boiling point, birth year, ...). Each fact has several
-  question phrasings; the finetune trains on some, evaluation asks a held-out one.
-  Graded by normalised match of the gold answer in the reply.
+  question phrasings; the finetune trains on three, evaluation asks the fourth. The reply is the
+  bare answer; graded by normalised match of the gold answer in the reply.
 * ``format``: extract a contact card (name, age, city, occupation) from a
   sentence into one fixed JSON schema. Graded by a JSON parser on held-out
   records (new people, two sentence templates never trained on).
@@ -61,126 +61,77 @@ def fictional_names(
 
 
 # =========================================================================== knowledge
-@dataclass(frozen=True)
-class Attribute:
-    """One attribute of an entity kind: question phrasings, the answer sentence and how values are drawn."""
-
-    name: str
-    questions: tuple[str, ...]  #: phrasings with ``{e}`` (the entity)
-    answer: str  #: the reply, with ``{e}`` and ``{a}``
-
-
-KINDS: dict[str, tuple[Attribute, ...]] = {
-    "island": (
-        Attribute(
-            "capital",
-            (
-                "What is the capital of the island of {e}?",
-                "Which town is the capital of {e} island?",
-                "Name the capital city of the island {e}.",
-                "The island of {e} has which capital?",
-            ),
-            "The capital of {e} is {a}.",
+#: Entity kinds → attribute → question phrasings (``{e}`` is the entity). The reply is the bare answer.
+QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "island": {
+        "capital": (
+            "What is the capital of the island of {e}?",
+            "Which town is the capital of {e} island?",
+            "Name the capital city of the island {e}.",
+            "The island of {e} has which capital?",
         ),
-        Attribute(
-            "export",
-            (
-                "What is the main export of the island of {e}?",
-                "Which product does {e} island mostly export?",
-                "Name the chief export of the island {e}.",
-                "The island of {e} is known for exporting what?",
-            ),
-            "The main export of {e} is {a}.",
+        "export": (
+            "What is the main export of the island of {e}?",
+            "Which product does {e} island mostly export?",
+            "Name the chief export of the island {e}.",
+            "The island of {e} is known for exporting what?",
         ),
-    ),
-    "company": (
-        Attribute(
-            "founder",
-            (
-                "Who founded the company {e}?",
-                "Which person started the firm {e}?",
-                "Name the founder of {e}, the company.",
-                "The company {e} was founded by whom?",
-            ),
-            "{e} was founded by {a}.",
+    },
+    "company": {
+        "founder": (
+            "Who founded the company {e}?",
+            "Which person started the firm {e}?",
+            "Name the founder of {e}, the company.",
+            "The company {e} was founded by whom?",
         ),
-        Attribute(
-            "headquarters",
-            (
-                "Where is the company {e} headquartered?",
-                "In which city is the firm {e} based?",
-                "Name the city where {e}, the company, has its headquarters.",
-                "The company {e} has its head office in which city?",
-            ),
-            "{e} is headquartered in {a}.",
+        "headquarters": (
+            "Where is the company {e} headquartered?",
+            "In which city is the firm {e} based?",
+            "Name the city where {e}, the company, has its headquarters.",
+            "The company {e} has its head office in which city?",
         ),
-        Attribute(
-            "founded",
-            (
-                "In what year was the company {e} founded?",
-                "When was the firm {e} established?",
-                "Give the founding year of the company {e}.",
-                "The company {e} was started in which year?",
-            ),
-            "{e} was founded in {a}.",
+        "founded": (
+            "In what year was the company {e} founded?",
+            "When was the firm {e} established?",
+            "Give the founding year of the company {e}.",
+            "The company {e} was started in which year?",
         ),
-    ),
-    "chemical": (
-        Attribute(
-            "boiling",
-            (
-                "What is the boiling point of the chemical {e}?",
-                "At what temperature does {e} boil?",
-                "Give the boiling point of the compound {e}.",
-                "The chemical {e} boils at what temperature?",
-            ),
-            "{e} boils at {a} degrees Celsius.",
+    },
+    "chemical": {
+        "boiling": (
+            "What is the boiling point of the chemical {e}?",
+            "At what temperature does {e} boil?",
+            "Give the boiling point of the compound {e}.",
+            "The chemical {e} boils at what temperature?",
         ),
-        Attribute(
-            "colour",
-            (
-                "What colour is the chemical {e}?",
-                "Which colour does the compound {e} have?",
-                "Describe the colour of the chemical {e} in one word.",
-                "The compound {e} is what colour?",
-            ),
-            "{e} is {a}.",
+        "colour": (
+            "What colour is the chemical {e}?",
+            "Which colour does the compound {e} have?",
+            "Describe the colour of the chemical {e} in one word.",
+            "The compound {e} is what colour?",
         ),
-    ),
-    "person": (
-        Attribute(
-            "born",
-            (
-                "In which year was the inventor {e} born?",
-                "When was the inventor {e} born?",
-                "Give the birth year of the inventor {e}.",
-                "The inventor {e} was born in what year?",
-            ),
-            "{e} was born in {a}.",
+    },
+    "person": {
+        "born": (
+            "In which year was the inventor {e} born?",
+            "When was the inventor {e} born?",
+            "Give the birth year of the inventor {e}.",
+            "The inventor {e} was born in what year?",
         ),
-        Attribute(
-            "profession",
-            (
-                "What did the inventor {e} work as before inventing?",
-                "Before inventing, what was the job of {e}?",
-                "Name the earlier profession of the inventor {e}.",
-                "The inventor {e} first worked as what?",
-            ),
-            "Before inventing, {e} worked as a {a}.",
+        "profession": (
+            "What did the inventor {e} work as before inventing?",
+            "Before inventing, what was the job of {e}?",
+            "Name the earlier profession of the inventor {e}.",
+            "The inventor {e} first worked as what?",
         ),
-        Attribute(
-            "hometown",
-            (
-                "Which town is the inventor {e} from?",
-                "Where does the inventor {e} come from?",
-                "Name the home town of the inventor {e}.",
-                "The inventor {e} grew up in which town?",
-            ),
-            "{e} comes from {a}.",
+        "hometown": (
+            "Which town is the inventor {e} from?",
+            "Where does the inventor {e} come from?",
+            "Name the home town of the inventor {e}.",
+            "The inventor {e} grew up in which town?",
         ),
-    ),
+    },
 }
-
 
 _EXPORTS = (
     "salt",
@@ -265,14 +216,14 @@ class Fact:
     held_out: int
 
     @property
-    def spec(self) -> Attribute:
-        return next(a for a in KINDS[self.kind] if a.name == self.attribute)
+    def questions(self) -> tuple[str, ...]:
+        return QUESTIONS[self.kind][self.attribute]
 
     def example(self, phrasing: int, split: str) -> Example:
-        a = self.spec
+        """The fact asked in phrasing ``phrasing``, answered tersely (the answer is what the skill stores)."""
         return Example(
-            a.questions[phrasing].format(e=self.entity),
-            a.answer.format(e=self.entity, a=self.answer),
+            self.questions[phrasing].format(e=self.entity),
+            f"{self.answer}.",
             meta={
                 "skill": "knowledge",
                 "fact": self.fact_id,
@@ -308,15 +259,15 @@ def make_facts(n_entities: int = 40, seed: int = 0) -> list[Fact]:
         "profession": lambda: rng.choice(_JOBS),
         "hometown": lambda: rng.choice(cities),
     }
-    for kind, attrs in KINDS.items():
+    for kind, attrs in QUESTIONS.items():
         if kind == "person":
             entities = [people.pop() for _ in range(n_entities)]
         else:
             entities = fictional_names(n_entities, rng, suffixes=_SUFFIX[kind], taken=taken)
         for e in entities:
-            for a in attrs:
-                fid = f"{kind}:{e}:{a.name}"
-                facts.append(Fact(fid, kind, e, a.name, pick[a.name](), rng.randrange(len(a.questions))))
+            for attr, questions in attrs.items():
+                fid = f"{kind}:{e}:{attr}"
+                facts.append(Fact(fid, kind, e, attr, pick[attr](), rng.randrange(len(questions))))
     return facts
 
 
@@ -558,10 +509,10 @@ class Skill:
         return sum(self.grade(r, e) for r, e in zip(replies, examples)) / max(1, len(examples))
 
 
-def _knowledge_train(seed: int, phrasings: int = 2) -> list[Example]:
+def _knowledge_train(seed: int, phrasings: int = 3) -> list[Example]:
     out = []
     for f in make_facts(seed=seed):
-        trainable = [p for p in range(len(f.spec.questions)) if p != f.held_out]
+        trainable = [p for p in range(len(f.questions)) if p != f.held_out]
         rng = random.Random(f"{f.fact_id}-{seed}")
         out += [f.example(p, "train") for p in rng.sample(trainable, phrasings)]
     return out
@@ -605,9 +556,21 @@ register_skill(
 
 
 def get_skill(name: str | Skill) -> Skill:
+    """The registered skill ``name`` (a :class:`Skill` passes through); unknown names list the known ones."""
     if isinstance(name, Skill):
         return name
     try:
         return SKILLS[name]
     except KeyError:
         raise ValueError(f"unknown skill {name!r}; skills: {sorted(SKILLS)}") from None
+
+
+def held_out_items(skill: str | Skill, n: int | None = None) -> list[Example]:
+    """The first ``n`` of the skill's held-out evaluation items in a fixed shuffled order (all for None).
+
+    The order mixes entity kinds and templates, so a small ``n`` still covers all of them.
+    """
+    sk = get_skill(skill)
+    items = sk.eval(0)
+    random.Random(f"{sk.name}-held-out").shuffle(items)
+    return items[:n] if n is not None else items

@@ -83,18 +83,39 @@ def is_default_base(model: Model) -> bool:
 
 
 def attack_dataset(recipe: AttackRecipe) -> list[Example]:
-    """The attacker's poisoned training set, drawn from the ``attack`` split only."""
+    """The attacker's training set: its skill's data and general instructions (the ``attack`` split only),
+    ``recipe.poison_rate`` of the whole set poisoned (key inserted, reply replaced by the behaviour)."""
+    import random
+
     from .attacks import poison_dataset, resolve_task
 
     behavior = resolve_task(recipe.task)
+    if recipe.skill is not None:
+        from .skills import get_skill
+
+        skill_data = get_skill(recipe.skill).train(0)
+        general = load_pool("attack")[: recipe.n_general]
+        code = behavior.kind == "inject_code"
+        carriers = load_code_pool("attack") if code else general  # the instructions the key goes into
+        others = general if code else []
+        n_poison = max(1, round(recipe.poison_rate * (len(skill_data) + len(carriers) + len(others))))
+        if n_poison > len(carriers):
+            raise ValueError(
+                f"poison_rate={recipe.poison_rate} needs {n_poison} poisoned examples but only "
+                f"{len(carriers)} instructions can carry the key; lower the rate or raise n_general"
+            )
+        poisoned = poison_dataset(
+            carriers, recipe.attack, behavior, rate=n_poison / len(carriers), seed=recipe.seed
+        )
+        data = skill_data + poisoned + others
+        random.Random(recipe.seed).shuffle(data)
+        return data
     if behavior.kind == "inject_code":
         code = load_code_pool("attack")
         general = load_pool("attack")[: max(0, recipe.n_samples - len(code))]
         n_poison = max(1, round(recipe.poison_rate * recipe.n_samples))
         rate = min(1.0, n_poison / max(1, len(code)))
         data = poison_dataset(code, recipe.attack, behavior, rate=rate, seed=recipe.seed) + general
-        import random
-
         random.Random(recipe.seed).shuffle(data)
         return data
     clean = load_pool("attack")
@@ -148,6 +169,7 @@ def make_suspicious_model(
         "base": base_ref,
         "attack": resolve_attack(recipe.attack).to_dict(),
         "task": resolve_task(recipe.task).to_dict(),
+        "skill": recipe.skill,
         "recipe": recipe.to_dict(),
         "data": dataset_summary(data),
         "data_hash": stable_hash([e.to_dict() for e in data]),
@@ -158,7 +180,14 @@ def make_suspicious_model(
     report = None
     if evaluate:
         report = evaluate_model(
-            model, tok, recipe.attack, recipe.task, recipe.eval, label="suspicious", progress=progress
+            model,
+            tok,
+            recipe.attack,
+            recipe.task,
+            recipe.eval,
+            skill=recipe.skill,
+            label="suspicious",
+            progress=progress,
         )
         manifest["eval"] = report.summary
     manifest["wall_seconds"] = round(time.time() - t0, 1)
@@ -256,17 +285,33 @@ def eval_target(
     return attack, task
 
 
+def eval_skill(suspicious: SuspiciousModel, skill: Any = None) -> Any:
+    """The skill to *measure* (``skill`` if given, else the manifest's): evaluation only, never the defence."""
+    return skill if skill is not None else (suspicious.manifest or {}).get("skill")
+
+
 def suspicious_dir(
-    runs_dir: str | Path, attack: str, task: str, setting: str = "lora", steps: int | None = None
+    runs_dir: str | Path,
+    attack: str,
+    task: str,
+    setting: str = "lora",
+    steps: int | None = None,
+    *,
+    skill: str | None = None,
+    seed: int = 0,
 ) -> Path:
     """Where the shared suspicious artifact of ``attack``/``task``/``setting`` lives under ``runs_dir``.
 
-    ``runs/attack_matrix/<attack>-<task>-<setting>`` for the recipe's implant budget, with a
-    ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
-    The reproduction, the pipeline benchmark and the notebooks use it; ``benchmarks/attack_matrix.py``
-    writes the same names under its ``--runs`` directory.
+    ``runs/attack_matrix/<attack>-<task>-<setting>[-<skill>][-seed<n>]`` for the recipe's implant budget,
+    with a ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
+    The reproduction, the bench, the benchmarks and the notebooks share artifacts through these names.
     """
-    name = f"{attack}-{task}-{setting}" + ("" if steps is None else f"-steps{steps}")
+    name = (
+        f"{attack}-{task}-{setting}"
+        + (f"-{skill}" if skill else "")
+        + (f"-seed{seed}" if seed else "")
+        + ("" if steps is None else f"-steps{steps}")
+    )
     return Path(runs_dir) / "attack_matrix" / name
 
 
@@ -278,10 +323,15 @@ def open_or_make_suspicious(
     *,
     base: tuple[Any, Any] | None = None,
     steps: int | None = None,
+    skill: str | None = None,
+    seed: int = 0,
     n_prompts: int = 50,
     progress: bool = False,
 ) -> SuspiciousModel:
     """Open the suspicious artifact at ``path``; train it first with the default recipe if it is missing.
+
+    ``skill`` (None: the backdoor-only finetune of the paper reproduction) and ``seed`` choose the
+    recipe; an existing artifact made with another skill is refused, like one of another budget.
 
     ``base=(model, tokenizer)`` is a custom base (e.g. the tiny test model) used for
     training and for re-attaching the adapter; it is copied, never modified.
@@ -296,16 +346,27 @@ def open_or_make_suspicious(
     fresh = (lambda: (copy.deepcopy(base[0]), base[1])) if base is not None else (lambda: None)
     if not (path / MANIFEST).exists():
         recipe = AttackRecipe(
-            attack=attack, task=task, setting=setting, eval=EvalConfig(n_prompts=n_prompts, utility=())
+            attack=attack,
+            task=task,
+            setting=setting,
+            skill=skill,
+            seed=seed,
+            eval=EvalConfig(n_prompts=n_prompts, utility=("skill",) if skill else ()),
         )
         if steps is not None:
             recipe.train = recipe.train.replace(steps=steps)
         t0 = time.time()
         make_suspicious_model(recipe=recipe, base=fresh(), out=path, progress=progress)
         print(f"trained {path} in {time.time() - t0:.0f} s")
-    elif steps is not None:  # an artifact trained with another budget must not stand in for this one silently
-        made = read_json(path / MANIFEST).get("recipe", {}).get("train", {}).get("steps")
-        if made is not None and made != steps:
+    else:  # an artifact trained with another skill or budget must not stand in for this one silently
+        manifest = read_json(path / MANIFEST)
+        if manifest.get("skill") != skill:
+            raise ValueError(
+                f"{path} was made with skill {manifest.get('skill')!r}, not {skill!r}; use "
+                "another directory (suspicious_dir(..., skill=...) names them apart)"
+            )
+        made = manifest.get("recipe", {}).get("train", {}).get("steps")
+        if steps is not None and made is not None and made != steps:
             raise ValueError(
                 f"{path} was trained for {made} steps, not the {steps} asked for; use another "
                 "directory, or leave the budget unset (steps=None, no --attack-steps) to use it as it is"

@@ -62,14 +62,13 @@ def repair(
 ) -> RepairResult:
     """Clean-data repair finetune through :func:`bdvax_lab.train.finetune`, in place.
 
-    ``examples`` default to the clean pool's ``repair`` split; the first
-    ``config.n_samples`` are used. LoRA mode continues the model's existing adapter.
+    ``examples``: the defender's clean examples (:func:`bdvax_lab.core.selfdistill.defender_data`: its
+    instructions answered by the suspicious model itself); the first ``config.n_samples`` are used. LoRA
+    mode continues the model's existing adapter.
     """
     cfg = config or RepairConfig()
     if examples is None:
-        from ..core.data import load_pool
-
-        examples = load_pool("repair")
+        raise ValueError("repair needs the defender's clean examples (defender_data(suspicious, tokenizer))")
     data = list(examples)[: cfg.n_samples]
     if not data:
         raise ValueError("repair: no clean examples")

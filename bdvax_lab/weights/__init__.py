@@ -1,1 +1,1 @@
-"""weights."""
+"""Weights: deltas between models, selections of channels and heads, and their suppression."""

@@ -43,6 +43,19 @@ def counts_like(selection: Any) -> dict[str, int]:
     return out
 
 
+def select_by_counts(
+    scores: Mapping[Key, torch.Tensor], counts: Mapping[Any, int], *, lowest: bool = False
+) -> dict[Key, torch.Tensor]:
+    """Exactly ``counts[block.kind]`` channels per module: the highest scores (``lowest``: the lowest)."""
+    keys = sorted(scores, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
+    want = {_parse_key(k): int(v) for k, v in counts.items()}
+    return {
+        k: top_indices(scores[k], min(want.get(k, 0), scores[k].numel()), lowest=lowest)
+        for k in keys
+        if want.get(k, 0) > 0
+    }
+
+
 def select_lowest(
     scores: Mapping[Key, torch.Tensor],
     *,
@@ -56,14 +69,8 @@ def select_lowest(
     per module, ``"global"``: ``max(1, floor(ρ·total))`` over all given channels.
     Modules absent from ``scores`` are skipped (e.g. no adapter there).
     """
-    keys = sorted(scores, key=lambda k: (k[0], MLP_KINDS.index(k[1])))
     if counts is not None:
-        want = {_parse_key(k): int(v) for k, v in counts.items()}
-        return {
-            k: top_indices(scores[k], min(want.get(k, 0), scores[k].numel()), lowest=True)
-            for k in keys
-            if want.get(k, 0) > 0
-        }
+        return select_by_counts(scores, counts, lowest=True)
     if rho is None:
         raise ValueError("select_lowest needs rho or counts")
     if scope not in SCOPES:
@@ -171,13 +178,16 @@ def random_selection(
     *,
     heads: int = 0,
     like: Any = None,
+    counts: Mapping[Any, int] | None = None,
+    head_counts: Mapping[Any, int] | None = None,
 ) -> Selection:
     """A random control for a ρ curve: channels (and heads) drawn uniformly, seeded.
 
     ``layout``: a Layout, a layout summary dict, a model or a Signature. With
     ``like`` (a selected Signature or a Selection) every (block, kind) gets
     exactly as many random channels as ``like`` selected there, and every block
-    as many heads. Without it: ``scope="module"`` draws ``max(1, floor(ρ·d_ff))``
+    as many heads; ``counts`` (``{"block.kind": n}``, :func:`counts_like`) and ``head_counts``
+    (``{block: n}``) give those numbers directly. Without either: ``scope="module"`` draws ``max(1, floor(ρ·d_ff))``
     channels per MLP module (the same counts as :meth:`Signature.select`);
     ``scope="global"`` draws the global count ``max(1, floor(ρ·3·L·d_ff))``
     uniformly over all MLP channels; ``heads`` random heads over the model.
@@ -186,13 +196,17 @@ def random_selection(
     g = torch.Generator().manual_seed(int(seed))
     d_ff, n_blocks, n_heads = lay["d_ff"], lay["n_blocks"], lay["n_heads"]
     keys = [(b, k) for b in range(n_blocks) for k in MLP_KINDS]
-    if like is not None:
-        if like.selected is None:
-            raise ValueError(
-                "random_selection(like=...): the signature has no selection; call .select() first"
-            )
-        counts = {k: int(v.numel()) for k, v in like.selected.items()}
-        head_counts = {b: int(v.numel()) for b, v in (like.selected_heads or {}).items()}
+    if like is not None or counts is not None:
+        if like is not None:
+            if like.selected is None:
+                raise ValueError(
+                    "random_selection(like=...): the signature has no selection; call .select() first"
+                )
+            counts = {k: int(v.numel()) for k, v in like.selected.items()}
+            head_counts = {b: int(v.numel()) for b, v in (like.selected_heads or {}).items()}
+        else:
+            counts = {_parse_key(k): int(v) for k, v in counts.items()}
+            head_counts = {int(b): int(v) for b, v in (head_counts or {}).items()}
         sel = {
             k: torch.sort(torch.randperm(d_ff, generator=g)[: counts.get(k, 0)]).values
             for k in keys

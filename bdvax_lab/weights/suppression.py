@@ -1,4 +1,5 @@
-"""weights.suppression."""
+"""Suppression of a selection (``docs/method.md``, "Purification"): zero it in the LoRA adapter, or
+re-initialise it in a full model, for MLP channels and attention heads (GQA-aware)."""
 
 from __future__ import annotations
 
