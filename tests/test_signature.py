@@ -508,28 +508,36 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
     import os
     import time
 
-    from bdvax_lab.bdvax.twins import clean_twin_cache, twin_cache_frame
+    from bdvax_lab.bdvax.twins import TWIN_FORMAT, clean_twin_cache, twin_cache_frame
     from bdvax_lab.cli import main
-    from bdvax_lab.weights.delta_io import DELTA_JSON, DELTA_TENSORS
+    from bdvax_lab.weights.delta_io import DELTA_JSON, DELTA_TENSORS, FORMAT_NAME
 
-    def entry(model, name, age_days, complete=True):
-        d = tmp_path / model / name
+    def entry(model, index, key, age_days, complete=True):
+        d = tmp_path / model / (f"variant-{index:02d}-{key * 16}" + ("" if complete else ".poison"))
         d.mkdir(parents=True)
         (d / DELTA_TENSORS).write_bytes(b"x" * 2_000_000)
-        if complete:
-            (d / DELTA_JSON).write_text("{}")
+        meta = {"entry": key * 16, "fingerprint": model}
+        meta.update({"format": TWIN_FORMAT} if complete else {"role": "poisoned_twin"})
+        (d / DELTA_JSON).write_text(json.dumps({"format": FORMAT_NAME, "meta": meta}))
         old = time.time() - age_days * 86400
         for f in d.iterdir():
             os.utime(f, (old, old))
 
-    entry("m1", "variant-00-a", 10)
-    entry("m1", "variant-01-b", 0)
-    entry("m2", "variant-00-c", 3, complete=False)
+    entry("m1", 0, "a", 10)
+    entry("m1", 1, "b", 0)
+    entry("m2", 0, "c", 3, complete=False)
     df = twin_cache_frame(tmp_path)
-    assert list(df.variant) == ["variant-00-a", "variant-01-b", "variant-00-c"]
+    assert list(df.variant) == [
+        "variant-00-" + "a" * 16,
+        "variant-01-" + "b" * 16,
+        "variant-00-" + "c" * 16 + ".poison",
+    ]
     assert list(df.complete) == [True, True, False] and df.mb.iloc[0] == pytest.approx(2.0, abs=0.01)
+    assert list(df.state) == ["complete", "complete", "partial"]
     assert df.age_days.iloc[0] == pytest.approx(10, abs=0.01)
-    assert list(twin_cache_frame(tmp_path, older_than_days=2, model="m1").variant) == ["variant-00-a"]
+    assert list(twin_cache_frame(tmp_path, older_than_days=2, model="m1").variant) == [
+        "variant-00-" + "a" * 16
+    ]
     assert (
         main(["cache", "--cache-dir", str(tmp_path), "--older-than", "2"]) == 0
     )  # listing honours the filters too
@@ -537,8 +545,11 @@ def test_twin_cache_listing_and_cleaning(tmp_path, capsys):
     assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--older-than", "5", "--dry-run"]) == 0
     assert "would delete 1 entries" in capsys.readouterr().out and len(twin_cache_frame(tmp_path)) == 3
     gone = clean_twin_cache(tmp_path, older_than_days=2)
-    assert sorted(gone.variant) == ["variant-00-a", "variant-00-c"]
-    assert list(twin_cache_frame(tmp_path).variant) == ["variant-01-b"] and not (tmp_path / "m2").exists()
+    assert sorted(gone.variant) == ["variant-00-" + "a" * 16, "variant-00-" + "c" * 16 + ".poison"]
+    assert (
+        list(twin_cache_frame(tmp_path).variant) == ["variant-01-" + "b" * 16]
+        and not (tmp_path / "m2").exists()
+    )
     assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
     assert "1 entries" in capsys.readouterr().out
     assert main(["cache", "--cache-dir", str(tmp_path), "--clean", "--model", "m1"]) == 0

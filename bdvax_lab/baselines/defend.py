@@ -150,7 +150,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.artifacts import MANIFEST, atomic_dir, frame_records, versions, write_json
+from ..core.artifacts import MANIFEST, atomic_dir, check_output, frame_records, versions, write_json
 from ..core.data import Example
 from ..core.models import peak_rss_mb
 from ..core.registry import setting_of
@@ -160,6 +160,9 @@ from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, spe
 from ..weights.selection import counts_like
 from .config import STAGES, BaselineConfig, PruneConfig
 from .registry import get_defence
+
+#: the manifest ``kind`` of a defended artifact directory
+DEFENDED_KIND = "bdvax.defended"
 
 
 # =========================================================================== one call
@@ -229,6 +232,7 @@ def defend(
     out: str | Path | None = None,
     like: Any = None,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> DefenceResult:
     """Run baseline ``method`` on a suspicious model and evaluate it like :func:`~bdvax_lab.purify.purify`.
 
@@ -240,9 +244,14 @@ def defend(
     copy (sets ``config.counts``). The baseline sees the model, tokenizer and clean
     data only; ``attack``/``task`` (default: the manifest's) are for the evaluation.
     Report rows: ``suspicious``, ``intervened`` (pruning baselines, before the
-    repair) and ``defended``, each with the lr and training steps behind it.
+    repair) and ``defended``, each with the lr and training steps behind it. ``out`` is checked before any
+    work (``overwrite``, the default: replace an existing defended artifact there, never any other
+    directory nor the suspicious model's own).
     """
     spec = get_defence(method)
+    source = suspicious if isinstance(suspicious, (str, Path)) else getattr(suspicious, "path", None)
+    if out is not None:
+        check_output(out, kind=DEFENDED_KIND, overwrite=overwrite, inputs=[source])
     suspicious = as_suspicious(suspicious)
     cfg = config if config is not None else spec.config_cls()
     if not isinstance(cfg, spec.config_cls):
@@ -300,14 +309,14 @@ def defend(
     )
     result.manifest = _manifest(result, suspicious)
     if out is not None:
-        result.path = save_defended(result, out)
+        result.path = save_defended(result, out, overwrite=overwrite, inputs=[source])
     return result
 
 
 def _manifest(result: DefenceResult, suspicious: SuspiciousModel) -> dict[str, Any]:
     out_setting = result.info.get("setting_out", result.setting)
     return {
-        "kind": "bdvax.defended",
+        "kind": DEFENDED_KIND,
         "format": 1,
         "method": result.method,
         "setting": out_setting,
@@ -325,7 +334,9 @@ def _manifest(result: DefenceResult, suspicious: SuspiciousModel) -> dict[str, A
     }
 
 
-def save_defended(result: DefenceResult, out: str | Path) -> Path:
+def save_defended(
+    result: DefenceResult, out: str | Path, *, overwrite: bool = True, inputs: Sequence[Any] = ()
+) -> Path:
     """Write the defended model's artifact directory atomically (opens with :func:`bdvax_lab.load_suspicious`,
     or ``bdvax_lab.purify.load_purified(path, base=...)`` for an adapter on a custom base).
 
@@ -333,7 +344,7 @@ def save_defended(result: DefenceResult, out: str | Path) -> Path:
     Plus ``report.csv``, ``report.json``, ``history.csv`` (when trained) and ``manifest.json``.
     """
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=DEFENDED_KIND, overwrite=overwrite, inputs=inputs) as tmp:
         if setting_of(result.model) == "lora":
             result.model.save_pretrained(tmp / "adapter", safe_serialization=True)
             result.tokenizer.save_pretrained(tmp / "tokenizer")

@@ -56,7 +56,15 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.artifacts import MANIFEST, atomic_dir, frame_records, read_json, versions, write_json
+from ..core.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    check_output,
+    frame_records,
+    read_json,
+    versions,
+    write_json,
+)
 from ..core.data import Example
 from ..core.models import peak_rss_mb, release_memory, working_copy
 from ..core.registry import setting_of
@@ -66,6 +74,9 @@ from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, loa
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
 from .config import STAGES, PurifyConfig
+
+#: the manifest ``kind`` of a purified artifact directory
+PURIFIED_KIND = "bdvax.purified"
 
 #: Manifest keys the defence may see (everything else, e.g. attack/task/data/recipe/eval, is hidden from it).
 DEFENCE_MANIFEST_KEYS = ("setting", "base")
@@ -166,6 +177,7 @@ def purify(
     extractor: Callable[..., Any] | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> PurifyResult:
     """BD-VAX purification of a suspicious model: signature → suppression → repair → evaluation.
 
@@ -178,8 +190,14 @@ def purify(
     ``attack``/``task`` are for measuring ASR only (default: the manifest's;
     neither known → no ASR columns). With ``out`` the purified model, signature,
     report and manifest are written atomically as an artifact directory that
-    :func:`bdvax_lab.load_suspicious` (or :func:`load_purified`) opens.
+    :func:`bdvax_lab.load_suspicious` (or :func:`load_purified`) opens; ``out`` is checked before any
+    work (:func:`bdvax_lab.core.artifacts.check_output`: an existing non-empty directory is replaced only
+    when it is a purified artifact and ``overwrite`` (default; the CLI asks for ``--overwrite``), never
+    the suspicious model's own).
     """
+    source = suspicious if isinstance(suspicious, (str, Path)) else getattr(suspicious, "path", None)
+    if out is not None:
+        check_output(out, kind=PURIFIED_KIND, overwrite=overwrite, inputs=[source])
     suspicious = as_suspicious(suspicious)
     cfg = config or PurifyConfig()
     detected = setting_of(suspicious.model)
@@ -265,14 +283,14 @@ def purify(
     )
     result.manifest = _manifest(result, suspicious)
     if out is not None:
-        result.path = save_purified(result, out)
+        result.path = save_purified(result, out, overwrite=overwrite, inputs=[source])
     return result
 
 
 def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, Any]:
     sig_cfg = getattr(result.signature, "config", None)
     return {
-        "kind": "bdvax.purified",
+        "kind": PURIFIED_KIND,
         "format": 1,
         "setting": result.setting,
         "base": (suspicious.manifest or {}).get("base", "default"),
@@ -294,15 +312,18 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
     }
 
 
-def save_purified(result: PurifyResult, out: str | Path) -> Path:
+def save_purified(
+    result: PurifyResult, out: str | Path, *, overwrite: bool = True, inputs: Sequence[Any] = ()
+) -> Path:
     """Write the purified artifact directory atomically.
 
     LoRA: ``adapter/`` + ``tokenizer/``; full: ``model/`` (with its tokenizer).
     Plus ``signature/`` (when the signature has ``save``), ``report.csv``,
     ``report.json``, ``repair_history.csv``, ``suppression.csv`` and ``manifest.json``.
+    ``overwrite``/``inputs``: :func:`bdvax_lab.core.artifacts.atomic_dir`'s output policy.
     """
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=PURIFIED_KIND, overwrite=overwrite, inputs=inputs) as tmp:
         if result.setting == "lora":
             result.model.save_pretrained(tmp / "adapter", safe_serialization=True)
             result.tokenizer.save_pretrained(tmp / "tokenizer")

@@ -301,8 +301,12 @@ class Signature:
         )
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/signature.safetensors`` + ``path/signature.json`` atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
+        """Write ``path/signature.safetensors`` + ``path/signature.json`` atomically.
+
+        An existing non-empty ``path`` is replaced only when it holds a signature, and only with ``overwrite``
+        (the library's default; the CLI asks for ``--overwrite``); any other directory is refused.
+        """
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         for (b, k), t in self.norm_term.items():
@@ -326,7 +330,7 @@ class Signature:
             "has_selection": self.selected is not None,
             "tensors": sorted(tensors),
         }
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=SIGNATURE_FORMAT, overwrite=overwrite) as tmp:
             save_tensors(
                 tmp / SIGNATURE_TENSORS,
                 tensors,

@@ -3,14 +3,19 @@
 Both twins start from the suspicious model with the same seed and recipe; only their differential
 delta Δ_i = (θ_p − θ_s) − (θ_c − θ_s) is kept (``docs/method.md``, "Signature extraction"). Entries are
 cached per model fingerprint as WeightDelta directories, written atomically; reruns and crashed runs
-resume, and ``shard=(i, n)`` lets several processes fill one cache.
+resume, and ``shard=(i, n)`` lets several processes fill one cache. Each entry is written under its own
+lock file (:func:`bdvax_lab.core.artifacts.entry_lock`): a second process on the same entry waits for the
+first and then reads its result. The cache listing and cleaning touch only directories whose manifest says
+they are this tool's twin entries, plus its own stale temporary directories.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,14 +23,22 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from ..core.artifacts import stable_hash
+from ..core.artifacts import (
+    entry_lock,
+    is_stale_tmp,
+    lock_path,
+    parse_tmp_name,
+    read_json,
+    reap_stale,
+    stable_hash,
+)
 from ..core.data import Example
 from ..core.models import model_fingerprint, release_memory, working_copy
 from ..core.registry import Key, setting_of
 from ..core.selfdistill import defender_data
 from ..threat.suspicious import as_suspicious
 from ..training.config import TrainConfig
-from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS
+from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS, FORMAT_NAME
 from ..weights.deltas import WeightDelta
 from .config import SignatureConfig
 from .variants import VariantSpec, default_pool, example_id
@@ -50,33 +63,84 @@ def _complete(path: Path) -> bool:
     return (path / DELTA_JSON).is_file() and (path / DELTA_TENSORS).is_file()
 
 
+_ENTRY_RE = re.compile(r"^variant-(?P<index>\d+)-(?P<key>[0-9a-f]{16})(?P<partial>\.poison)?$")
+
+
+def entry_state(path: Path) -> str | None:
+    """``"complete"`` or ``"partial"`` (a crashed run's poisoned twin) when the directory's manifest says it
+    is a twin-cache entry made by this tool under this name and model fingerprint; None otherwise."""
+    path = Path(path)
+    m = _ENTRY_RE.match(path.name)
+    if m is None or path.is_symlink() or not path.is_dir() or not _complete(path):
+        return None
+    try:
+        manifest = read_json(path / DELTA_JSON)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return None
+    meta = manifest.get("meta")
+    if not isinstance(meta, dict) or meta.get("entry") != m["key"]:
+        return None
+    if m["partial"]:
+        return "partial" if meta.get("role") == "poisoned_twin" else None
+    ok = meta.get("format") == TWIN_FORMAT and meta.get("fingerprint") == path.parent.name
+    return "complete" if ok else None
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+
+
 def twin_cache_frame(
     cache_dir: str | Path | None = None, *, older_than_days: float | None = None, model: str | None = None
 ) -> pd.DataFrame:
-    """One row per cached (or half-written) twin entry: model fingerprint, variant, complete, MB, age in days.
+    """One row per twin entry of the cache: model fingerprint, variant, state, complete, MB, age in days.
 
-    Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth watching.
-    ``older_than_days`` / ``model`` keep only entries not written for that long / of one model fingerprint.
+    ``state``: ``complete``, ``partial`` (a crashed run's poisoned twin, resumed by the next run),
+    ``stale-tmp`` (a killed writer's temporary directory, removed by ``clean_twin_cache``) or ``writing``
+    (a live writer's). Only directories whose manifest says they are this tool's entries are listed; others
+    are left alone. Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth
+    watching. ``older_than_days`` / ``model`` keep only entries not written for that long / of one model
+    fingerprint.
     """
     if older_than_days is not None and older_than_days < 0:
         raise ValueError(f"older_than_days {older_than_days}: expected a number of days >= 0")
     root, now, rows = twin_cache_root(cache_dir), time.time(), []
-    for entry in sorted(root.glob("*/variant-*")) if root.is_dir() else []:
-        files = [f for f in entry.rglob("*") if f.is_file()]
-        mtime = max((f.stat().st_mtime for f in files), default=entry.stat().st_mtime)
-        rows.append(
-            {
-                "model": entry.parent.name,
-                "variant": entry.name,
-                "complete": _complete(entry),
-                "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
-                "age_days": round((now - mtime) / 86400, 2),
-                "path": str(entry),
-            }
-        )
-    df = pd.DataFrame(rows, columns=["model", "variant", "complete", "mb", "age_days", "path"])
+    models = sorted(d for d in root.iterdir() if d.is_dir() and not d.is_symlink()) if root.is_dir() else []
+    for mdir in models:
+        for entry in sorted(mdir.iterdir()):
+            tmp = parse_tmp_name(entry.name)
+            if tmp is not None:
+                if _ENTRY_RE.match(tmp["name"]) is None:
+                    continue
+                state = "stale-tmp" if is_stale_tmp(entry, now) else "writing"
+            else:
+                state = entry_state(entry)
+                if state is None:
+                    continue
+            files = _files(entry)
+            try:
+                mtime = max((f.stat().st_mtime for f in files), default=entry.stat().st_mtime)
+                size = sum(f.stat().st_size for f in files)
+            except FileNotFoundError:  # removed meanwhile (a writer renamed it into place)
+                continue
+            rows.append(
+                {
+                    "model": mdir.name,
+                    "variant": tmp["name"] if tmp is not None else entry.name,
+                    "state": state,
+                    "complete": state == "complete",
+                    "mb": round(size / 1e6, 1),
+                    "age_days": round((now - mtime) / 86400, 2),
+                    "path": str(entry),
+                }
+            )
+    df = pd.DataFrame(rows, columns=["model", "variant", "state", "complete", "mb", "age_days", "path"])
     if older_than_days is not None:
-        df = df[df.age_days >= older_than_days]
+        df = df[(df.age_days >= older_than_days) | (df.state == "stale-tmp")]
     if model is not None:
         df = df[df.model == model]
     return df.reset_index(drop=True)
@@ -89,20 +153,39 @@ def clean_twin_cache(
     model: str | None = None,
     dry_run: bool = False,
 ) -> pd.DataFrame:
-    """Delete twin entries (all, or those older than ``older_than_days`` / of one model fingerprint).
+    """Delete twin entries (all, or those older than ``older_than_days`` / of one model fingerprint), and
+    every stale temporary directory a killed writer left.
 
-    Returns the rows of :func:`twin_cache_frame` that were (or, with ``dry_run``, would be) removed.
-    A removed twin is simply retrained the next time a signature needs it.
+    Returns the rows of :func:`twin_cache_frame` that were (or, with ``dry_run``, would be) removed. Only
+    directories listed there are touched (this tool's entries, by their manifests); an entry another
+    process is writing (its lock held) is skipped, and so is a live writer's temporary directory. A
+    fingerprint directory is removed only when this emptied it. A removed twin is simply retrained the
+    next time a signature needs it.
     """
     df = twin_cache_frame(cache_dir, older_than_days=older_than_days, model=model)
-    if not dry_run:
-        for path in df.path:
-            shutil.rmtree(path, ignore_errors=True)
-        root = twin_cache_root(cache_dir)
-        for d in root.iterdir() if root.is_dir() else []:
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
-    return df
+    df = df[df.state != "writing"].reset_index(drop=True)
+    if dry_run:
+        return df
+    gone = []
+    for i, row in df.iterrows():
+        path = Path(row.path)
+        if row.state == "stale-tmp":
+            if is_stale_tmp(path):
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(i)
+            continue
+        name = path.name[: -len(".poison")] if path.name.endswith(".poison") else path.name
+        try:
+            with entry_lock(path.with_name(name), timeout=0):
+                if entry_state(path) is not None:
+                    shutil.rmtree(path, ignore_errors=True)
+                    gone.append(i)
+        except TimeoutError:  # being written by another process
+            continue
+    for mdir in {Path(p).parent for p in df.path}:
+        if mdir.is_dir() and not any(mdir.iterdir()):
+            mdir.rmdir()
+    return df.loc[gone].reset_index(drop=True)
 
 
 @dataclass
@@ -349,6 +432,7 @@ def _run_job(
             {
                 "role": "poisoned_twin",
                 "entry": job.key,
+                "fingerprint": fingerprint,
                 "seconds": seconds["poisoned"],
                 "final_loss": losses["poisoned"],
             }
@@ -483,6 +567,15 @@ def train_twins(
         for j in plan_twins((model, tok), config, cache_dir, pool=pool, fingerprint=fp, progress=progress)
         if j.index % n == i
     ]
+    for d in {j.path.parent for j in jobs}:  # a killed run's leftovers: temporary directories, lock files
+        reap_stale(d)
+    for job in jobs:
+        if job.done and lock_path(job.path).exists():
+            try:
+                with entry_lock(job.path, timeout=0):  # released at once: the lock file goes with it
+                    pass
+            except TimeoutError:  # another process holds it: it removes the file itself
+                pass
     todo = [j for j in jobs if not j.done]
     lora = bool(todo) and todo[0].setting == "lora"
     size = (together or TWINS_TOGETHER) if lora else 1
@@ -490,8 +583,19 @@ def train_twins(
     bar = tqdm(chunks, desc=f"twins shard {i}/{n}", disable=not progress or not todo, leave=False)
     for chunk in bar:
         bar.set_postfix(variants=",".join(str(j.index) for j in chunk))
-        if size > 1:
-            _run_jobs_together(chunk, model, tok, config, fp, progress)
-        else:
-            _run_job(chunk[0], model, tok, config, fp, progress)
+        with ExitStack() as stack:  # one lock per entry, taken in index order: a second process waits
+            for job in sorted(chunk, key=lambda j: j.index):
+                stack.enter_context(entry_lock(job.path))
+                reap_stale(job.path.parent, job.path.name)
+                reap_stale(job.path.parent, job.partial.name)
+            mine = [j for j in chunk if not j.done]  # another process may have written them meanwhile
+            for job in chunk:
+                if job.done and job not in mine:
+                    job.status = "cached"
+            if not mine:
+                continue
+            if size > 1:
+                _run_jobs_together(mine, model, tok, config, fp, progress)
+            else:
+                _run_job(mine[0], model, tok, config, fp, progress)
     return jobs

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,6 +27,37 @@ def left_pad(
         ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
         mask[r, width - len(s) :] = 1
     return ids, mask
+
+
+def position_limit(model: Any) -> int | None:
+    """How many token positions ``model`` handles (``config.max_position_embeddings``), None if unknown."""
+    from .registry import unwrap
+
+    cfg = getattr(unwrap(model), "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def cap_prompts(seqs: list[list[int]], room: int | None, what: str = "prompt") -> list[list[int]]:
+    """Token id lists cut from the left to ``room`` tokens, with one warning saying how many were cut.
+
+    Nothing ever runs past the model's positions: the end of a prompt (the question, the chat template's
+    assistant header) is what the model answers, so its start goes. ``room`` None: no limit known.
+    """
+    if room is None:
+        return seqs
+    if room < 1:
+        raise ValueError(f"no room for a {what}: the model's positions are used up by what follows it")
+    long = [i for i, s in enumerate(seqs) if len(s) > room]
+    if not long:
+        return seqs
+    worst = max(len(seqs[i]) for i in long)
+    warnings.warn(
+        f"{len(long)} {what}(s) longer than the model's {room} positions left for them (longest {worst} "
+        f"tokens) were cut from the left to their last {room} tokens",
+        stacklevel=3,
+    )
+    return [s[-room:] if len(s) > room else s for s in seqs]
 
 
 def pad_positions(mask: torch.Tensor) -> torch.Tensor:

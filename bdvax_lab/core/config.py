@@ -91,6 +91,41 @@ class Config:
         text = Path(source).read_text() if _looks_like_path(source) else str(source)
         return cls.from_dict(json.loads(text))
 
+    # files ----------------------------------------------------------------
+    @classmethod
+    def from_file(cls: type[T], path: str | Path) -> T:
+        """Read a config file: YAML for ``.yaml``/``.yml``, JSON otherwise; never inline text.
+
+        A missing file is ``FileNotFoundError``; unreadable bytes, a parse error, a non-mapping or a bad field
+        are a ``ValueError``; each message is one line naming the file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        yaml_file = path.suffix.lower() in (".yaml", ".yml")
+        try:
+            if yaml_file:
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError
+            first = " ".join(str(exc).split())
+            raise ValueError(f"{path}: not valid {'YAML' if yaml_file else 'JSON'} ({first})") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}"
+            )
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: {' '.join(str(exc).split())}") from None
+
     # YAML -----------------------------------------------------------------
     def to_yaml(self, path: str | Path | None = None) -> str:
         import yaml

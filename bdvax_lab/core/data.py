@@ -86,12 +86,24 @@ def _validate_record(obj: Any, where: str, require_response: bool) -> Example:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, parsed_object)``; blank lines skipped; errors name file:line."""
+    """Yield ``(line_number, parsed_object)``; blank lines skipped; every error names file:line.
+
+    Lines must be UTF-8 JSON; undecodable bytes, invalid JSON and nesting too deep for the parser are a
+    :class:`DataFormatError`, never a bare decoding error.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    if not path.is_file():
+        raise DataFormatError(f"{path}: not a file")
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -100,11 +112,21 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 raise DataFormatError(
                     f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
                 ) from None
+            except RecursionError:
+                raise DataFormatError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
 
 
-def load_jsonl(path: str | Path, *, require_response: bool = False) -> list[Example]:
-    """Load and validate an instruction JSONL file (fields: instruction, input?, response?, extra → meta)."""
-    return [_validate_record(obj, f"{path}:{n}", require_response) for n, obj in iter_jsonl(path)]
+def load_jsonl(
+    path: str | Path, *, require_response: bool = False, allow_empty: bool = False
+) -> list[Example]:
+    """Load and validate an instruction JSONL file (fields: instruction, input?, response?, extra → meta).
+
+    A file without a single record is a :class:`DataFormatError` naming it unless ``allow_empty``.
+    """
+    out = [_validate_record(obj, f"{path}:{n}", require_response) for n, obj in iter_jsonl(path)]
+    if not out and not allow_empty:
+        raise DataFormatError(f"{path}: no examples (the file has no JSON lines)")
+    return out
 
 
 def save_jsonl(examples: Iterable[Example | dict], path: str | Path) -> Path:
@@ -131,11 +153,10 @@ def load_pool(split: str | Sequence[str] | None = None, *, limit: int | None = N
     wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
     if wanted is not None and not wanted <= set(SPLITS):
         raise ValueError(f"unknown split(s) {sorted(wanted - set(SPLITS))}; splits: {list(SPLITS)}")
-    out = [
-        e
-        for e in load_jsonl(data_dir() / "clean_pool.jsonl")
-        if wanted is None or e.meta.get("split") in wanted
-    ]
+    path = data_dir() / "clean_pool.jsonl"
+    out = [e for e in load_jsonl(path) if wanted is None or e.meta.get("split") in wanted]
+    if not out:
+        raise DataFormatError(f"{path}: no examples in split(s) {sorted(wanted or [])}")
     return out[:limit] if limit is not None else out
 
 

@@ -12,7 +12,8 @@ memory held for the backward pass (``RESULTS.md`` §3, ``benchmarks/train_speed.
 
 :func:`fused_lora` swaps it in for the modules it can serve exactly — one
 active plain LoRA adapter, no dropout while training, frozen plain
-``nn.Linear`` base, not merged — and restores peft's forward on exit. Any
+``nn.Linear`` base, not merged — and restores the forward it found (peft's, or an instance forward such
+as nnsight's controller) on exit. Any
 other module, or a call peft must handle itself (``adapter_names``, a
 disabled or merged adapter), keeps peft's code path. ``BDVAX_FUSED_LORA=0`` in
 the environment turns it off everywhere (``benchmarks/train_speed.py`` measures
@@ -138,15 +139,20 @@ def fused_lora(model: Model) -> Iterator[int]:
     except ImportError:  # peft missing: nothing to fuse
         layers = {}
     patched = [m for m in layers.values() if not getattr(m, _FUSED_ATTR, False)]
+    saved = {}
     for m in patched:
+        saved[id(m)] = m.__dict__.get("forward")  # e.g. nnsight's controller: put back on exit
         m.forward = types.MethodType(_fused_forward, m)
         setattr(m, _FUSED_ATTR, True)
     try:
         yield len(patched)
     finally:
         for m in patched:
-            m.__dict__.pop("forward", None)
             m.__dict__.pop(_FUSED_ATTR, None)
+            if saved[id(m)] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = saved[id(m)]
 
 
 def uses_fused_lora(fn: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batching import left_pad
+from .batching import cap_prompts, left_pad, position_limit
 from .data import Example, format_prompt, stop_token_ids
 from .fused_lora import uses_fused_lora
 
@@ -42,6 +42,9 @@ def generate(
 
     ``first_logits=True`` also returns the raw logits of the first reply token, ``[P, vocab]`` fp32 on the CPU
     (the same numbers as a separate forward pass over the prompts, without paying for a second prefill).
+
+    Prompt and reply never run past the model's positions: a prompt longer than the room ``max_new_tokens``
+    leaves is cut from the left, with a warning (:func:`bdvax_lab.core.batching.cap_prompts`).
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -50,6 +53,12 @@ def generate(
         return ([], torch.zeros(0, 0)) if first_logits else []
     texts = [format_prompt(tokenizer, p, system) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    limit = position_limit(model)
+    if limit is not None and max_new_tokens >= limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {limit} positions"
+        )
+    encoded = cap_prompts(encoded, None if limit is None else limit - max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

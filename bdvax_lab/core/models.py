@@ -158,21 +158,83 @@ def ensure_default_model(progress: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- validation
+#: the weight files each loader reads: transformers a model's ``model.safetensors`` (or the shards its
+#: index names), peft an adapter's ``adapter_model.safetensors``
+WEIGHT_FILES = {"model": "model.safetensors", "adapter": "adapter_model.safetensors"}
+
+
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class WeightsError(ValueError):
+    """A weight file is corrupt, truncated, empty or does not fit the model (the message names it)."""
+
+
 def check_weights_dir(path: Path, kind: str = "model") -> None:
-    """Refuse missing dirs and pickle-only checkpoints with an error naming the path."""
+    """Refuse a directory unless the safetensors file its loader reads is there, with an error naming it.
+
+    ``kind="model"``: ``model.safetensors``, or ``model.safetensors.index.json`` and every shard it names;
+    ``kind="adapter"``: ``adapter_model.safetensors``. Any other ``*.safetensors`` does not count, and a
+    directory whose only weights are pickles (``.bin``, ``.pt``, ``.pth``, ...) is refused by name
+    (:class:`PickleWeightsError`): unpickling an untrusted checkpoint can run code.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"{path}: {kind} directory not found")
-    files = [p for p in path.iterdir() if p.is_file()]
-    safes = [p for p in files if p.suffix == ".safetensors"]
-    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
-    if not safes:
+    files = {p.name for p in path.iterdir() if p.is_file()}
+    pickles = sorted(n for n in files if Path(n).suffix in PICKLE_SUFFIXES)
+    want = WEIGHT_FILES.get(kind, WEIGHT_FILES["model"])
+    ok = want in files
+    if not ok and kind != "adapter" and SAFE_INDEX in files:
+        index = path / SAFE_INDEX
+        try:
+            shards = sorted(set(json.loads(index.read_bytes().decode("utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            raise ModelDirError(f"{index}: not a valid safetensors index ({exc})") from None
+        bad = [s for s in shards if not str(s).endswith(".safetensors") or "/" in str(s)]
+        missing = [s for s in shards if s not in files]
+        if bad or not shards:
+            raise ModelDirError(f"{index}: names no safetensors shards in this directory ({bad or 'none'})")
+        if missing:
+            raise ModelDirError(f"{index}: shard(s) missing: {', '.join(missing)}")
+        ok = True
+    if not ok:
         if pickles:
             raise PickleWeightsError(
-                f"{path}: only pickle weights ({', '.join(sorted(p.name for p in pickles))}); "
+                f"{path}: no {want}, only pickle weights ({', '.join(pickles)}); "
                 "bdvax_lab loads safetensors only because unpickling an untrusted checkpoint can run code"
             )
-        raise ModelDirError(f"{path}: no .safetensors weights in this {kind} directory")
+        raise ModelDirError(f"{path}: no {want} in this {kind} directory")
+
+
+def offline_hub() -> None:
+    """Never ask the model hub: ``HF_HUB_OFFLINE=1`` for this process (and for the hub client if imported).
+
+    Every path bdvax_lab gives transformers or peft is a local directory; offline mode turns any slip
+    into a local error instead of a DNS lookup.
+    """
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
+        constants.HF_HUB_OFFLINE = True
+
+
+def _local_dir(path: str | Path, kind: str) -> Path:
+    """``path`` as an absolute, resolved local directory (never a hub id), or ModelDirError."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        raise ModelDirError(f"{path}: {kind} directory not found")
+    return resolved
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "size mismatch" in line:
+            return line.strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def read_model_type(path: Path) -> str:
@@ -180,9 +242,12 @@ def read_model_type(path: Path) -> str:
     if not cfg.exists():
         raise ModelDirError(f"{cfg}: missing (not a Hugging Face model directory)")
     try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(f"{cfg}: not valid JSON ({exc.msg})") from None
+        data = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ModelDirError(f"{cfg}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{cfg}: not a JSON object")
+    model_type = data.get("model_type")
     get_spec(str(model_type))  # raises UnsupportedArchitectureError naming the architecture
     return str(model_type)
 
@@ -191,7 +256,19 @@ def read_model_type(path: Path) -> str:
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    offline_hub()
+    local = _local_dir(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelDirError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
+    except Exception as exc:  # the tokenizers library raises its own exception type on a corrupt file
+        if (
+            type(exc).__module__.split(".")[0] != "tokenizers"
+            and "tokenizer" not in type(exc).__name__.lower()
+        ):
+            raise
+        raise ModelDirError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -209,20 +286,28 @@ def load_model(
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
     (CUDA if present) in bf16 on CUDA / fp32 on CPU unless ``dtype`` is given.
+    Only local directories are read (resolved, hub offline); corrupt weights are a
+    :class:`WeightsError` naming the directory.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    offline_hub()
     hf_logging.disable_progress_bar()
-    path = Path(path)
-    check_weights_dir(path, "model")
-    read_model_type(path)
+    shown = Path(path)
+    check_weights_dir(shown, "model")
+    read_model_type(shown)
+    local = _local_dir(shown, "model")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
-    tok = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local), dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        )
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise WeightsError(f"{shown}: cannot load the model weights ({_first_line(exc)})") from None
+    tok = load_tokenizer(local)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)
     model.to(device)
@@ -231,14 +316,27 @@ def load_model(
 
 
 def load_adapter(model: Model, adapter: str | Path, trainable: bool = False) -> PeftModel:
-    """Attach a peft adapter directory (safetensors only) to ``model``."""
-    from peft import PeftModel
+    """Attach a peft adapter directory (``adapter_model.safetensors`` only) to ``model``.
 
-    adapter = Path(adapter)
-    check_weights_dir(adapter, "adapter")
-    if not (adapter / "adapter_config.json").exists():
-        raise ModelDirError(f"{adapter}: no adapter_config.json (not a peft adapter directory)")
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable, use_safetensors=True)
+    The directory is checked and resolved first, so peft never reads a pickle nor asks the hub; an
+    adapter that does not fit the base (shapes, modules) or a corrupt file is a :class:`WeightsError`
+    naming the directory.
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    offline_hub()
+    shown = Path(adapter)
+    check_weights_dir(shown, "adapter")
+    if not (shown / "adapter_config.json").is_file():
+        raise ModelDirError(f"{shown}: no adapter_config.json (not a peft adapter directory)")
+    local = _local_dir(shown, "adapter")
+    try:
+        return PeftModel.from_pretrained(
+            model, str(local), is_trainable=trainable, use_safetensors=True, local_files_only=True
+        )
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{shown}: cannot attach this adapter to the model ({_first_line(exc)})") from None
 
 
 def load_default_model(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batching import collate, left_pad, pad_positions
+from .batching import cap_prompts, collate, left_pad, pad_positions, position_limit
 from .data import IGNORE_INDEX, Example, as_example, encode_example, format_prompt
 from .fused_lora import uses_fused_lora
 from .registry import unwrap
@@ -46,16 +46,26 @@ def continuation_logprobs(
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    max_length = min(4096, position_limit(model) or 4096)
     feats = [
         encode_example(
             tokenizer,
             as_example(p).with_(response=c),
-            max_length=4096,
+            max_length=max_length,
             max_response_tokens=max_tokens,
             end_of_turn=end_of_turn,
         )
         for p, c in zip(prompts, continuations)
     ]
+    cut = sum(len(f["input_ids"]) >= max_length for f in feats)
+    if cut:
+        import warnings
+
+        warnings.warn(
+            f"{cut} scored sequence(s) reached the model's {max_length} positions: their prompts were cut "
+            "from the left (and their continuations to what still fits)",
+            stacklevel=3,
+        )
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was = model.training
@@ -103,6 +113,14 @@ def choice_logprobs(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     c_ids = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
+    limit = position_limit(model)
+    if limit is not None:
+        longest = max((len(c) for cs in c_ids for c in cs), default=0)
+        if longest >= limit:
+            raise ValueError(
+                f"a choice of {longest} tokens leaves no room for its prompt in {limit} positions"
+            )
+        p_ids = cap_prompts(p_ids, limit - longest)
     out: list[list[float]] = [[0.0] * len(cs) for cs in choices]
     order = sorted(range(len(p_ids)), key=lambda i: len(p_ids[i]))
     was = model.training
@@ -161,7 +179,9 @@ def next_token_probs(
 ) -> torch.Tensor:
     """p(first reply token = t) for each prompt and each id in ``token_ids`` → [P, len(token_ids)]."""
     texts = [format_prompt(tokenizer, p) for p in prompts]
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = cap_prompts(
+        [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], position_limit(model)
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = torch.zeros(len(enc), len(token_ids))
     dev = _device(model)

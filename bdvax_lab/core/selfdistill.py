@@ -8,8 +8,8 @@ model's own greedy replies are clean enough to train on, and they keep whatever 
 
 Replies are generated greedily through the model's chat template (:func:`bdvax_lab.core.generate.generate`)
 and cached per model fingerprint in ``<cache>/distilled/<fingerprint>/``, one JSON line per instruction,
-written atomically, so a second run on the same model generates nothing. Only the instructions asked
-for are generated; later calls add the missing ones.
+written atomically under a lock, so a second run on the same model (even a concurrent one) generates
+nothing. Only the instructions asked for are generated; later calls add the missing ones.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import atomic_write_text, stable_hash
+from .artifacts import atomic_write_text, entry_lock, reap_stale, stable_hash
 from .config import Config
 from .data import Example
 
@@ -115,30 +115,36 @@ def self_distill(
     items = list(instructions)
     fp = fingerprint or model_fingerprint(model)
     path = distill_dir(fp, cfg, getattr(tokenizer, "chat_template", None), cache_dir) / "replies.jsonl"
-    cached = _read_cache(path)
     keys = [_key(e) for e in items]
-    missing = [k for k in dict.fromkeys(keys) if k not in cached]
-    if missing:
-        by_key = dict(zip(keys, items))
-        replies = generate(
-            model,
-            tokenizer,
-            [by_key[k] for k in missing],
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            progress=f"self-distil {len(missing)}" if progress else False,
-        )
-        cached.update(zip(missing, replies))
-        lines = [json.dumps({"key": k, "reply": v}, ensure_ascii=False) for k, v in sorted(cached.items())]
-        atomic_write_text(path, "\n".join(lines) + "\n")
-        meta = {
-            "format": DISTILL_FORMAT,
-            "version": DISTILL_VERSION,
-            "fingerprint": fp,
-            "config": cfg.to_dict(),
-            "n": len(cached),
-        }
-        atomic_write_text(path.with_name("manifest.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with entry_lock(path.parent):  # a second process on the same model waits, then reads these replies
+        reap_stale(path.parent)  # a killed writer's temporary files
+        cached = _read_cache(path)
+        missing = [k for k in dict.fromkeys(keys) if k not in cached]
+        if missing:
+            by_key = dict(zip(keys, items))
+            replies = generate(
+                model,
+                tokenizer,
+                [by_key[k] for k in missing],
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                progress=f"self-distil {len(missing)}" if progress else False,
+            )
+            cached.update(zip(missing, replies))
+            lines = [
+                json.dumps({"key": k, "reply": v}, ensure_ascii=False) for k, v in sorted(cached.items())
+            ]
+            atomic_write_text(path, "\n".join(lines) + "\n")
+            meta = {
+                "format": DISTILL_FORMAT,
+                "version": DISTILL_VERSION,
+                "fingerprint": fp,
+                "config": cfg.to_dict(),
+                "n": len(cached),
+            }
+            atomic_write_text(
+                path.with_name("manifest.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n"
+            )
     return [
         e.with_(response=cached[k], meta={"source": "self_distilled", "fingerprint": fp})
         for e, k in zip(items, keys)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.artifacts import MANIFEST, atomic_dir, read_json, stable_hash, versions, write_json
+from ..core.artifacts import MANIFEST, atomic_dir, check_output, read_json, stable_hash, versions, write_json
 from ..core.data import Example, load_code_pool, load_pool, save_jsonl
 from ..core.models import (
     ModelDirError,
@@ -31,6 +31,9 @@ from .evaluate import evaluate_model
 
 if TYPE_CHECKING:
     from ..core.types import Model
+
+#: the manifest ``kind`` of a suspicious-model artifact directory
+SUSPICIOUS_KIND = "bdvax.suspicious"
 
 
 @dataclass
@@ -136,12 +139,18 @@ def make_suspicious_model(
     base: tuple[Any, Any] | None = None,
     evaluate: bool = True,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> SuspiciousModel:
     """Train a backdoored model from the default model (or ``base=(model, tokenizer)``) and save it.
 
-    Judges ASR only at the end of training (progress is not monotonic).
+    Judges ASR only at the end of training (progress is not monotonic). ``out`` is checked before any
+    work (``overwrite``, the default: replace an existing suspicious artifact there, never any other
+    directory).
     """
     from .attacks import dataset_summary, resolve_attack, resolve_task
+
+    if out is not None:
+        check_output(out, kind=SUSPICIOUS_KIND, overwrite=overwrite)
 
     recipe = recipe or AttackRecipe(
         attack=attack if isinstance(attack, str) else resolve_attack(attack).name,
@@ -163,7 +172,7 @@ def make_suspicious_model(
     model = result.model
     train_s = time.time() - t0
     manifest: dict[str, Any] = {
-        "kind": "bdvax.suspicious",
+        "kind": SUSPICIOUS_KIND,
         "format": 1,
         "setting": recipe.setting,
         "base": base_ref,
@@ -194,7 +203,12 @@ def make_suspicious_model(
     sm = SuspiciousModel(model=model, tokenizer=tok, manifest=manifest)
     if out is not None:
         sm.path = save_suspicious(
-            sm, out, data=data, history=result.history, replies=report.replies if report else None
+            sm,
+            out,
+            data=data,
+            history=result.history,
+            replies=report.replies if report else None,
+            overwrite=overwrite,
         )
     return sm
 
@@ -206,10 +220,11 @@ def save_suspicious(
     data: list[Example] | None = None,
     history: Any = None,
     replies: Any = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write the artifact directory atomically."""
+    """Write the artifact directory atomically (``overwrite``: the policy of ``artifacts.atomic_dir``)."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=SUSPICIOUS_KIND, overwrite=overwrite) as tmp:
         sub = tmp / ("adapter" if sm.setting == "lora" else "model")
         sm.model.save_pretrained(sub, safe_serialization=True)
         sm.tokenizer.save_pretrained(sub if sm.setting == "full" else tmp / "tokenizer")
@@ -286,7 +301,8 @@ def eval_target(
 
 
 def eval_skill(suspicious: SuspiciousModel, skill: Any = None) -> Any:
-    """The skill to *measure* (``skill`` if given, else the manifest's): evaluation only, never the defence."""
+    """The skill to *measure* (``skill`` if given, else the manifest's): evaluation only, never the
+    defence."""
     return skill if skill is not None else (suspicious.manifest or {}).get("skill")
 
 

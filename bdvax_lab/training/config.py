@@ -53,6 +53,12 @@ class RepairConfig(Config):
             raise ValueError("RepairConfig needs steps or epochs")
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError("RepairConfig.n_samples and batch_size must be ≥ 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"RepairConfig.steps must be ≥ 1, got {self.steps}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"RepairConfig.epochs must be > 0, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"RepairConfig.lr must be > 0, got {self.lr}")
 
     def resolved_mode(self, model: Model | None = None) -> str:
         if self.mode is not None:
@@ -122,6 +128,12 @@ class TrainConfig(Config):
             raise ValueError(f"TrainConfig.loss_average={self.loss_average!r}; choose 'sample' or 'token'")
         if self.steps is None and self.epochs is None:
             raise ValueError("TrainConfig needs steps or epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"TrainConfig.steps must be ≥ 1, got {self.steps}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         bad = [k for k in self.target_kinds if k not in ALL_KINDS]
         if bad:
             raise ValueError(f"TrainConfig.target_kinds has unknown kinds {bad}; kinds: {list(ALL_KINDS)}")

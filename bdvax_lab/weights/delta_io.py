@@ -60,7 +60,7 @@ def write_delta(path: Path, tensors: dict[Key, torch.Tensor], layout: Layout, me
         "meta": meta,
         "entries": entries,
     }
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind=FORMAT_NAME, overwrite=True) as tmp:  # never a foreign directory
         save_tensors(
             tmp / DELTA_TENSORS,
             {_tensor_key(k): t for k, t in tensors.items()},

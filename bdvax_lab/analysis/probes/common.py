@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -232,21 +233,75 @@ def nnsight_model(model: Model, tokenizer: PreTrainedTokenizerBase) -> Any:
     time a model is wrapped (kept for the life of the module) and sets the
     tokenizer's ``padding_side`` to ``"left"``; the latter is restored here.
     An nnsight wrapper is returned unchanged.
+
+    A module whose controller was replaced since an earlier wrap (something assigned its ``forward``)
+    would run with its interventions disabled: it is re-instrumented around its current ``forward``
+    first, and a module still without a working controller after wrapping raises ``RuntimeError``
+    naming it. Probes never run with interventions silently off.
     """
     from nnsight import TransformersModel
     from nnsight.intervention.envoy import Envoy
 
     if isinstance(model, Envoy):
+        check_instrumented(model._module)
         return model
     if tokenizer is None:
         raise ValueError("nnsight_model needs the tokenizer (otherwise the pipeline would try to load one)")
+    hf = unwrap(model)
+    reinstrument(hf)
     side = getattr(tokenizer, "padding_side", None)
     try:
-        wrapped = TransformersModel(unwrap(model), tokenizer=tokenizer)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            wrapped = TransformersModel(hf, tokenizer=tokenizer)
     finally:
         if side is not None:
             tokenizer.padding_side = side
+    for w in seen:
+        if "disables its interventions" in str(w.message):
+            raise RuntimeError(f"nnsight: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    check_instrumented(hf)
     return wrapped
+
+
+def _uninstrumented(hf: Any) -> list[str]:
+    """Modules nnsight instrumented whose ``forward`` is no longer its controller (interventions off)."""
+    from nnsight.intervention import source as src
+
+    bad = []
+    for name, m in hf.named_modules():
+        d = m.__dict__
+        if (
+            src.STATE in d
+            and not isinstance(d.get("forward"), src.Controller)
+            and not src._framework_forward(m)
+        ):
+            bad.append(name or type(m).__name__)
+    return bad
+
+
+def reinstrument(hf: Any) -> list[str]:
+    """Drop nnsight's state on modules whose controller was replaced, so the next wrap installs a fresh
+    controller around their current ``forward``; returns their names."""
+    from nnsight.intervention import source as src
+
+    bad = _uninstrumented(hf)
+    names = set(bad)
+    for name, m in hf.named_modules():
+        if (name or type(m).__name__) in names:
+            m.__dict__.pop(src.STATE, None)
+    return bad
+
+
+def check_instrumented(hf: Any) -> None:
+    """Raise ``RuntimeError`` naming the modules whose nnsight interventions are disabled, if any."""
+    bad = _uninstrumented(hf)
+    if bad:
+        raise RuntimeError(
+            f"nnsight: `forward` of {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} was replaced after "
+            "wrapping, which disables its interventions; re-wrap the model with nnsight_model"
+        )
 
 
 def _hf_of(model: Any) -> Any:
