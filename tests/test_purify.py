@@ -378,7 +378,7 @@ def test_purify_accepts_precomputed_signature_and_checks_setting(suspicious_mode
 
 
 @pytest.mark.parametrize(
-    "flags, message", [(["--heads", "-3"], "heads must be ≥ 0"), (["--rho", "1.5"], "rho must be in [0, 1]")]
+    "flags, message", [(["--heads", "-3"], "heads must be ≥ 0"), (["--rho", "1.5"], "rho must be in (0, 1]")]
 )
 def test_demo_rejects_a_bad_selection_before_loading_a_model(monkeypatch, capsys, flags, message):
     import bdvax_lab.core.models as models
