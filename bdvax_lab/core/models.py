@@ -122,6 +122,7 @@ def ensure_default_model(progress: bool = True) -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    offline_hub()
     gguf = find_default_gguf()
     t0 = time.time()
     if progress:
