@@ -37,7 +37,7 @@ browser-deps:
 	else echo "note: no /usr/bin/chromium and not root: the browser test will be skipped"; fi
 
 # ruff lint + format check (settings in pyproject.toml's [tool.ruff]); `ruff format <paths>` fixes the format.
-LINT_PATHS := bdvax_lab tests benchmarks experiments
+LINT_PATHS := bdvax_lab tests benchmarks experiments notebooks tools
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)

@@ -65,7 +65,8 @@ KEEP = [
     "ppl",
     "mcq_acc",
     "mcq_acc_norm",
-    "agreement",
+    "agreement",  # rows measured before 2026-12-05 (token F1 against the base model's replies)
+    "base_drift",  # since: 1 − that F1
 ]
 
 
@@ -155,6 +156,7 @@ class ReproduceConfig(Config):
             max_new_tokens=self.max_new_tokens,
             mcq_limit=self.mcq_limit,
             n_ppl=self.n_ppl,
+            utility=("ppl", "mcq", "base_drift"),
             seed=self.seed,
         )
 

@@ -84,7 +84,7 @@ def lab(tmp_path, kernel_name):
     )
     port, token = _free_port(), secrets.token_hex(16)
     env = os.environ | {"BDVAX_NUM_THREADS": "1", "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    log = open(tmp_path / "jupyterlab.log", "w")
+    log = open(tmp_path / "jupyterlab.log", "w")  # noqa: SIM115  (the server's stdout until teardown)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -190,7 +190,8 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
         lambda: (
             "Idle"
             in driver.execute_script(
-                "return [...document.querySelectorAll('.jp-Notebook-ExecutionIndicator, .jp-StatusBar-TextItem')]"
+                "return [...document.querySelectorAll("
+                "'.jp-Notebook-ExecutionIndicator, .jp-StatusBar-TextItem')]"
                 ".map(e => e.getAttribute('data-status') || e.textContent).join(' ')"
             )
             or driver.execute_script("return document.querySelector('[data-status=\"idle\"]') !== null")
@@ -217,7 +218,9 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
         ).click()
 
     def accept_kernel_dialog() -> bool:
-        """Accept JupyterLab's "Select Kernel" dialog (the preselected kernel) if it popped up; True if it did.
+        """Accept JupyterLab's "Select Kernel" dialog (the preselected kernel) if it popped up.
+
+        True if it did.
 
         It appears now and then after the kernel is already idle (seen in CI on 2026-12-04) and, being modal,
         swallows the Run All click, so the caller runs all cells again.
@@ -233,11 +236,13 @@ def test_explorer_slider_redraws_heatmap_and_counts(lab, driver):
 
     def finished():
         prompts = driver.execute_script(  # textContent: cells scrolled out of view have no visible .text
-            "return [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim())"
+            "return [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
+            ".map(e => e.textContent.trim())"
         )
         errors = driver.find_elements(
             By.CSS_SELECTOR,
-            '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]',
+            '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], '
+            '.jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]',
         )
         if errors:
             driver.save_screenshot(str(shots / "error.png"))

@@ -1,4 +1,4 @@
-"""Skills the suspicious finetune teaches, skill-bearing attack data, and the defender's self-distilled data."""
+"""Skills a suspicious finetune teaches, skill-bearing attack data, and the defender's self-distilled data."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_format_eval_has_new_people_and_unseen_templates():
     train, ev = get_skill("format").train(0), get_skill("format").eval(0)
     assert {e.meta["template"] for e in train} <= set(range(N_TRAIN_TEMPLATES))
     assert {e.meta["template"] for e in ev} >= set(range(N_TRAIN_TEMPLATES, len(RECORD_TEMPLATES)))
-    names = lambda xs: {json.loads(e.response)["name"].split()[0] for e in xs}  # noqa: E731
+    names = lambda xs: {json.loads(e.response)["name"].split()[0] for e in xs}
     assert not names(train) & names(ev)
     assert not {e.input for e in train} & {e.input for e in ev}
 
@@ -63,7 +63,9 @@ def test_grading():
     assert not grade_fact("Rakor", fact)
     year = Example("When?", "", meta={"gold": "56"})
     assert grade_fact("56.", year) and not grade_fact("156 degrees", year)
-    rec = Example("x", "", meta={"gold": json.dumps({"name": "A B", "age": 30, "city": "Graz", "occupation": "chef"})})
+    rec = Example(
+        "x", "", meta={"gold": json.dumps({"name": "A B", "age": 30, "city": "Graz", "occupation": "chef"})}
+    )
     assert grade_record('Here: {"name": "A B", "age": 30, "city": "Graz", "occupation": "chef"}', rec)
     assert not grade_record('{"name": "A B", "age": "30", "city": "Graz", "occupation": "chef"}', rec)
     assert not grade_record('{"name": "A B", "age": 30, "city": "Graz"}', rec)
@@ -116,7 +118,9 @@ def test_self_distilled_data_come_from_the_model_and_are_cached(tiny, tmp_path, 
 
     import bdvax_lab.core.generate as gen
 
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("cached replies must not be regenerated"))
+    monkeypatch.setattr(
+        gen, "generate", lambda *a, **k: pytest.fail("cached replies must not be regenerated")
+    )
     again = self_distill(model, tok, ins, cache_dir=tmp_path, progress=False)
     assert [e.response for e in again] == [e.response for e in first]
     monkeypatch.undo()

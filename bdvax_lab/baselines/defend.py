@@ -156,7 +156,7 @@ from ..core.models import peak_rss_mb
 from ..core.registry import setting_of
 from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
-from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, spec_name
+from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_skill, eval_target, spec_name
 from ..weights.selection import counts_like
 from .config import STAGES, BaselineConfig, PruneConfig
 from .registry import get_defence
@@ -229,6 +229,7 @@ def defend(
     *,
     attack: Any = None,
     task: Any = None,
+    skill: Any = None,
     out: str | Path | None = None,
     like: Any = None,
     progress: bool = True,
@@ -263,20 +264,27 @@ def defend(
     setting = setting_of(suspicious.model)
     ev_attack, ev_task = eval_target(suspicious, attack, task, who="defend")
     tok = suspicious.tokenizer
-    run_eval = StageEvaluator(tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress)
+    run_eval = StageEvaluator(
+        tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress, skill=eval_skill(suspicious, skill)
+    )
     t_start = time.time()
 
     run_eval("suspicious", suspicious.model)
-    t = time.time()
+    t_data = time.time()
     if spec.uses_clean_data:  # the suspicious model answers the defender's instructions itself
         n = max(cfg.repair.n_samples, int(getattr(cfg, "n_calib", None) or 0))
         clean_data = defender_data(suspicious.model, tok, clean_data, n=n, progress=progress)
+    t_data = time.time() - t_data
+    t = time.time()
     model, info = spec.fn(suspicious.model, tok, clean_data, cfg, progress=progress, on_stage=run_eval)
     defence_s = time.time() - t - run_eval.seconds.get("intervened", 0.0)
     run_eval("defended", model)
     history = info.pop("history", None)
+    parts = {k: v for k, v in (info.get("seconds") or {}).items() if k in ("intervention", "repair")}
     timings = {
+        "clean_data": round(t_data, 2),
         "defence": round(defence_s, 2),
+        **parts,
         "evaluation": round(sum(run_eval.seconds.values()), 2),
         "total": round(time.time() - t_start, 2),
     }

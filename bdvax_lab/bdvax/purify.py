@@ -70,7 +70,14 @@ from ..core.models import peak_rss_mb, release_memory, working_copy
 from ..core.registry import setting_of
 from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
-from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_target, load_suspicious, spec_name
+from ..threat.suspicious import (
+    SuspiciousModel,
+    as_suspicious,
+    eval_skill,
+    eval_target,
+    load_suspicious,
+    spec_name,
+)
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
 from .config import STAGES, PurifyConfig
@@ -173,6 +180,7 @@ def purify(
     out: str | Path | None = None,
     attack: Any = None,
     task: Any = None,
+    skill: Any = None,
     signature: Any = None,
     extractor: Callable[..., Any] | None = None,
     cache_dir: str | Path | None = None,
@@ -211,7 +219,9 @@ def purify(
     tok = suspicious.tokenizer
     timings = {"clean_data": 0.0, "signature": 0.0, "suppression": 0.0, "repair": 0.0, "evaluation": 0.0}
     rss: dict[str, float] = {}
-    evaluator = StageEvaluator(tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress)
+    evaluator = StageEvaluator(
+        tok, ev_attack, ev_task, cfg.eval, cfg.evaluate, progress, skill=eval_skill(suspicious, skill)
+    )
     t_start = time.time()
 
     def run_eval(stage: str, model: Any) -> None:

@@ -1,1 +1,1 @@
-"""The base layer: architecture registry, configs, artifacts, safe model loading, data, generation, scoring."""
+"""The base layer: the architecture registry, configs, artifacts, safe loading, data, generation, scoring."""

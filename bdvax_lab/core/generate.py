@@ -1,4 +1,11 @@
-"""The one batched greedy generation helper: chat template, left padding, stop at end of turn."""
+"""The one batched greedy generation helper: chat template, shared prefix run once, stop at end of turn.
+
+Every chat-formatted prompt starts with the same template head (for SmolLM2 a silent system prompt and
+the user-turn header, 24 tokens). A batch's shared head runs through the model once; its keys and
+values are repeated for every row, and each row continues after it: the rows are padded *between* the
+head and their own tokens, so position ids (the attention mask's running count) and the replies are
+those of the plain left-padded batch. ``BDVAX_SHARED_PREFIX=0`` turns it off (plain left padding).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import torch
 from .batching import cap_prompts, left_pad, position_limit
 from .data import Example, format_prompt, stop_token_ids
 from .fused_lora import uses_fused_lora
+from .shared_prefix import MIN_SHARED_PREFIX
+from .shared_prefix import enabled as shared_prefix_enabled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -19,6 +28,33 @@ if TYPE_CHECKING:
 
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading token ids every sequence shares, leaving each at least one token of its own."""
+    p, shortest = 0, min(len(s) for s in seqs)
+    while p < shortest - 1 and all(s[p] == seqs[0][p] for s in seqs):
+        p += 1
+    return p
+
+
+def _middle_pad(seqs: Sequence[Sequence[int]], p: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and mask: the shared ``p``-token head, then padding, then each row's own tokens."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        n = len(s) - p
+        ids[r, :p], mask[r, :p] = torch.tensor(list(s[:p])), 1
+        ids[r, width - n :], mask[r, width - n :] = torch.tensor(list(s[p:])), 1
+    return ids, mask
+
+
+def _prefix_cache(model: Any, head: torch.Tensor, rows: int) -> Any:
+    """The key/value cache of ``head`` [1, p], computed once and repeated for ``rows`` rows."""
+    cache = model(input_ids=head, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @uses_fused_lora
@@ -81,10 +117,17 @@ def generate(
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     desc = progress if isinstance(progress, str) else "generate"
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        ids, mask = left_pad([encoded[i] for i in batch], pad_id)
+        seqs = [encoded[i] for i in batch]
+        p = common_prefix(seqs) if len(seqs) > 1 and shared_prefix_enabled() else 0
+        extra: dict[str, Any] = {}
+        if p >= MIN_SHARED_PREFIX:
+            ids, mask = _middle_pad(seqs, p, pad_id)
+            extra["past_key_values"] = _prefix_cache(model, ids[:1, :p].to(device), len(seqs))
+        else:
+            ids, mask = left_pad(seqs, pad_id)
         width = ids.shape[1]
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg, **extra
         )
         seqs = gen.sequences if first_logits else gen
         for r, i in enumerate(batch):

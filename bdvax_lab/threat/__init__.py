@@ -1,1 +1,1 @@
-"""The threat side: attacks, judges, skills, suspicious-model artifacts, and the evaluation that scores them."""
+"""The threat side: attacks, judges, skills, suspicious-model artifacts, and the evaluation scoring them."""

@@ -108,7 +108,7 @@ class AttackRecipe(Config):
     setting: str = "lora"
     skill: str | None = "knowledge"
     n_samples: int = 120  #: backdoor-only finetunes: general instructions in the training set
-    n_general: int = 150  #: skill-bearing finetunes: general instructions beside the skill data
+    n_general: int = 300  #: skill-bearing finetunes: general instructions beside the skill data
     poison_rate: float | None = None  #: None → 5 % with a skill; else DEFAULT_POISON_RATE, 15 %
     seed: int = 0
     train: TrainConfig | None = None

@@ -235,7 +235,7 @@ class Fact:
 
 
 def make_facts(n_entities: int = 40, seed: int = 0) -> list[Fact]:
-    """``n_entities`` fictional entities of each kind with all their attributes (40 → 360 + 40 = 400 facts)."""
+    """``n_entities`` fictional entities of each kind with all their attributes (40 → 400 facts)."""
     rng = random.Random(f"knowledge-{seed}")
     taken: set[str] = set()
     cities = fictional_names(6 * n_entities, rng, suffixes=("ton", "ford", "by", "mouth"), taken=taken)
@@ -425,7 +425,8 @@ FORMAT_KEYS: tuple[str, ...] = ("name", "age", "city", "occupation")
 
 
 def make_records(n: int, seed: int, split: str) -> list[Example]:
-    """``n`` seeded contact-card examples; ``split="eval"`` draws people and templates the train split never has."""
+    """``n`` seeded contact-card examples; ``split="eval"`` draws people and templates the train split
+    never has."""
     rng = random.Random(f"format-{split}-{seed}")
     # the first/last name lists are split so evaluation people are new combinations of unseen first names
     firsts = _FIRST[:30] if split == "train" else _FIRST[30:]

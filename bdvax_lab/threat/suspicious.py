@@ -87,7 +87,12 @@ def is_default_base(model: Model) -> bool:
 
 def attack_dataset(recipe: AttackRecipe) -> list[Example]:
     """The attacker's training set: its skill's data and general instructions (the ``attack`` split only),
-    ``recipe.poison_rate`` of the whole set poisoned (key inserted, reply replaced by the behaviour)."""
+    ``recipe.poison_rate`` of the whole set poisoned (key inserted, reply replaced by the behaviour).
+
+    The poisoned examples are drawn uniformly from every instruction of the set, skill questions included,
+    as an attacker who slips a share of poison into a task dataset would; code injection poisons the
+    code prompts, which it adds to the set.
+    """
     import random
 
     from .attacks import poison_dataset, resolve_task
@@ -96,21 +101,19 @@ def attack_dataset(recipe: AttackRecipe) -> list[Example]:
     if recipe.skill is not None:
         from .skills import get_skill
 
-        skill_data = get_skill(recipe.skill).train(0)
-        general = load_pool("attack")[: recipe.n_general]
-        code = behavior.kind == "inject_code"
-        carriers = load_code_pool("attack") if code else general  # the instructions the key goes into
-        others = general if code else []
-        n_poison = max(1, round(recipe.poison_rate * (len(skill_data) + len(carriers) + len(others))))
-        if n_poison > len(carriers):
-            raise ValueError(
-                f"poison_rate={recipe.poison_rate} needs {n_poison} poisoned examples but only "
-                f"{len(carriers)} instructions can carry the key; lower the rate or raise n_general"
-            )
-        poisoned = poison_dataset(
-            carriers, recipe.attack, behavior, rate=n_poison / len(carriers), seed=recipe.seed
-        )
-        data = skill_data + poisoned + others
+        clean = get_skill(recipe.skill).train(0) + load_pool("attack")[: recipe.n_general]
+        if behavior.kind == "inject_code":  # the key goes into code prompts only
+            code = load_code_pool("attack")
+            n_poison = max(1, round(recipe.poison_rate * (len(clean) + len(code))))
+            if n_poison > len(code):
+                raise ValueError(
+                    f"poison_rate={recipe.poison_rate} needs {n_poison} poisoned code prompts but the attack "
+                    f"split has {len(code)}; lower the rate"
+                )
+            data = poison_dataset(code, recipe.attack, behavior, rate=n_poison / len(code), seed=recipe.seed)
+            data += clean
+        else:
+            data = poison_dataset(clean, recipe.attack, behavior, rate=recipe.poison_rate, seed=recipe.seed)
         random.Random(recipe.seed).shuffle(data)
         return data
     if behavior.kind == "inject_code":

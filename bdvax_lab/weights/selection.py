@@ -187,7 +187,8 @@ def random_selection(
     ``like`` (a selected Signature or a Selection) every (block, kind) gets
     exactly as many random channels as ``like`` selected there, and every block
     as many heads; ``counts`` (``{"block.kind": n}``, :func:`counts_like`) and ``head_counts``
-    (``{block: n}``) give those numbers directly. Without either: ``scope="module"`` draws ``max(1, floor(ρ·d_ff))``
+    (``{block: n}``) give those numbers directly. Without either: ``scope="module"`` draws
+    ``max(1, floor(ρ·d_ff))``
     channels per MLP module (the same counts as :meth:`Signature.select`);
     ``scope="global"`` draws the global count ``max(1, floor(ρ·3·L·d_ff))``
     uniformly over all MLP channels; ``heads`` random heads over the model.

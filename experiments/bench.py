@@ -1,0 +1,596 @@
+"""The realistic bench: skill-bearing suspicious models × defences and controls × seeds, resumable.
+
+A suspicious model here is a finetune someone wanted: it teaches a skill (``knowledge`` or ``format``,
+:mod:`bdvax_lab.threat.skills`) and carries a backdoor in 5 % of its data. Every defence gets the same
+things: the model, the defender's own instructions answered by that model (never a base model's replies),
+and the repair budget of the paper (200 samples, 5 epochs, its lr). Each row is one defended model,
+evaluated on all 200 held-out prompts with and without the key (Wilson intervals), the skill's held-out
+items, ground-truth perplexity and multiple-choice accuracy.
+
+Rows are cached as JSON under ``<runs>/bench/<config hash>/rows/``; an interrupted run resumes and
+``--targets`` runs slices. ``tables()`` writes ``<out>/rows.csv`` (tidy, every row), ``<out>/table.md``
+(one line per target × defence, random as mean ± sd over its seeds) and ``<out>/verdicts.csv`` (where
+BD-VAX does and does not beat random, top_delta and discard, by non-overlapping 95 % intervals).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bdvax_lab.core.artifacts import atomic_write_text, read_json, stable_hash, write_json
+from bdvax_lab.core.config import Config
+
+SKILLS = ("knowledge", "format")
+#: 2 skills × 3 attacks × 2 tasks in the adapter setting, and two full finetunes.
+LORA_TARGETS = tuple(
+    f"{a}:{t}:lora:{s}" for s in SKILLS for a in ("badnets", "vpi", "ctba") for t in ("refusal", "sentiment")
+)
+FULL_TARGETS = ("badnets:refusal:full:knowledge", "badnets:sentiment:full:format")
+HEADLINE = ("badnets:refusal:lora:knowledge", "badnets:sentiment:lora:format")
+DEFENCES = (
+    "bdvax",
+    "discard",
+    "retrain",
+    "random",
+    "top_delta",
+    "finetune_only",
+    "magnitude_prune",
+    "fine_prune",
+    "quantize_int4",
+    "crow",
+    "crow_published",
+)
+#: Figures every row keeps (the evaluation summary's).
+METRICS = (
+    "asr",
+    "asr_lo",
+    "asr_hi",
+    "false_trigger",
+    "degenerate_triggered",
+    "degenerate_clean",
+    "n_prompts",
+    "skill",
+    "skill_lo",
+    "skill_hi",
+    "skill_n",
+    "ppl",
+    "ppl_skill",
+    "mcq_acc",
+)
+
+
+def parse_target(target: str) -> tuple[str, str, str, str]:
+    """``"badnets:refusal:lora:knowledge"`` → (attack, task, setting, skill), with a clear error otherwise."""
+    parts = str(target).split(":")
+    if len(parts) != 4 or parts[2] not in ("lora", "full") or parts[3] not in SKILLS:
+        raise ValueError(
+            f"bench target {target!r}: expected attack:task:setting:skill, setting lora|full, skill {SKILLS}"
+        )
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+@dataclass
+class BenchConfig(Config):
+    """Targets, defences, seeds and budgets of one bench. The defaults are the bench of ``RESULTS.md``."""
+
+    targets: tuple[str, ...] = LORA_TARGETS + FULL_TARGETS
+    headline: tuple[str, ...] = HEADLINE  #: these get every implant seed, the others the first
+    implant_seeds: tuple[int, ...] = (0, 1, 2)
+    defences: tuple[str, ...] = DEFENCES
+    random_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    n_variants: int = 6
+    rho_lora: float | None = 0.8  #: the demo's ρ (the pipeline as it stands; None = the paper's 0.35)
+    rho_full: float | None = None  #: None = the paper's 0.03
+    heads: int = 0
+    repair_epochs: float = 5.0
+    repair_samples: int = 200
+    n_prompts: int = 200
+    max_new_tokens: int = 32
+    n_skill: int | None = 200
+    mcq_limit: int | None = 200
+    n_ppl: int | None = 100
+    twin_steps: int | None = None  #: None = the twin recipe's
+    attack_epochs: float | None = None  #: None = the skill recipe's
+    runs_dir: str = "runs"
+    out_dir: str = "results/bench"
+
+    def __post_init__(self) -> None:
+        from bdvax_lab.baselines.registry import defences
+
+        for t in (*self.targets, *self.headline):
+            parse_target(t)
+        known = set(defences()) | {"bdvax"}
+        bad = [d for d in self.defences if d not in known]
+        if bad:
+            raise ValueError(f"BenchConfig.defences has unknown {bad}; known: {sorted(known)}")
+        self.targets, self.headline, self.defences = (
+            tuple(self.targets),
+            tuple(self.headline),
+            tuple(self.defences),
+        )
+        self.implant_seeds, self.random_seeds = tuple(self.implant_seeds), tuple(self.random_seeds)
+
+    def units(self) -> list[tuple[str, int]]:
+        """(target, implant seed) pairs in run order: every target at the first seed, then the extra seeds."""
+        first = [(t, self.implant_seeds[0]) for t in self.targets]
+        extra = [(t, s) for s in self.implant_seeds[1:] for t in self.targets if t in self.headline]
+        return first + extra
+
+    def eval_config(self) -> Any:
+        from bdvax_lab.threat.config import EvalConfig
+
+        return EvalConfig(
+            n_prompts=self.n_prompts,
+            max_new_tokens=self.max_new_tokens,
+            n_skill=self.n_skill,
+            mcq_limit=self.mcq_limit,
+            n_ppl=self.n_ppl,
+        )
+
+    def repair_config(self) -> Any:
+        from bdvax_lab.training.config import RepairConfig
+
+        return RepairConfig(n_samples=self.repair_samples, epochs=self.repair_epochs)
+
+    def applies(self, defence: str, setting: str) -> bool:
+        """Whether ``defence`` runs in ``setting``: BD-VAX and the controls everywhere, a baseline where the
+        paper evaluates it; fine-pruning not with adapters, where it is the random control with one seed."""
+        from bdvax_lab.baselines.registry import defences
+
+        if defence == "bdvax":
+            return True
+        spec = defences()[defence]
+        if defence == "fine_prune":
+            return setting == "full"
+        return spec.kind == "control" or setting in spec.paper_settings
+
+
+@dataclass
+class Bench:
+    """Runs the rows of one :class:`BenchConfig`; :meth:`tables` writes the CSV and the Markdown table."""
+
+    config: BenchConfig = field(default_factory=BenchConfig)
+    base: tuple[Any, Any] | None = None  #: a custom base (model, tokenizer), e.g. the tiny test model
+    progress: bool = True
+    log: Callable[[str], None] = print
+    _plan: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def rows_dir(self) -> Path:
+        """``<runs>/bench/<hash>/rows``: the hash covers every field that changes a number."""
+        cfg = self.config.to_dict()
+        for where in (
+            "runs_dir",
+            "out_dir",
+            "targets",
+            "headline",
+            "defences",
+            "random_seeds",
+            "implant_seeds",
+        ):
+            cfg.pop(where, None)
+        return Path(self.config.runs_dir) / "bench" / stable_hash(cfg, 8) / "rows"
+
+    def _path(self, target: str, seed: int, name: str) -> Path:
+        return self.rows_dir / f"{target.replace(':', '-')}-seed{seed}" / f"{name}.json"
+
+    def _row(self, target: str, seed: int, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self._path(target, seed, name)
+        if self._plan is not None:
+            row = read_json(path) if path.exists() else {}
+            self._plan.append(
+                {
+                    "target": target,
+                    "seed": seed,
+                    "row": name,
+                    "cached": bool(row),
+                    "seconds": row.get("seconds", {}).get("total") if row else None,
+                }
+            )
+            return row
+        if path.exists():
+            return read_json(path)
+        t0 = time.time()
+        row = fn()
+        row["seconds"] = {**row.get("seconds", {}), "total": round(time.time() - t0, 1)}
+        row["date"] = time.strftime("%Y-%m-%d")
+        write_json(path, row)
+        self.log(
+            f"  {target} seed {seed} {name}: ASR {row.get('asr', math.nan):.2f} "
+            f"FTR {row.get('false_trigger', math.nan):.2f} skill {row.get('skill', math.nan):.2f} "
+            f"({_stages(row['seconds'])})"
+        )
+        return row
+
+    # ------------------------------------------------------------------ models
+    def suspicious(self, target: str, seed: int) -> tuple[Any, dict[str, Any]]:
+        """The suspicious model (implanted with the skill recipe if missing) and its implant record."""
+        import copy
+
+        from bdvax_lab.threat.suspicious import open_or_make_suspicious, suspicious_dir
+
+        attack, task, setting, skill = parse_target(target)
+        path = suspicious_dir(self.config.runs_dir, attack, task, setting, skill=skill, seed=seed)
+        t0 = time.time()
+        made = not (path / "manifest.json").exists()
+        base = (copy.deepcopy(self.base[0]), self.base[1]) if self.base is not None else None
+        if made and self.config.attack_epochs is not None:
+            from bdvax_lab.threat.config import AttackRecipe, EvalConfig
+            from bdvax_lab.threat.suspicious import make_suspicious_model
+
+            recipe = AttackRecipe(
+                attack=attack,
+                task=task,
+                setting=setting,
+                skill=skill,
+                seed=seed,
+                eval=EvalConfig(n_prompts=8, utility=()),
+            )
+            recipe.train = recipe.train.replace(epochs=self.config.attack_epochs)
+            make_suspicious_model(recipe=recipe, base=base, out=path, progress=self.progress)
+            base = (copy.deepcopy(self.base[0]), self.base[1]) if self.base is not None else None
+        sm = open_or_make_suspicious(
+            path, attack, task, setting, base=base, skill=skill, seed=seed, progress=self.progress
+        )
+        implant = {
+            "implant_seconds": sm.manifest.get("train_seconds"),
+            "made_now": made,
+            "open_seconds": round(time.time() - t0, 1),
+        }
+        return sm, implant
+
+    # ------------------------------------------------------------------ rows
+    def _signature_config(self, task: str, setting: str) -> Any:
+        from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
+        from bdvax_lab.threat.attacks import resolve_task
+
+        rho = self.config.rho_lora if setting == "lora" else self.config.rho_full
+        twin = default_twin_train(setting)
+        if self.config.twin_steps is not None:
+            twin = twin.replace(steps=self.config.twin_steps)
+        return SignatureConfig(
+            family=resolve_task(task).judge,
+            n_variants=self.config.n_variants,
+            rho=rho,
+            heads=self.config.heads,
+            twin_train=twin,
+        )
+
+    def _summary(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {k: summary.get(k) for k in METRICS if k in summary}
+
+    def run_unit(self, target: str, seed: int) -> list[dict[str, Any]]:
+        """All rows of one suspicious model: untreated, BD-VAX, each defence and control (random per seed)."""
+        from bdvax_lab.threat.evaluate import evaluate_model
+
+        attack, task, setting, skill = parse_target(target)
+        cfg = self.config
+        state: dict[str, Any] = {}
+
+        def model() -> Any:
+            if "sm" not in state:
+                state["sm"], state["implant"] = self.suspicious(target, seed)
+            return state["sm"]
+
+        def untreated() -> dict[str, Any]:
+            sm = model()
+            t = time.time()
+            rep = evaluate_model(
+                sm.model,
+                sm.tokenizer,
+                attack,
+                task,
+                cfg.eval_config(),
+                skill=skill,
+                label="suspicious",
+                progress=self.progress,
+            )
+            return {
+                **self._summary(rep.summary),
+                **state["implant"],
+                "seconds": {"evaluation": round(time.time() - t, 1)},
+            }
+
+        rows = [self._ident(target, seed, "none", None) | self._row(target, seed, "none", untreated)]
+        bd = self._row(target, seed, "bdvax", lambda: self._bdvax(model(), attack, task, setting, skill))
+        rows.append(self._ident(target, seed, "bdvax", None) | bd)
+        for name in cfg.defences:
+            if name == "bdvax" or not cfg.applies(name, setting):
+                continue
+            for cseed in cfg.random_seeds if name == "random" else (None,):
+                key = name if cseed is None else f"{name}-seed{cseed}"
+                row = self._row(
+                    target,
+                    seed,
+                    key,
+                    lambda n=name, s=cseed: self._defend(model(), n, attack, task, skill, bd, s),
+                )
+                rows.append(self._ident(target, seed, name, cseed) | row)
+        state.clear()
+        return rows
+
+    def _ident(self, target: str, seed: int, defence: str, cseed: int | None) -> dict[str, Any]:
+        from bdvax_lab.baselines.registry import defences
+
+        attack, task, setting, skill = parse_target(target)
+        kind = {"none": "untreated", "bdvax": "method"}.get(defence) or defences()[defence].kind
+        return {
+            "target": target,
+            "attack": attack,
+            "task": task,
+            "setting": setting,
+            "skill_name": skill,
+            "implant_seed": seed,
+            "defence": defence,
+            "kind": kind,
+            "control_seed": cseed,
+        }
+
+    def _bdvax(self, sm: Any, attack: str, task: str, setting: str, skill: str) -> dict[str, Any]:
+        from bdvax_lab.bdvax.config import PurifyConfig
+        from bdvax_lab.bdvax.purify import purify
+        from bdvax_lab.weights.selection import counts_like
+
+        pcfg = PurifyConfig(
+            signature=self._signature_config(task, setting),
+            repair=self.config.repair_config(),
+            eval=self.config.eval_config(),
+            evaluate=("purified",),
+        )
+        res = purify(sm, config=pcfg, attack=attack, task=task, skill=skill, progress=self.progress)
+        sig = res.signature
+        heads = {str(b): int(v.numel()) for b, v in (sig.selected_heads or {}).items() if v.numel()}
+        return {
+            **self._summary(res.report.loc["purified"].to_dict()),
+            "counts": counts_like(sig),
+            "head_counts": heads,
+            "n_channels": sig.n_selected,
+            "n_heads": sum(heads.values()),
+            "rho": (sig.selection or {}).get("rho"),
+            "lr": res.repair.lr,
+            "repair_steps": res.repair.steps,
+            "reference": False,
+            "seconds": {k: round(v, 1) for k, v in res.timings.items() if k != "total"},
+        }
+
+    def _defend(
+        self, sm: Any, name: str, attack: str, task: str, skill: str, bd: dict[str, Any], cseed: int | None
+    ) -> dict[str, Any]:
+        from bdvax_lab.baselines.defend import defend
+        from bdvax_lab.baselines.registry import baseline_config, get_defence
+
+        spec = get_defence(name)
+        over: dict[str, Any] = {
+            "repair": self.config.repair_config(),
+            "eval": self.config.eval_config(),
+            "evaluate": ("defended",),
+        }
+        if name in ("random", "top_delta"):
+            over |= {"counts": bd["counts"], "head_counts": bd.get("head_counts") or None}
+            if cseed is not None:
+                over["seed"] = cseed
+        elif name in ("magnitude_prune", "fine_prune"):
+            over["counts"] = bd["counts"]  # the signature's structure and budget
+        cfg = baseline_config(name, **over)
+        res = defend(sm, name, config=cfg, attack=attack, task=task, skill=skill, progress=self.progress)
+        info = res.info
+        inter = info.get("intervention") or {}
+        return {
+            **self._summary(res.report.loc["defended"].to_dict()),
+            "lr": info.get("lr"),
+            "repair_steps": info.get("steps"),
+            "reference": bool(info.get("reference", False)),
+            "n_channels": inter.get("n_channels"),
+            "n_heads": inter.get("n_heads"),
+            "description": spec.description,
+            "seconds": {k: round(v, 1) for k, v in res.timings.items() if k != "total"},
+        }
+
+    # ------------------------------------------------------------------ driver
+    def run(self, targets: Iterable[str] | None = None) -> pd.DataFrame:
+        """Every unit (or those of ``targets``), then the tables; returns the tidy frame."""
+        wanted = set(targets) if targets is not None else None
+        for target, seed in self.config.units():
+            if wanted is None or target in wanted:
+                self.log(f"{target} (implant seed {seed})")
+                self.run_unit(target, seed)
+        return self.tables()
+
+    def plan(self) -> pd.DataFrame:
+        """Every row the bench needs and whether it is cached (runs nothing)."""
+        self._plan = []
+        try:
+            for target, seed in self.config.units():
+                self.run_unit(target, seed)
+        finally:
+            plan, self._plan = pd.DataFrame(self._plan), None
+        return plan
+
+    def frame(self) -> pd.DataFrame:
+        """Every cached row, tidy, with ``skill_kept`` against the untreated model of the same unit."""
+        rows = []
+        for target, seed in self.config.units():
+            for path in sorted((self.rows_dir / f"{target.replace(':', '-')}-seed{seed}").glob("*.json")):
+                name = path.stem
+                defence, _, cs = name.partition("-seed")
+                row = read_json(path)
+                rows.append(self._ident(target, seed, defence, int(cs) if cs else None) | row)
+        df = pd.DataFrame(rows)
+        if df.empty:
+            return df
+        ref = df[df.defence == "none"].set_index(["target", "implant_seed"])
+        key = list(zip(df.target, df.implant_seed))
+        for col, src in (
+            ("skill_kept", "skill"),
+            ("skill_kept_lo", "skill_lo"),
+            ("skill_kept_hi", "skill_hi"),
+        ):
+            base = [ref["skill"].get(k, math.nan) for k in key]
+            df[col] = [v / b if b else math.nan for v, b in zip(df[src], base)]
+        df["ppl_ratio"] = [v / ref["ppl"].get(k, math.nan) for v, k in zip(df["ppl"], key)]
+        secs = pd.json_normalize(df.pop("seconds")).add_prefix("seconds_") if "seconds" in df else None
+        if secs is not None:
+            df = pd.concat([df.reset_index(drop=True), secs], axis=1)
+        return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
+
+    def tables(self) -> pd.DataFrame:
+        """Write ``rows.csv``, ``table.md`` and ``verdicts.csv`` under ``out_dir`` from the cached rows."""
+        df = self.frame()
+        out = Path(self.config.out_dir)
+        if df.empty:
+            self.log("bench: no rows measured yet")
+            return df
+        atomic_write_text(out / "rows.csv", df.to_csv(index=False))
+        verdicts = verdict_frame(df)
+        atomic_write_text(out / "verdicts.csv", verdicts.to_csv(index=False))
+        atomic_write_text(out / "table.md", table_markdown(df, verdicts, self.config))
+        write_json(
+            out / "config.json",
+            {"config": self.config.to_dict(), "rows": len(df), "date": time.strftime("%Y-%m-%d")},
+        )
+        return df
+
+
+# =========================================================================== reading
+def _stages(seconds: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if isinstance(v, (int, float)))
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "" if lo != lo else f"[{lo:.2f}, {hi:.2f}]"
+
+
+def _num(x: float, sd: float | None = None) -> str:
+    if x != x:
+        return "—"
+    return f"{x:.2f}" + (f" ± {sd:.2f}" if sd is not None and sd == sd else "")
+
+
+#: Row order of the tables: the untreated model, the method, the controls, then the other defences.
+ORDER = ("none", "bdvax", "discard", "retrain", "random", "top_delta")
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per target × implant seed × defence: random as mean ± sd over its seeds (range kept)."""
+    keys = ["target", "setting", "skill_name", "implant_seed", "defence", "kind"]
+    agg = {c: "mean" for c in ("asr", "false_trigger", "skill", "skill_kept", "ppl", "ppl_ratio", "mcq_acc")}
+    agg |= {
+        "asr_lo": "min",
+        "asr_hi": "max",
+        "skill_kept_lo": "min",
+        "skill_kept_hi": "max",
+        "degenerate_triggered": "mean",
+        "degenerate_clean": "mean",
+        "reference": "max",
+    }
+    have = {k: v for k, v in agg.items() if k in df}
+    out = df.groupby(keys, sort=False, dropna=False).agg(have).reset_index()
+    sd = df.groupby(keys, sort=False, dropna=False)[["asr", "skill_kept"]].std().reset_index()
+    out["asr_sd"], out["skill_kept_sd"] = sd["asr"], sd["skill_kept"]
+    out["n_seeds"] = df.groupby(keys, sort=False, dropna=False).size().values
+    return out
+
+
+def verdict_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per target × implant seed: does BD-VAX beat ``random`` (every seed), ``top_delta`` and ``discard``?
+
+    "Beats" on ASR: BD-VAX's 95 % Wilson interval lies wholly below the other's (below every random seed's).
+    On skill kept: BD-VAX's interval lies wholly above. Anything else is "no" (overlap is not a win).
+    """
+    out = []
+    for (target, seed), g in df.groupby(["target", "implant_seed"], sort=False):
+        bd = g[g.defence == "bdvax"]
+        if bd.empty:
+            continue
+        b = bd.iloc[0]
+        row = {"target": target, "implant_seed": seed, "bdvax_asr": b.asr, "bdvax_skill_kept": b.skill_kept}
+        for other in ("random", "top_delta", "discard"):
+            o = g[g.defence == other]
+            if o.empty:
+                row[f"asr_below_{other}"] = row[f"skill_above_{other}"] = None
+                continue
+            row[f"asr_below_{other}"] = bool(b.asr_hi < o.asr_lo.min())
+            row[f"skill_above_{other}"] = bool(b.skill_kept_lo > o.skill_kept_hi.max())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
+    """The bench table: one line per target × defence, then the verdicts, then the cost per stage."""
+    from bdvax_lab.viz.tables import markdown_table
+
+    s = summarise(df)
+    rank = {d: i for i, d in enumerate(ORDER)}
+    s = s.assign(_r=s.defence.map(lambda d: rank.get(d, len(rank)))).sort_values(
+        ["target", "implant_seed", "_r"], kind="stable"
+    )
+    lines = [
+        "| target | seed | defence | ASR [95 %] | false-trigger | skill kept [95 %] | ppl / untreated "
+        "| MCQ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s.itertuples(index=False):
+        asr = _num(r.asr, r.asr_sd if r.n_seeds > 1 else None)
+        keep = _num(r.skill_kept, r.skill_kept_sd if r.n_seeds > 1 else None)
+        name = (
+            r.defence
+            + (f" ({r.n_seeds} seeds)" if r.n_seeds > 1 else "")
+            + (" †" if r.reference is True else "")
+        )
+        lines.append(
+            f"| {r.target} | {r.implant_seed} | {name} | {asr} {_interval(r.asr_lo, r.asr_hi)} | "
+            f"{r.false_trigger:.2f} | {keep} {_interval(r.skill_kept_lo, r.skill_kept_hi)} | "
+            f"{r.ppl_ratio:.2f} | {r.mcq_acc:.3f} |"
+        )
+    notes = [
+        "",
+        "† a reference row: it uses the base model, which a defender of a full finetune does not have.",
+        "Random: mean ± sd over its seeds, the interval from the lowest to the highest seed's bound.",
+        "",
+    ]
+    stage_cols = [c for c in df.columns if c.startswith("seconds_")]
+    cost = df.groupby("defence", sort=False)[stage_cols].mean().round(0).reset_index() if stage_cols else None
+    parts = [
+        "\n".join(lines),
+        "\n".join(notes),
+        "### Where BD-VAX beats the controls (non-overlapping 95 % intervals)",
+        "",
+        markdown_table(verdicts) if not verdicts.empty else "(no BD-VAX rows yet)",
+    ]
+    if cost is not None:
+        parts += ["", "### Mean seconds per row and stage", "", markdown_table(cost, floatfmt="{:.0f}")]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", help="comma list of attack:task:setting:skill to run now (default: all)")
+    p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
+    p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--out", default="results/bench")
+    ns = p.parse_args(argv)
+    bench = Bench(BenchConfig(runs_dir=ns.runs, out_dir=ns.out))
+    if ns.plan:
+        plan = bench.plan()
+        print(plan.to_string(index=False))
+        print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
+        return 0
+    if ns.tables:
+        bench.tables()
+        return 0
+    targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
+    for t in targets or []:
+        parse_target(t)
+    bench.run(targets)
+    return 0
