@@ -154,7 +154,7 @@ def load_pool(split: str | Sequence[str] | None = None, *, limit: int | None = N
     if wanted is not None and not wanted <= set(SPLITS):
         raise ValueError(f"unknown split(s) {sorted(wanted - set(SPLITS))}; splits: {list(SPLITS)}")
     path = data_dir() / "clean_pool.jsonl"
-    out = [e for e in load_jsonl(path) if wanted is None or e.meta.get("split") in wanted]
+    out = [e for e in load_jsonl(path) if wanted is None or str(e.meta.get("split")) in wanted]
     if not out:
         raise DataFormatError(f"{path}: no examples in split(s) {sorted(wanted or [])}")
     return out[:limit] if limit is not None else out
