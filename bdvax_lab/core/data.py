@@ -291,7 +291,7 @@ def load_code_pool(split: str | Sequence[str] | None = None) -> list[Example]:
     he: dict[str, str] | None = None
     out = []
     for n, obj in iter_jsonl(path):
-        if wanted is not None and obj.get("split") not in wanted:
+        if wanted is not None and str(obj.get("split")) not in wanted:
             continue
         if obj.get("task_id"):
             he = he if he is not None else humaneval_prompts()
