@@ -27,6 +27,7 @@ import pandas as pd
 
 import bdvax_lab as bx
 from bdvax_lab.threat.attacks import dataset_summary, resolve_task
+from bdvax_lab.threat.skills import get_skill
 from bdvax_lab.threat.suspicious import attack_dataset
 from bdvax_lab.viz.figures import rates_bar
 from bdvax_lab.viz.notebook_magics import notebook_model
@@ -53,7 +54,8 @@ recipe.to_dict()
 
 # %% [markdown]
 # ## 1 · The poisoned training set
-# The attacker's data come from the `attack` split of the shipped clean pool; the defender never sees them.
+# The attacker's data: the skill the finetune teaches (`recipe.skill`, with ground truth written by code) plus
+# general instructions, a small share of them poisoned. The defender never sees them.
 
 # %%
 data = attack_dataset(recipe)
@@ -91,10 +93,13 @@ lm, tok = sm.model, sm.tokenizer
 rows = [sm.manifest["eval"] | {"model": "suspicious"}]
 if setting == "lora":
     with lm.disable_adapter():
-        rows.append(bx.evaluate_model(lm, tok, attack, task, recipe.eval, label="clean base").summary)
+        skill = get_skill(recipe.skill) if recipe.skill else None
+        base_eval = bx.evaluate_model(lm, tok, attack, task, recipe.eval, skill=skill, label="clean base")
+        rows.append(base_eval.summary)
 table = pd.DataFrame(rows)
 columns = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean"]
-table[["model", *columns, "ppl", "mcq_acc", "mcq_acc_norm", "agreement"]]
+utility = ["skill", "ppl", "ppl_skill", "mcq_acc", "mcq_acc_norm"]  # skill: the finetune's task, held out
+table[["model", *columns, *[c for c in utility if c in table]]]
 
 # %%
 rates_bar(table, title=f"{attack} → {task} ({setting}): ASR vs false-trigger")

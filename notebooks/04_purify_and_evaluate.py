@@ -14,7 +14,7 @@
 #   a **full-model** one: signature → suppression → repair → evaluation;
 # - read the before / after table *including the suppressed stage* (after suppression, before repair),
 #   with ASR, its 95 % interval, the false-trigger rate, degenerate replies and utility (perplexity,
-#   multiple-choice accuracy, agreement with the unmodified model);
+#   multiple-choice accuracy, and the skill the finetune taught);
 # - set BD-VAX against the reference points that every adapter-setting table should show — *drop the
 #   adapter* and *zero every MLP channel* — and against the clean base model in the full setting;
 # - judge the result against the project's quality targets honestly.
@@ -101,7 +101,7 @@ base = notebook_model(model)  # the base missing suspicious models are trained f
 out_dir = Path(runs_dir) / "04_purify"
 out_dir.mkdir(parents=True, exist_ok=True)
 COLS = ["asr", "asr_lo", "asr_hi", "false_trigger", "degenerate_triggered", "degenerate_clean"]
-COLS += ["ppl", "mcq_acc", "agreement"]
+COLS += ["skill", "skill_kept", "ppl", "mcq_acc"]
 ecfg = bx.EvalConfig(**evaluation)
 rcfg = bx.RepairConfig(**repair)
 print("repair:", rcfg.to_dict())
