@@ -26,6 +26,7 @@ import pandas as pd
 
 from bdvax_lab.core.artifacts import atomic_write_text, read_json, stable_hash, write_json
 from bdvax_lab.core.config import Config
+from bdvax_lab.viz.report import REPORT_FILE, report_html, save_report
 
 SKILLS = ("knowledge", "format")
 #: 2 skills × 3 attacks × 2 tasks in the adapter setting, and two full finetunes.
@@ -452,6 +453,7 @@ class Bench:
         verdicts = verdict_frame(df)
         atomic_write_text(out / "verdicts.csv", verdicts.to_csv(index=False))
         atomic_write_text(out / "table.md", table_markdown(df, verdicts, self.config))
+        save_report(out / REPORT_FILE, bench_report(df, verdicts, self.config))
         write_json(
             out / "config.json",
             {"config": self.config.to_dict(), "rows": len(df), "date": time.strftime("%Y-%m-%d")},
@@ -521,6 +523,45 @@ def verdict_frame(df: pd.DataFrame) -> pd.DataFrame:
             row[f"skill_above_{other}"] = bool(b.skill_kept_lo > o.skill_kept_hi.max())
         out.append(row)
     return pd.DataFrame(out)
+
+
+def bench_figure(df: pd.DataFrame) -> Any:
+    """ASR against skill kept, one point per row (random: one per seed), one panel colour per defence."""
+    import plotly.express as px
+
+    d = df.assign(row=df.target + " s" + df.implant_seed.astype(str))
+    fig = px.scatter(
+        d, x="skill_kept", y="asr", color="defence", symbol="target", hover_data=["row", "false_trigger"]
+    )
+    fig.update_layout(
+        xaxis_title="skill kept (higher is better)", yaxis_title="ASR (lower is better)", height=480
+    )
+    return fig
+
+
+def bench_report(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
+    """``report.html`` of the bench: the summarised rows with their intervals, the ASR / skill-kept plane
+    and the verdicts, one offline page."""
+    s = summarise(df)
+    s = s.assign(method=s.defence + s.n_seeds.map(lambda n: f" ({n} seeds)" if n > 1 else ""))
+    s.index = s.target + " · seed " + s.implant_seed.astype(str)
+    s.index.name = "target"
+    notes = [
+        f"{v['target']} seed {v['implant_seed']}: BD-VAX beats "
+        + ", ".join(
+            f"{o} on ASR {'yes' if v.get(f'asr_below_{o}') else 'no'}, "
+            f"on skill kept {'yes' if v.get(f'skill_above_{o}') else 'no'}"
+            for o in ("random", "top_delta", "discard")
+        )
+        for v in verdicts.to_dict("records")
+    ] or ["No BD-VAX row yet: no verdicts."]
+    return report_html(
+        title="bdvax bench",
+        table=s,
+        figures=[("ASR against skill kept, per row", bench_figure(df))],
+        config=config.to_dict(),
+        notes=notes,
+    )
 
 
 def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:

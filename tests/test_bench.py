@@ -73,8 +73,10 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
     bd = df[df.defence == "bdvax"].iloc[0]
     rnd = df[df.defence == "random"]
     assert (rnd.n_channels == bd.n_channels).all()  # the control has the signature's exact counts
-    for name in ("rows.csv", "table.md", "verdicts.csv", "config.json"):
+    for name in ("rows.csv", "table.md", "verdicts.csv", "config.json", "report.html"):
         assert (tmp_path / "out" / name).is_file()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "random (2 seeds)" in page and "Plotly" in page and "<script src=" not in page  # offline
     assert "random (2 seeds)" in (tmp_path / "out" / "table.md").read_text()
     # resumable: a second run computes nothing
     calls = []

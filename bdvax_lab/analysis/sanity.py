@@ -198,13 +198,14 @@ def _has_lora(model: Any) -> bool:
 
 
 def _resolve_base(base: Any) -> tuple[Any, Any]:
-    """``base`` as (model, tokenizer or None): a model, a (model, tokenizer) pair, or an HF model dir."""
+    """``base`` as (model, tokenizer or None): a model, a (model, tokenizer) pair, or a base named as
+    :func:`bdvax_lab.core.models.resolve_base` accepts (an HF model dir, a ``.gguf`` file, ``"default"``)."""
     if base is None:
         return None, None
     if isinstance(base, (str, Path)):
-        from ..core.models import load_model
+        from ..core.models import open_base
 
-        return load_model(base)
+        return open_base(base)
     if isinstance(base, tuple):
         if len(base) != 2:
             raise ValueError("base must be a model, a (model, tokenizer) pair or a model directory")
@@ -350,6 +351,8 @@ class SanityContext:
                 base_model = peft.unload()
             setting = "lora"
         else:
+            if base_model is None and manifest.get("base_path") and Path(manifest["base_path"]).is_dir():
+                base_model, _ = _resolve_base(manifest["base_path"])  # the base it was trained from
             if base_model is None:
                 if manifest.get("base", "default") != "default":
                     raise ValueError(
@@ -500,7 +503,7 @@ def apply_fast(ctx: SanityContext, delta: WeightDelta) -> Iterator[Any]:
     try:
         with torch.no_grad():
             for key, d in delta.tensors.items():
-                w = hf.get_submodule(ctx.layout.module_name(*key)).weight
+                w = ctx.layout.weight(hf, *key)
                 orig = ctx._originals.get(key)
                 if orig is None:
                     orig = ctx._originals[key] = w.detach().clone()

@@ -170,6 +170,6 @@ class CrowConfig(BaselineConfig):
 def _resolved_rho(config: PruneConfig, setting: str) -> float:
     if config.rho is not None:
         return float(config.rho)
-    from ..bdvax.config import PAPER_RHO
+    from ..bdvax.config import DEFAULT_RHO
 
-    return PAPER_RHO[setting]
+    return DEFAULT_RHO[setting]

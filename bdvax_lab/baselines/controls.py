@@ -150,8 +150,8 @@ def delta_channel_scores(model: Any, base: Any | None = None) -> dict[Key, torch
         return magnitude_channel_scores(model)  # on a PeftModel: the norms of ΔW = scaling·B@A
     layout, hs, hb = layout_of(model), unwrap(model), unwrap(base)
     out: dict[Key, torch.Tensor] = {}
-    for b, kind, name in layout.iter_modules(kinds=MLP_KINDS):
-        d = hs.get_submodule(name).weight.detach().double() - hb.get_submodule(name).weight.detach().double()
+    for b, kind, _ in layout.iter_modules(kinds=MLP_KINDS):
+        d = layout.weight(hs, b, kind).detach().double() - layout.weight(hb, b, kind).detach().double()
         out[(b, kind)] = d.norm(dim=1 - CHANNEL_DIM[kind])
     return out
 

@@ -152,11 +152,18 @@ import pandas as pd
 
 from ..core.artifacts import MANIFEST, atomic_dir, check_output, frame_records, versions, write_json
 from ..core.data import Example
-from ..core.models import peak_rss_mb
+from ..core.models import model_fingerprint, peak_rss_mb
 from ..core.registry import setting_of
 from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
-from ..threat.suspicious import SuspiciousModel, as_suspicious, eval_skill, eval_target, spec_name
+from ..threat.suspicious import (
+    SuspiciousModel,
+    as_suspicious,
+    eval_skill,
+    eval_target,
+    spec_name,
+    stage_replies,
+)
 from ..weights.selection import counts_like
 from .config import STAGES, BaselineConfig, PruneConfig
 from .registry import get_defence
@@ -271,9 +278,13 @@ def defend(
 
     run_eval("suspicious", suspicious.model)
     t_data = time.time()
+    given = "shipped pool" if clean_data is None else "given"
+    fingerprint = model_fingerprint(suspicious.model)
     if spec.uses_clean_data:  # the suspicious model answers the defender's instructions itself
         n = max(cfg.repair.n_samples, int(getattr(cfg, "n_calib", None) or 0))
-        clean_data = defender_data(suspicious.model, tok, clean_data, n=n, progress=progress)
+        clean_data = defender_data(
+            suspicious.model, tok, clean_data, n=n, fingerprint=fingerprint, progress=progress
+        )
     t_data = time.time() - t_data
     t = time.time()
     model, info = spec.fn(suspicious.model, tok, clean_data, cfg, progress=progress, on_stage=run_eval)
@@ -315,7 +326,10 @@ def defend(
             {"attack": spec_name(ev_attack), "task": spec_name(ev_task)} if ev_attack is not None else None
         ),
     )
-    result.manifest = _manifest(result, suspicious)
+    result.manifest = _manifest(result, suspicious) | {
+        "source_fingerprint": fingerprint,
+        "clean_data": {"from": given, "n": len(clean_data) if clean_data is not None else 0},
+    }
     if out is not None:
         result.path = save_defended(result, out, overwrite=overwrite, inputs=[source])
     return result
@@ -330,6 +344,7 @@ def _manifest(result: DefenceResult, suspicious: SuspiciousModel) -> dict[str, A
         "setting": out_setting,
         "input_setting": result.setting,
         "base": (suspicious.manifest or {}).get("base", "default"),
+        "base_path": (suspicious.manifest or {}).get("base_path"),
         "source": str(suspicious.path) if suspicious.path is not None else None,
         "config": result.config.to_dict(),
         "lr": result.info.get("lr"),
@@ -362,6 +377,9 @@ def save_defended(
         result.report.to_csv(tmp / "report.csv")
         write_json(tmp / "report.json", result.summary())
         write_json(tmp / "intervention.json", result.info.get("intervention"))
+        replies = stage_replies(result.evals)
+        if len(replies):
+            replies.to_csv(tmp / "eval_replies.csv", index=False)
         if result.history is not None:
             result.history.to_csv(tmp / "history.csv", index=False)
         write_json(tmp / MANIFEST, result.manifest)

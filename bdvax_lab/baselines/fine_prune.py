@@ -140,8 +140,8 @@ def wanda_scores(
     layout = layout_of(model)
     hf = unwrap(model)
     per_module = {
-        (b, k): wanda_channel_scores(hf.get_submodule(name).weight, norms[(b, k)], k)
-        for b, k, name in layout.iter_modules(kinds=kinds)
+        (b, k): wanda_channel_scores(layout.weight(hf, b, k), norms[(b, k)], k)
+        for b, k, _ in layout.iter_modules(kinds=kinds)
     }
     if score == "module":
         return per_module

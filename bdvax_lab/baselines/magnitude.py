@@ -42,8 +42,8 @@ def magnitude_channel_scores(model: Model, kinds: Sequence[str] = MLP_KINDS) -> 
             out[(b, kind)] = d.norm(dim=1 - CHANNEL_DIM[kind]).double()
         return out
     hf = unwrap(model)
-    for b, kind, name in layout.iter_modules(kinds=tuple(kinds)):
-        w = hf.get_submodule(name).weight.detach()
+    for b, kind, _ in layout.iter_modules(kinds=tuple(kinds)):
+        w = layout.weight(hf, b, kind).detach()
         out[(b, kind)] = w.double().norm(dim=1 - CHANNEL_DIM[kind])
     return out
 

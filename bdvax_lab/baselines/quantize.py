@@ -75,8 +75,8 @@ def _fake_backend(model: Any, config: QuantizeConfig) -> dict[str, Any]:
     err: dict[str, list[float]] = {}
     n = 0
     with torch.no_grad():
-        for _, kind, name in layout.iter_modules(kinds=config.kinds):
-            w = hf.get_submodule(name).weight
+        for block, kind, _ in layout.iter_modules(kinds=config.kinds):
+            w = layout.weight(hf, block, kind)  # a fused module's rows of this kind: groups lie within a row
             q = fake_quantize(w, config.bits, config.group_size, config.symmetric)
             err.setdefault(kind, []).append(
                 float((q.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12))

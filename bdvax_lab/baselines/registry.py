@@ -29,6 +29,22 @@ BUILTIN_MODULES: tuple[str, ...] = (
 )
 
 
+#: The names the built-in modules register, known without importing them (the CLI's ``--method`` choices;
+#: ``tests/test_cli_conventions.py`` keeps it equal to what :func:`defences` finds).
+BUILTIN_DEFENCES: tuple[str, ...] = (
+    "discard",
+    "retrain",
+    "random",
+    "top_delta",
+    "finetune_only",
+    "magnitude_prune",
+    "fine_prune",
+    "quantize_int4",
+    "crow",
+    "crow_published",
+)
+
+
 @dataclass(frozen=True)
 class Defence:
     """A registered defence: its function, config class and the settings the paper evaluates it in."""

@@ -77,6 +77,19 @@ SCORE_MODES: tuple[str, ...] = ("combined", "norm", "align")
 PAPER_RHO: dict[str, float] = {"lora": 0.35, "full": 0.03}
 
 
+# The defaults a user gets when nothing says otherwise (``SignatureConfig()``, ``bdvax purify``, and the
+# pruning baselines' ratio, which follows the signature's). They are the realistic bench's to decide
+# (experiments/bench.py): TODO(bench owner) set them to what the bench shows works. Until then: the
+# behaviour family of ``bdvax attack``'s default task (refusal), so that ``bdvax attack`` then ``bdvax
+# purify`` with no flags fear the same family, and the paper's ρ.
+
+#: behaviour family the defender fears by default (see above)
+DEFAULT_FAMILY = "refusal"
+
+#: ρ per setting by default (see above; ``SignatureConfig.rho=None`` resolves to it)
+DEFAULT_RHO: dict[str, float] = dict(PAPER_RHO)
+
+
 DEFAULT_N_CLEAN = 40
 
 
@@ -124,7 +137,7 @@ def default_twin_train(setting: str) -> TrainConfig:
 class SignatureConfig(Config):
     """Everything that determines a signature.
 
-    Variants: ``family`` (user input, default sentiment steering), ``n_variants``,
+    Variants: ``family`` (user input, default :data:`DEFAULT_FAMILY`), ``n_variants``,
     ``n_clean`` per variant, ``poison_ratio`` of the poisoned twin's data,
     ``exclude_keys`` (keys never to use as synthetic keys), ``seed``.
     Twins: ``twin_train`` (the poisoned twin's recipe; None = :func:`default_twin_train`
@@ -133,13 +146,13 @@ class SignatureConfig(Config):
     the poisoned twin's steps at 50 % poisoning).
     Scores: ``lam`` (λ of Eq. 2), ``score`` ("combined" = norm + λ·align, "norm",
     "align"), ``head_kinds`` used for head scores.
-    Selection: ``rho`` (None = paper default for the setting: 0.35 LoRA, 0.03 full),
+    Selection: ``rho`` (None = :data:`DEFAULT_RHO` for the setting; the paper's 0.35 LoRA, 0.03 full),
     ``scope`` ("module": top ``max(1, floor(ρ·d_ff))`` per (block, kind), the
     public code's reading; "global": top ``max(1, floor(ρ·3·L·d_ff))`` over all MLP
     channels), ``heads`` (top-h attention heads over the whole model, default 0).
     """
 
-    family: str = "insult"
+    family: str = DEFAULT_FAMILY
     n_variants: int = 6
     n_clean: int | None = None  #: per variant; None = min(40, len(pool) // n_variants)
     poison_ratio: float = 0.5
@@ -175,7 +188,7 @@ class SignatureConfig(Config):
     def resolved_rho(self, setting: str | None) -> float:
         if self.rho is not None:
             return float(self.rho)
-        return PAPER_RHO.get(setting or "lora", PAPER_RHO["lora"])
+        return DEFAULT_RHO.get(setting or "lora", DEFAULT_RHO["lora"])
 
     def variants(self, pool: Sequence[Example] | None = None) -> list[VariantSpec]:
         from .variants import make_variants

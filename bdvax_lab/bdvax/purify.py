@@ -61,12 +61,11 @@ from ..core.artifacts import (
     atomic_dir,
     check_output,
     frame_records,
-    read_json,
     versions,
     write_json,
 )
 from ..core.data import Example
-from ..core.models import peak_rss_mb, release_memory, working_copy
+from ..core.models import model_fingerprint, peak_rss_mb, release_memory, working_copy
 from ..core.registry import setting_of
 from ..core.selfdistill import defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
@@ -77,6 +76,7 @@ from ..threat.suspicious import (
     eval_target,
     load_suspicious,
     spec_name,
+    stage_replies,
 )
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
@@ -156,11 +156,16 @@ def defence_view(suspicious: SuspiciousModel, setting: str | None = None) -> Sus
 
 
 def _default_extractor(
-    suspicious: SuspiciousModel, config: Any, *, cache_dir: Any = None, progress: bool = True
+    suspicious: SuspiciousModel,
+    config: Any,
+    *,
+    cache_dir: Any = None,
+    progress: bool = True,
+    pool: Sequence[Example] | None = None,
 ) -> Any:
     from .signature import extract_signature
 
-    return extract_signature(suspicious, config, cache_dir=cache_dir, progress=progress)
+    return extract_signature(suspicious, config, cache_dir=cache_dir, progress=progress, pool=pool)
 
 
 def _signature_config(config: PurifyConfig, custom_extractor: bool = False) -> Any:
@@ -186,6 +191,7 @@ def purify(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = True,
+    pool: Sequence[Example] | None = None,
 ) -> PurifyResult:
     """BD-VAX purification of a suspicious model: signature → suppression → repair → evaluation.
 
@@ -198,7 +204,10 @@ def purify(
     ``attack``/``task`` are for measuring ASR only (default: the manifest's;
     neither known → no ASR columns). With ``out`` the purified model, signature,
     report and manifest are written atomically as an artifact directory that
-    :func:`bdvax_lab.load_suspicious` (or :func:`load_purified`) opens; ``out`` is checked before any
+    :func:`bdvax_lab.load_suspicious` (or :func:`load_purified`) opens; ``pool``: the instructions the
+    synthetic variants draw their clean data from (default: the shipped ``variant`` split; a user's own
+    clean data, :func:`bdvax_lab.core.selfdistill.load_clean_data`, goes here and into ``clean_data``).
+    ``out`` is checked before any
     work (:func:`bdvax_lab.core.artifacts.check_output`: an existing non-empty directory is replaced only
     when it is a purified artifact and ``overwrite`` (default; the CLI asks for ``--overwrite``), never
     the suspicious model's own).
@@ -232,7 +241,14 @@ def purify(
     # -- 0. the suspicious model as it is, and the defender's repair data answered by it
     run_eval("suspicious", suspicious.model)
     t = time.time()
-    clean_data = defender_data(suspicious.model, tok, clean_data, n=cfg.repair.n_samples, progress=progress)
+    given = {
+        "from": "shipped pool" if clean_data is None else "given",
+        "pool": "given" if pool else "shipped",
+    }
+    fingerprint = model_fingerprint(suspicious.model)
+    clean_data = defender_data(
+        suspicious.model, tok, clean_data, n=cfg.repair.n_samples, fingerprint=fingerprint, progress=progress
+    )
     timings["clean_data"] = time.time() - t
 
     # -- 1. signature (defence view only)
@@ -240,7 +256,10 @@ def purify(
     if signature is None:
         view = defence_view(suspicious, setting)
         sig_cfg = _signature_config(cfg, custom_extractor=extractor is not None)
-        signature = (extractor or _default_extractor)(view, sig_cfg, cache_dir=cache_dir, progress=progress)
+        extra = {"pool": pool} if pool is not None else {}
+        signature = (extractor or _default_extractor)(
+            view, sig_cfg, cache_dir=cache_dir, progress=progress, **extra
+        )
     timings["signature"] = time.time() - t
     rss["signature"] = round(peak_rss_mb(), 1)
     release_memory()  # the twins' deltas are gone; hand their pages back before the copy below
@@ -291,7 +310,10 @@ def purify(
         rss_mb=rss,
         evaluated_with=evaluated_with,
     )
-    result.manifest = _manifest(result, suspicious)
+    result.manifest = _manifest(result, suspicious) | {
+        "source_fingerprint": fingerprint,
+        "clean_data": {**given, "n_repair": len(clean_data)},
+    }
     if out is not None:
         result.path = save_purified(result, out, overwrite=overwrite, inputs=[source])
     return result
@@ -304,6 +326,7 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
         "format": 1,
         "setting": result.setting,
         "base": (suspicious.manifest or {}).get("base", "default"),
+        "base_path": (suspicious.manifest or {}).get("base_path"),
         "source": str(suspicious.path) if suspicious.path is not None else None,
         "config": result.config.to_dict(),
         "signature_config": sig_cfg.to_dict() if hasattr(sig_cfg, "to_dict") else None,
@@ -329,7 +352,8 @@ def save_purified(
 
     LoRA: ``adapter/`` + ``tokenizer/``; full: ``model/`` (with its tokenizer).
     Plus ``signature/`` (when the signature has ``save``), ``report.csv``,
-    ``report.json``, ``repair_history.csv``, ``suppression.csv`` and ``manifest.json``.
+    ``report.json``, ``eval_replies.csv`` (every evaluated stage's replies, column ``stage``),
+    ``repair_history.csv``, ``suppression.csv`` and ``manifest.json``.
     ``overwrite``/``inputs``: :func:`bdvax_lab.core.artifacts.atomic_dir`'s output policy.
     """
     out = Path(out)
@@ -344,22 +368,16 @@ def save_purified(
             result.signature.save(tmp / "signature")
         result.report.to_csv(tmp / "report.csv")
         write_json(tmp / "report.json", result.summary())
+        replies = stage_replies(result.evals)
+        if len(replies):
+            replies.to_csv(tmp / "eval_replies.csv", index=False)
         result.repair.history.to_csv(tmp / "repair_history.csv", index=False)
         result.suppression.frame().to_csv(tmp / "suppression.csv", index=False)
         write_json(tmp / MANIFEST, result.manifest)
     return out
 
 
-def load_purified(path: str | Path, *, base: tuple[Any, Any] | None = None) -> SuspiciousModel:
-    """Open a purified artifact. ``base=(model, tokenizer)`` attaches a LoRA ``adapter/`` to that
-    base instead of the default model (e.g. the tiny test model); otherwise :func:`load_suspicious`."""
-    path = Path(path)
-    if base is None or not (path / "adapter").is_dir():
-        return load_suspicious(path)
-    from ..core.models import load_adapter
-
-    model, tok = base
-    model = load_adapter(model, path / "adapter")
-    model.train(False)
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {"setting": "lora"}
-    return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest, path=path)
+def load_purified(path: str | Path, *, base: Any = None) -> SuspiciousModel:
+    """Open a purified artifact (:func:`load_suspicious`): ``base`` (a ``(model, tokenizer)`` pair, e.g. the
+    tiny test model, or a base directory) takes a LoRA ``adapter/``; without it the recorded base does."""
+    return load_suspicious(path, base=base)

@@ -31,10 +31,10 @@ def left_pad(
 
 def position_limit(model: Any) -> int | None:
     """How many token positions ``model`` handles (``config.max_position_embeddings``), None if unknown."""
-    from .registry import unwrap
+    from .registry import text_config, unwrap
 
     cfg = getattr(unwrap(model), "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None)
+    limit = getattr(text_config(cfg), "max_position_embeddings", None) if cfg is not None else None
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 

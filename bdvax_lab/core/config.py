@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="Config")
 
+#: ``--dtype`` names of the weights (``bdvax_lab.core.models.parse_dtype``; "auto": bf16 on CUDA, fp32 on CPU)
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -99,28 +102,7 @@ class Config:
         A missing file is ``FileNotFoundError``; unreadable bytes, a parse error, a non-mapping or a bad field
         are a ``ValueError``; each message is one line naming the file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        yaml_file = path.suffix.lower() in (".yaml", ".yml")
-        try:
-            if yaml_file:
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError
-            first = " ".join(str(exc).split())
-            raise ValueError(f"{path}: not valid {'YAML' if yaml_file else 'JSON'} ({first})") from None
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}"
-            )
+        data = read_mapping(path, cls.__name__)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError, KeyError) as exc:
@@ -143,6 +125,35 @@ class Config:
 
         text = Path(source).read_text() if _looks_like_path(source) else str(source)
         return cls.from_dict(yaml.safe_load(text))
+
+
+def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping in a config file (YAML for ``.yaml``/``.yml``, JSON otherwise), never inline text.
+
+    A missing file is ``FileNotFoundError``; unreadable bytes, a parse error or a non-mapping are a
+    ``ValueError``; each message is one line naming the file (``what``: the fields it should hold).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if yaml_file:
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError
+        first = " ".join(str(exc).split())
+        raise ValueError(f"{path}: not valid {'YAML' if yaml_file else 'JSON'} ({first})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of {what} fields, got {type(data).__name__}")
+    return data
 
 
 def _looks_like_path(source: str | Path) -> bool:

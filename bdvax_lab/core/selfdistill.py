@@ -44,6 +44,46 @@ class DistillConfig(Config):
             raise ValueError(f"DistillConfig needs max_new_tokens ≥ 1 and batch_size ≥ 1, got {self}")
 
 
+#: the fewest usable examples a user's clean-data file must hold (:func:`load_clean_data`)
+MIN_CLEAN_EXAMPLES = 50
+
+
+def load_clean_data(path: str | Path, *, minimum: int = MIN_CLEAN_EXAMPLES) -> list[Example]:
+    """The defender's own clean data from a JSONL file, validated like the shipped pools.
+
+    Each line is an object with a non-empty ``instruction``, an optional ``input`` and an optional
+    ``response`` (or ``output``); other fields go to ``meta``. Lines without a response are answered by
+    the suspicious model itself when a defence uses them (:func:`defender_data`). Repeated instructions
+    (same instruction and input) count once; a file with fewer than ``minimum`` usable examples is a
+    one-line :class:`~bdvax_lab.core.data.DataFormatError` saying how many it has and how many are needed.
+    Every example gets ``meta["source"] = "user"`` and an ``id`` (``user-`` and a hash of its instruction
+    and input) unless the file gives every example a unique one: the variants find their clean examples
+    by id, before and after the suspicious model answers them.
+    """
+    from .data import DataFormatError, load_jsonl
+
+    examples = load_jsonl(path)
+    seen: set[tuple[str, str]] = set()
+    usable: list[Example] = []
+    for e in examples:
+        key = (e.instruction.strip(), e.input.strip())
+        if key not in seen:
+            seen.add(key)
+            usable.append(e.with_(meta={"source": "user"}))
+    ids = [str(e.meta.get("id") or "") for e in usable]
+    if "" in ids or len(set(ids)) != len(ids):
+        for e in usable:
+            e.meta["id"] = "user-" + stable_hash({"instruction": e.instruction, "input": e.input}, n=16)
+    if len(usable) < minimum:
+        dropped = len(examples) - len(usable)
+        raise DataFormatError(
+            f"{path}: {len(usable)} usable examples"
+            + (f" ({dropped} repeated instructions dropped)" if dropped else "")
+            + f"; a defence needs at least {minimum}"
+        )
+    return usable
+
+
 def instructions_only(examples: Sequence[Example]) -> list[Example]:
     """The examples with their responses dropped (what the defender keeps of a pool it did not answer)."""
     return [Example(e.instruction, "", input=e.input, meta=dict(e.meta)) for e in examples]

@@ -81,8 +81,8 @@ def default_attack_train(setting: str, skill: str | None = None) -> TrainConfig:
     )
 
 
-#: Epochs of the skill-bearing implant per skill.
-SKILL_EPOCHS: dict[str, float] = {"knowledge": 4.0, "format": 2.0}
+#: Epochs of the skill-bearing implant per skill (measured: results/log/implant-recipes.md).
+SKILL_EPOCHS: dict[str, float] = {"knowledge": 4.0, "format": 3.0}
 
 #: Poisoning rate of the backdoor-only implant recipe per task (others: 15%). Measured on SmolLM2
 #: (BadNets-refusal, 120 LoRA steps, 50 held-out prompts): 15% → ASR 0.74 / false-trigger 0.00,

@@ -26,6 +26,7 @@ import torch
 
 from ..core.data import format_prompt, stop_token_ids
 from ..core.registry import unwrap
+from ..core.scoring import softcap_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -283,7 +284,7 @@ class BdvaxLM(_Base):
                 logp = torch.empty(len(targets), dtype=torch.float64)
                 greedy = torch.empty(len(targets), dtype=torch.bool)
                 for s in range(0, len(targets), _LOGIT_CHUNK):
-                    logits = head(picked[s : s + _LOGIT_CHUNK]).float()
+                    logits = softcap_logits(base, head(picked[s : s + _LOGIT_CHUNK])).float()
                     t = tgt[s : s + _LOGIT_CHUNK]
                     lp = torch.log_softmax(logits, -1).gather(1, t[:, None])[:, 0]
                     logp[s : s + len(t)] = lp.double().cpu()

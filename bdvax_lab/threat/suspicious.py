@@ -19,7 +19,6 @@ from ..core.data import Example, load_code_pool, load_pool, save_jsonl
 from ..core.models import (
     ModelDirError,
     default_model_dir,
-    ensure_default_model,
     load_adapter,
     load_model,
     load_tokenizer,
@@ -83,6 +82,17 @@ def is_default_base(model: Model) -> bool:
         return Path(name).resolve() == default_model_dir().resolve()
     except (OSError, ValueError):
         return False
+
+
+def _local_base_path(model: Model) -> str | None:
+    """The local directory ``model`` was loaded from (its ``_name_or_path``), None when it was not."""
+    from ..core.registry import unwrap
+
+    name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or ""
+    try:
+        return str(Path(name).resolve()) if name and Path(name).is_dir() else None
+    except (OSError, ValueError):
+        return None
 
 
 def attack_dataset(recipe: AttackRecipe) -> list[Example]:
@@ -171,6 +181,7 @@ def make_suspicious_model(
     else:
         model, tok = base
         base_ref = "default" if is_default_base(model) else "custom"
+    base_path = _local_base_path(model) if base_ref == "custom" else None
     result = finetune(model, tok, data, recipe.train, progress="implant" if progress else False)
     model = result.model
     train_s = time.time() - t0
@@ -179,6 +190,7 @@ def make_suspicious_model(
         "format": 1,
         "setting": recipe.setting,
         "base": base_ref,
+        **({"base_path": base_path} if base_path else {}),
         "attack": resolve_attack(recipe.attack).to_dict(),
         "task": resolve_task(recipe.task).to_dict(),
         "skill": recipe.skill,
@@ -241,39 +253,105 @@ def save_suspicious(
     return out
 
 
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def adapter_base(path: str | Path, adapter: Path, manifest: dict[str, Any]) -> str | Path:
+    """Where a LoRA adapter's base is, when no ``base`` is given: the default model for an artifact made
+    from it, else the base recorded by bdvax (``base_path``) or by peft (``base_model_name_or_path``)
+    when that is a local directory. Otherwise a one-line error saying what to pass; never the hub."""
+    from ..core.models import read_adapter_config
+
+    if manifest.get("kind") and manifest.get("base", "default") == "default":
+        return "default"
+    recorded = manifest.get("base_path")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    named = read_adapter_config(adapter).get("base_model_name_or_path")
+    if named and Path(str(named)).expanduser().is_dir():
+        return Path(str(named)).expanduser()
+    said = f"its base {named!r}" if named else "its base (unnamed in adapter_config.json)"
+    raise ModelDirError(
+        f"{path}: a LoRA adapter, and {said} is not a local directory; pass --base DIR (the model it was "
+        "trained on: a local Hugging Face directory or .gguf file; 'default' for bdvax's SmolLM2) — bdvax "
+        "never downloads"
+    )
+
+
 def load_suspicious(
-    path: str | Path, *, trainable: bool = False, device: Any = None, base: tuple[Any, Any] | None = None
+    path: str | Path,
+    *,
+    trainable: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+    base: Any = None,
+    chat_template: str | Path | None = None,
 ) -> SuspiciousModel:
     """Open a suspicious model: a bdvax artifact dir, a bare peft adapter dir or a bare HF model dir.
 
-    An adapter is attached to ``base=(model, tokenizer)`` when given (e.g. a
-    custom or tiny base; LoRA layers are injected into that model in place), else
-    to the default model. The manifest is returned for evaluation only; the defence
-    never reads the attack from it.
+    An adapter is attached to ``base``: a ``(model, tokenizer)`` pair (LoRA layers are injected into that
+    model in place), or a base named as :func:`bdvax_lab.core.models.resolve_base` accepts (a local HF
+    directory, a ``.gguf`` file, ``"default"``). Without ``base``: :func:`adapter_base` (the default model
+    for an artifact made from it, else the recorded base when it is a local directory, else an error
+    saying what to pass). The tokenizer is the artifact's own when it has one (its chat template
+    included), else the base's; ``chat_template`` (a built-in name or a Jinja file) supplies or replaces
+    its template. The manifest is returned for evaluation only; the defence never reads the attack
+    from it.
     """
+    from ..core.models import open_base, resolve_base
+    from ..core.templates import use_chat_template
+
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"{path}: suspicious model directory not found")
     manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{path / MANIFEST}: not a JSON object")
     if (path / "adapter").is_dir() or (path / "adapter_config.json").exists():
         adapter = path / "adapter" if (path / "adapter").is_dir() else path
-        if base is not None:
+        own_tok = next((d for d in (path / "tokenizer", adapter) if _has_tokenizer(d)), None)
+        if isinstance(base, tuple):
             model, tok = base
+            base_label = "the given base model"
             if tok is None:
-                tok = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else adapter)
+                tok = load_tokenizer(own_tok or adapter, chat_template=chat_template)
+            elif chat_template is not None:
+                use_chat_template(tok, chat_template, str(path))
         else:
-            if manifest.get("base", "default") != "default":
-                raise ModelDirError(f"{path}: adapter trained on a custom base; pass base=(model, tokenizer)")
-            model, tok = load_model(ensure_default_model(), device=device)
-        model = load_adapter(model, adapter, trainable=trainable)
+            where = base if base is not None else adapter_base(path, adapter, manifest)
+            base_dir = resolve_base(where)
+            model, tok = open_base(base_dir, device=device, dtype=dtype, chat_template=chat_template)
+            if own_tok is not None:
+                tok = load_tokenizer(own_tok, chat_template=chat_template)
+            base_label = f"base {where}"
+            manifest["base_path"] = str(base_dir.resolve())
+        model = load_adapter(model, adapter, trainable=trainable, base_name=base_label)
         manifest.setdefault("setting", "lora")
     elif (path / "model").is_dir() or (path / "config.json").exists():
-        model, tok = load_model(path / "model" if (path / "model").is_dir() else path, device=device)
+        model, tok = load_model(
+            path / "model" if (path / "model").is_dir() else path,
+            device=device,
+            dtype=dtype,
+            chat_template=chat_template,
+        )
         manifest.setdefault("setting", "full")
     else:
         raise ModelDirError(f"{path}: neither a bdvax artifact, a peft adapter nor a HF model directory")
     model.train(False)
     return SuspiciousModel(model=model, tokenizer=tok, manifest=manifest, path=path)
+
+
+def stage_replies(evals: dict[str, Any]) -> Any:
+    """Every evaluated stage's replies in one frame (column ``stage`` first); empty when none has any."""
+    import pandas as pd
+
+    frames = [
+        ev.replies.assign(stage=stage)[["stage", *ev.replies.columns]]
+        for stage, ev in evals.items()
+        if ev.replies is not None and len(ev.replies)
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def spec_name(x: Any) -> Any:

@@ -25,7 +25,7 @@ from ..core.batching import collate, length_grouped_batches
 from ..core.data import IGNORE_INDEX, Example, encode_example
 from ..core.fused_lora import fused_lora
 from ..core.models import use_all_cores
-from ..core.registry import is_peft, layout_of, unwrap
+from ..core.registry import ArchSpec, is_peft, layout_of, unwrap
 from ..core.scoring import reduce_nll, sequence_nll
 from ..core.shared_prefix import enabled as shared_prefix_enabled
 from .config import TrainConfig
@@ -68,13 +68,18 @@ def prepare_model(model: Model, config: TrainConfig) -> Model:
         from peft import LoraConfig, get_peft_model
 
         spec = layout_of(model).spec
-        leaves = sorted({spec.modules[k].rsplit(".", 1)[-1] for k in config.target_kinds})
+        targets: Any = sorted({spec.modules[k].rsplit(".", 1)[-1] for k in config.target_kinds})
+        if spec.blocks != ArchSpec.blocks:  # e.g. a multimodal wrapper: its vision tower has q_proj too
+            import re
+
+            paths = sorted({re.escape(spec.modules[k]) for k in config.target_kinds})
+            targets = rf"{re.escape(spec.blocks)}\.\d+\.({'|'.join(paths)})"
         torch.manual_seed(config.seed)
         lcfg = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=leaves,
+            target_modules=targets,
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -12,12 +12,12 @@ if TYPE_CHECKING:
 
 def weight_norms(model: Model) -> pd.DataFrame:
     """Frobenius norm of every registry projection: one row per (block, kind)."""
-    from ..core.registry import MLP_KINDS, get_module, layout_of
+    from ..core.registry import MLP_KINDS, layout_of
 
     lay = layout_of(model)
     rows = []
-    for block, kind, name in lay.iter_modules():
-        w = get_module(model, name).weight
+    for block, kind, _ in lay.iter_modules():
+        w = lay.weight(model, block, kind)
         rows.append(
             {
                 "block": block,

@@ -28,15 +28,16 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _plain_weight(model: Model, name: str, role: str) -> torch.Tensor:
-    """A projection weight of a model that must not carry an unmerged adapter."""
+def _plain_weight(model: Model, layout: Layout, block: int, kind: str, role: str) -> torch.Tensor:
+    """A projection weight (its rows of a fused module) of a model that must not carry an unmerged adapter."""
+    name = layout.module_name(block, kind)
     module = unwrap(model).get_submodule(name)
     if hasattr(module, "lora_A") or hasattr(module, "base_layer"):
         raise TypeError(
             f"{role} model has an adapter on {name}; merge it first (merge_and_unload) "
             "or use WeightDelta.from_lora for the adapter's own delta"
         )
-    return module.weight
+    return layout.weight(model, block, kind, base_layer=False)
 
 
 def lora_delta_parts(
@@ -74,6 +75,9 @@ def lora_delta_parts(
                 raise NotImplementedError(f"{name}: fan_in_fan_out (Conv1D) layers are not supported")
             A = module.lora_A[a].weight  # [r, in]
             B = module.lora_B[a].weight  # [out, r]
+            rows = layout.rows(kind)
+            if rows is not None:  # a fused module: this kind's rows of ΔW are its rows of B
+                B = B[rows]
             dt = dtype or torch.promote_types(B.dtype, torch.float32)
             d = (B.detach().to(dt) @ A.detach().to(dt)) * module.scaling[a]  # [out, in]
             total = d if total is None else total + d
@@ -118,8 +122,8 @@ def model_delta_parts(
     check_same_layout(lf, lb, "from_models: layouts", ("finetuned", "base"))
     tensors: dict[Key, torch.Tensor] = {}
     for block, kind, name in lf.iter_modules(resolve_kinds(kinds), resolve_blocks(blocks, lf)):
-        wf = _plain_weight(finetuned, name, "finetuned").detach()
-        wb = _plain_weight(base, name, "base").detach()
+        wf = _plain_weight(finetuned, lf, block, kind, "finetuned").detach()
+        wb = _plain_weight(base, lb, block, kind, "base").detach()
         if wf.shape != wb.shape:
             raise LayoutMismatchError(f"from_models: {name} has shape {tuple(wf.shape)} vs {tuple(wb.shape)}")
         dt = dtype or _wide_dtype(torch.promote_types(wf.dtype, wb.dtype))
@@ -144,6 +148,9 @@ def state_dict_delta_parts(
             if key not in sd:
                 raise KeyError(f"from_state_dicts: {role} state dict has no {key!r}")
         wf, wb = finetuned[key].detach(), base[key].detach()
+        rows = layout.rows(kind)
+        if rows is not None:  # a fused module's rows of this kind
+            wf, wb = wf[rows], wb[rows]
         if wf.shape != wb.shape:
             raise LayoutMismatchError(
                 f"from_state_dicts: {key} has shape {tuple(wf.shape)} vs {tuple(wb.shape)}"

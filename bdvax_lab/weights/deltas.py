@@ -51,12 +51,9 @@ if TYPE_CHECKING:
     from ..core.types import Model
 
 
-def _target_weight(hf_model: Any, name: str) -> torch.nn.Parameter:
-    """The plain weight of module ``name``; for a LoRA-wrapped module, its base layer's weight."""
-    module = hf_model.get_submodule(name)
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    return module.weight
+def _target_weight(hf_model: Any, layout: Layout, key: Key) -> torch.Tensor:
+    """The plain weight of projection ``key`` (its rows of a fused module); under LoRA, the base layer's."""
+    return layout.weight(hf_model, *key, base_layer=True)
 
 
 @dataclass(eq=False, repr=False)
@@ -355,7 +352,7 @@ class WeightDelta:
     def _targets(self, model: Model) -> list[tuple[Key, torch.nn.Parameter]]:
         check_same_layout(self.layout, layout_of(model), "apply: layouts", ("delta", "model"))
         hf = unwrap(model)
-        return [(key, _target_weight(hf, self.layout.module_name(*key))) for key in self.tensors]
+        return [(key, _target_weight(hf, self.layout, key)) for key in self.tensors]
 
     @staticmethod
     def _add_into(weight: torch.Tensor, delta: torch.Tensor) -> None:

@@ -159,10 +159,17 @@ def _draw(
 
 
 def _reinit_slice(
-    module: Any, axis: int, idx: torch.Tensor, *, init: str, std: float, gen: torch.Generator
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    axis: int,
+    idx: torch.Tensor,
+    *,
+    init: str,
+    std: float,
+    gen: torch.Generator,
 ) -> None:
-    """Re-draw ``module.weight`` rows (axis 0) or columns (axis 1) ``idx``; zero the matching bias rows."""
-    w = module.weight
+    """Re-draw rows (axis 0) or columns (axis 1) ``idx`` of the weight ``w`` (a projection's own rows of a
+    fused module: :meth:`~bdvax_lab.core.registry.Layout.weight`); zero the matching ``bias`` rows."""
     fan_out, fan_in = w.shape
     if init == "matched":
         std = float(w.detach().float().std())
@@ -171,8 +178,8 @@ def _reinit_slice(
     new = _draw(tuple(shape), init, std, fan_in, fan_out, gen).to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
         w.index_copy_(axis, idx.to(w.device), new)
-        if axis == 0 and getattr(module, "bias", None) is not None:
-            module.bias.index_fill_(0, idx.to(w.device), 0.0)
+        if axis == 0 and bias is not None:
+            bias.index_fill_(0, idx.to(w.device), 0.0)
 
 
 def reinit_channels(
@@ -209,7 +216,15 @@ def reinit_channels(
         name = layout.module_name(block, kind)
         axis = CHANNEL_DIM[kind]
         gen = torch.Generator().manual_seed(_module_seed(seed, block, kind))
-        _reinit_slice(hf.get_submodule(name), axis, idx, init=init, std=std, gen=gen)
+        _reinit_slice(
+            layout.weight(hf, block, kind),
+            layout.bias(hf, block, kind),
+            axis,
+            idx,
+            init=init,
+            std=std,
+            gen=gen,
+        )
         report.records.append(
             {
                 "block": block,
@@ -229,7 +244,15 @@ def reinit_channels(
             name = layout.module_name(block, kind)
             axis = 1 if kind == "o" else 0
             gen = torch.Generator().manual_seed(_module_seed(seed, block, f"head.{kind}"))
-            _reinit_slice(hf.get_submodule(name), axis, idx, init=init, std=std, gen=gen)
+            _reinit_slice(
+                layout.weight(hf, block, kind),
+                layout.bias(hf, block, kind),
+                axis,
+                idx,
+                init=init,
+                std=std,
+                gen=gen,
+            )
             report.records.append(
                 {
                     "block": block,
@@ -260,14 +283,18 @@ def _lora_adapters(module: Any, name: str, adapters: Sequence[str] | None) -> li
     return names
 
 
-def _zero_lora_slice(module: Any, a: str, part: str, idx: torch.Tensor) -> str:
-    """Zero rows of lora_B (``part="B"``) or columns of lora_A (``part="A"``) of adapter ``a``."""
+def _zero_lora_slice(module: Any, a: str, part: str, idx: torch.Tensor, offset: int = 0) -> str:
+    """Zero rows of lora_B (``part="B"``) or columns of lora_A (``part="A"``) of adapter ``a``.
+
+    ``offset``: where the projection's rows start in a fused module's B.
+    """
     with torch.no_grad():
         if part == "B":
             lin = module.lora_B[a]
-            lin.weight.index_fill_(0, idx.to(lin.weight.device), 0.0)
+            rows = (idx + offset).to(lin.weight.device)
+            lin.weight.index_fill_(0, rows, 0.0)
             if getattr(lin, "bias", None) is not None:
-                lin.bias.index_fill_(0, idx.to(lin.weight.device), 0.0)
+                lin.bias.index_fill_(0, rows, 0.0)
         else:
             lin = module.lora_A[a]
             lin.weight.index_fill_(1, idx.to(lin.weight.device), 0.0)
@@ -317,8 +344,9 @@ def zero_lora_channels(
                 }
             )
             return
+        rows = layout.rows(kind)
         for a in _lora_adapters(module, name, adapters):
-            param = _zero_lora_slice(module, a, part, idx)
+            param = _zero_lora_slice(module, a, part, idx, 0 if rows is None else rows.start)
             report.records.append(
                 {
                     "block": block,

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from ...core.data import Example
+from ...core.scoring import softcap_logits
 from .common import (
     LENS_COLUMNS,
     ProbeResult,
@@ -63,7 +64,7 @@ def logit_lens(
                 resid = got["block"]  # [B, L, H]
                 p_l, lp_l, r_l = [], [], []
                 for b in range(run.L):
-                    logits = head(norm(resid[:, b].to(dev, dtype))).float().cpu()
+                    logits = softcap_logits(run.hf, head(norm(resid[:, b].to(dev, dtype)))).float().cpu()
                     logp = torch.log_softmax(logits, -1)
                     sel = logp[:, ids]
                     p_l.append(sel.exp().sum(-1))
