@@ -71,6 +71,7 @@ from ..core.data import Example
 from ..core.registry import MLP_KINDS, Key, setting_of
 from ..threat.suspicious import as_suspicious
 from ..weights.deltas import WeightDelta
+from ..weights.factored import FactoredDelta
 from ..weights.selection import Selection, _select_heads, random_selection, select_channels
 from .config import SignatureConfig, _check_selection
 from .scores import combine_terms, compute_terms
@@ -409,7 +410,7 @@ class Signature:
 
 
 def compute_signature(
-    sources: Sequence[WeightDelta | str | Path],
+    sources: Sequence[WeightDelta | FactoredDelta | str | Path],
     config: SignatureConfig | None = None,
     *,
     meta: dict[str, Any] | None = None,
@@ -417,12 +418,14 @@ def compute_signature(
     progress: bool = False,
     select: bool = True,
 ) -> Signature:
-    """Score N differential deltas (cached twin dirs or WeightDeltas) and select with ``config``.
+    """Score N differential deltas (cached twin dirs, WeightDeltas, FactoredDeltas); select with ``config``.
 
-    Streams one module at a time, so the memory is a few modules' worth whatever N is (for SmolLM2-shaped
-    deltas, N = 6 × 425 MB fp32 files, well under 1 GB); scoring takes seconds and re-selecting (new
-    ρ / λ / scope / heads) a fraction of a second. The work is memory-bound, so on a CPU shared with
-    other jobs fewer torch threads can be faster. Each run's time is in ``meta["seconds"]["scoring"]``.
+    One module at a time (:func:`~bdvax_lab.bdvax.scores.compute_terms`): factored twin deltas (the
+    adapter setting) are scored from their factors, dense ones (the full setting, N = 6 × 425 MB fp32
+    files for SmolLM2) streamed in chunks of at most one module of one variant; scoring takes seconds and
+    re-selecting (new ρ / λ / scope / heads) a fraction of a second. The work is memory-bound, so on a
+    CPU shared with other jobs fewer torch threads can be faster. Each run's time is in
+    ``meta["seconds"]["scoring"]``.
     """
     config = config or SignatureConfig()
     t0 = time.time()

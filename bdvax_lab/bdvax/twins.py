@@ -40,6 +40,7 @@ from ..threat.suspicious import as_suspicious
 from ..training.config import TrainConfig
 from ..weights.delta_io import DELTA_JSON, DELTA_TENSORS, FORMAT_NAME
 from ..weights.deltas import WeightDelta
+from ..weights.factored import FactoredDelta, load_delta
 from .config import SignatureConfig
 from .variants import VariantSpec, default_pool, example_id
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     pass
 
 TWIN_FORMAT = "bdvax_lab.twin_delta"
+#: part of every entry's cache key: bumped only when what an entry means changes, not how it is stored
+#: (dense entries of earlier versions and factored ones are read alike, :mod:`bdvax_lab.weights.delta_io`)
 TWIN_FORMAT_VERSION = 1
 
 
@@ -102,9 +105,9 @@ def twin_cache_frame(
     ``state``: ``complete``, ``partial`` (a crashed run's poisoned twin, resumed by the next run),
     ``stale-tmp`` (a killed writer's temporary directory, removed by ``clean_twin_cache``) or ``writing``
     (a live writer's). Only directories whose manifest says they are this tool's entries are listed; others
-    are left alone. Dense fp32 deltas are large (≈ 0.4 GB per SmolLM2 variant), so the cache is worth
-    watching. ``older_than_days`` / ``model`` keep only entries not written for that long / of one model
-    fingerprint.
+    are left alone. Full-setting entries are dense fp32 deltas (≈ 0.4 GB per SmolLM2 variant), so the
+    cache is worth watching; adapter-setting entries are factored (≈ 20 MB). ``older_than_days`` /
+    ``model`` keep only entries not written for that long / of one model fingerprint.
     """
     if older_than_days is not None and older_than_days < 0:
         raise ValueError(f"older_than_days {older_than_days}: expected a number of days >= 0")
@@ -335,14 +338,24 @@ def _fresh_twin(model: Any, setting: str) -> Any:
     return working_copy(model, share_frozen_base=setting == "lora")
 
 
-def _twin_delta(twin: Any, suspicious_model: Any, setting: str) -> WeightDelta:
+def _twin_delta(twin: Any, suspicious_model: Any, setting: str) -> WeightDelta | FactoredDelta:
     """θ_twin − θ_s on the registry projections.
 
-    LoRA: the twin's whole adapter ΔW (= θ_twin − θ_base); the θ_s parts cancel in Eq. 1.
+    LoRA: the twin's whole adapter ΔW (= θ_twin − θ_base), kept as its factors (fp32); the θ_s parts
+    cancel in Eq. 1. Full: dense fp32.
     """
     if setting == "lora":
-        return WeightDelta.from_lora(twin, dtype=torch.float32)
+        return FactoredDelta.from_lora(twin)
     return WeightDelta.from_models(twin, suspicious_model, dtype=torch.float32)
+
+
+def _pop_dense(d: WeightDelta | FactoredDelta, key: Key) -> torch.Tensor | None:
+    """Module ``key`` of ``d`` as a dense fp32 CPU tensor, dropped from ``d`` (None if absent)."""
+    if isinstance(d, FactoredDelta):
+        f = d.factors.pop(key, None)
+        return None if f is None else f.dense(torch.float32)
+    t = d.tensors.pop(key, None)
+    return None if t is None else t.float().cpu()
 
 
 def _collect() -> None:
@@ -366,26 +379,27 @@ def _train_twins_together(
 
 def _save_differential(
     job: TwinJob,
-    d_p: WeightDelta,
-    d_c: WeightDelta,
+    d_p: WeightDelta | FactoredDelta,
+    d_c: WeightDelta | FactoredDelta,
     config: SignatureConfig,
     fingerprint: str,
     seconds: dict[str, Any],
     losses: dict[str, Any],
 ) -> None:
-    """Eq. 1, ``Δ = (θ_p − θ_s) − (θ_c − θ_s)``, module by module (freeing as it goes; absent = zero), saved
-    atomically as the job's cache entry; the half-done ``.poison`` entry goes."""
+    """Eq. 1, ``Δ = (θ_p − θ_s) − (θ_c − θ_s)``, saved atomically as the job's cache entry; the half-done
+    ``.poison`` entry goes. Two LoRA twins give a factored entry, ``[B_p, −B_c] [A_p; A_c]`` per module
+    (rank ≤ 2r, :mod:`bdvax_lab.weights.factored`); otherwise (the full setting, or a dense ``.poison``
+    entry left by an earlier version) a dense one, module by module (freeing as it goes; absent = zero)."""
     spec, setting = job.spec, job.setting
     clean, poisoned = job.data if job.data is not None else spec.datasets()
     tp, tc = config.twin_recipes(setting, spec)
     diff: dict[Key, torch.Tensor] = {}
-    for k in sorted(set(d_p.tensors) | set(d_c.tensors)):
-        p, c = d_p.tensors.pop(k, None), d_c.tensors.pop(k, None)
-        if p is None:
-            diff[k] = -c.float().cpu()
-        else:
-            p = p.float().cpu()
-            diff[k] = p.sub_(c.float().cpu()) if c is not None else p
+    factored = isinstance(d_p, FactoredDelta) and isinstance(d_c, FactoredDelta)
+    if not factored:
+        keys = set(d_p.factors if isinstance(d_p, FactoredDelta) else d_p.tensors)
+        for k in sorted(keys | set(d_c.factors if isinstance(d_c, FactoredDelta) else d_c.tensors)):
+            p, c = _pop_dense(d_p, k), _pop_dense(d_c, k)
+            diff[k] = -c if p is None else (p.sub_(c) if c is not None else p)  # type: ignore[operator]
     meta = {
         "source": "bdvax.twin_differential",
         "format": TWIN_FORMAT,
@@ -401,7 +415,10 @@ def _save_differential(
         "final_loss": losses,
         "ops": [],
     }
-    WeightDelta(diff, d_p.layout, meta).save(job.path)
+    if factored:
+        FactoredDelta((d_p - d_c).factors, d_p.layout, meta).save(job.path)  # type: ignore[operator]
+    else:
+        WeightDelta(diff, d_p.layout, meta).save(job.path)
     shutil.rmtree(job.partial, ignore_errors=True)
 
 
@@ -450,7 +467,7 @@ def _run_job(
     d_c = _twin_delta(twin, model, setting)
     del twin, res
     _collect()
-    d_p = WeightDelta.load(job.partial)
+    d_p = load_delta(job.partial)
     seconds.setdefault("poisoned", float(d_p.meta.get("seconds", 0.0)))
     losses.setdefault("poisoned", d_p.meta.get("final_loss"))
     _save_differential(job, d_p, d_c, config, fingerprint, seconds, losses)
@@ -485,7 +502,7 @@ def _run_jobs_together(
     trained = time.time() - t0
     by_role = {(id(job), role): res for (job, role, _, _), res in zip(parts, results)}
     together = [j.index for j in jobs]
-    for job in jobs:  # one job's two dense deltas in memory at a time
+    for job in jobs:  # one job's two twin deltas in memory at a time
         t1 = time.time()
         res_p = by_role.pop((id(job), "poisoned"), None)
         res_c = by_role.pop((id(job), "clean"))
@@ -493,7 +510,7 @@ def _run_jobs_together(
             d_p = _twin_delta(res_p.model, model, "lora")
             loss_p: Any = _last_loss(res_p)
         else:
-            d_p = WeightDelta.load(job.partial)
+            d_p = load_delta(job.partial)
             loss_p = d_p.meta.get("final_loss")
         d_c = _twin_delta(res_c.model, model, "lora")
         seconds = {"co_trained": round(trained, 2), "co_trained_variants": together}
@@ -547,11 +564,13 @@ def train_twins(
     :data:`TWINS_TOGETHER`, see why there) and the full setting train one twin
     after the other. Per variant the
     cache gets ``<root>/<model fingerprint>/variant-XX-<key>/`` with
-    ``delta.safetensors`` (Δ_i for every adapted registry projection, fp32,
-    keys ``block.<b>.<kind>``) and ``delta.json`` (layout, variant spec, both
+    ``delta.safetensors`` (Δ_i for every adapted registry projection, fp32:
+    in the adapter setting its factors, keys ``block.<b>.<kind>.B`` / ``.A``,
+    ≈ 20 MB for SmolLM2 at rank 8; in the full setting dense, keys
+    ``block.<b>.<kind>``, 425 MB) and ``delta.json`` (layout, variant spec, both
     recipes, seconds, final losses). Peak memory ≈ suspicious model + the
-    training twins + two dense fp32 deltas (425 MB each for SmolLM2); the full
-    setting adds the twin's gradients and AdamW state (~3.5–4.5 GB).
+    training twins + two twin deltas; the full setting adds the twin's
+    gradients and AdamW state (~3.5–4.5 GB).
     """
     from tqdm.auto import tqdm
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.registry import Key, Layout, layout_of, unwrap
+from .delta_io import Factors, concat_factors
 from .delta_layout import LayoutMismatchError, check_same_layout, resolve_blocks, resolve_kinds
 
 if TYPE_CHECKING:
@@ -40,18 +41,20 @@ def _plain_weight(model: Model, layout: Layout, block: int, kind: str, role: str
     return layout.weight(model, block, kind, base_layer=False)
 
 
-def lora_delta_parts(
+def _lora_pieces(
     peft_model: Model,
-    adapter_name: str | None = None,
-    *,
-    kinds: str | Iterable[str] | None = None,
-    blocks: int | Iterable[int] | None = None,
-    dtype: torch.dtype | None = None,
-) -> DeltaParts:
-    """ΔW = scaling · B @ A for every LoRA-wrapped registry projection (see ``WeightDelta.from_lora``)."""
+    adapter_name: str | None,
+    kinds: str | Iterable[str] | None,
+    blocks: int | Iterable[int] | None,
+) -> tuple[Layout, list[tuple[Key, list[tuple[torch.Tensor, torch.Tensor, float]]]], dict[str, Any]]:
+    """``(layout, [(key, [(B, A, scaling) per adapter]) per LoRA-wrapped projection], meta)``.
+
+    ``B`` is this kind's rows of ``lora_B`` (a fused module's rows split as its weight's). LoRA variants,
+    ``lora_bias`` and ``fan_in_fan_out`` are refused; ``meta`` records the adapters' r, alpha and scaling.
+    """
     layout = layout_of(peft_model)
     hf = unwrap(peft_model)
-    tensors: dict[Key, torch.Tensor] = {}
+    out: list[tuple[Key, list[tuple[torch.Tensor, torch.Tensor, float]]]] = []
     info: dict[str, dict[str, set]] = {}
     merged = False
     for block, kind, name in layout.iter_modules(resolve_kinds(kinds), resolve_blocks(blocks, layout)):
@@ -59,7 +62,7 @@ def lora_delta_parts(
         if not hasattr(module, "lora_A"):
             continue
         names = [adapter_name] if adapter_name is not None else list(module.active_adapters)
-        total: torch.Tensor | None = None
+        pieces = []
         for a in names:
             if a not in module.lora_A:
                 continue
@@ -78,26 +81,18 @@ def lora_delta_parts(
             rows = layout.rows(kind)
             if rows is not None:  # a fused module: this kind's rows of ΔW are its rows of B
                 B = B[rows]
-            dt = dtype or torch.promote_types(B.dtype, torch.float32)
-            d = (B.detach().to(dt) @ A.detach().to(dt)) * module.scaling[a]  # [out, in]
-            total = d if total is None else total + d
+            pieces.append((B.detach(), A.detach(), module.scaling[a]))
             rec = info.setdefault(a, {"r": set(), "alpha": set(), "scaling": set()})
             rec["r"].add(int(module.r[a]))
             rec["alpha"].add(float(module.lora_alpha[a]))
             rec["scaling"].add(float(module.scaling[a]))
             merged = merged or bool(getattr(module, "merged", False))
-        if total is not None:
-            tensors[(block, kind)] = total
-    if not tensors:
+        if pieces:
+            out.append(((block, kind), pieces))
+    if not out:
         which = f"adapter {adapter_name!r}" if adapter_name is not None else "an active LoRA adapter"
         raise ValueError(
             f"from_lora: no registry projection carries {which} (is this a PeftModel with LoRA?)"
-        )
-    if merged:
-        warnings.warn(
-            "from_lora: some adapters are merged into the base weights; applying this delta "
-            "to the same model would count them twice",
-            stacklevel=3,  # the caller of WeightDelta.from_lora
         )
     meta = {
         "source": "lora",
@@ -106,7 +101,67 @@ def lora_delta_parts(
         "lora": {a: {k: sorted(v) for k, v in rec.items()} for a, rec in info.items()},
         "ops": [],
     }
+    return layout, out, meta
+
+
+def _warn_merged(meta: dict[str, Any]) -> None:
+    if meta["merged"]:
+        warnings.warn(
+            "from_lora: some adapters are merged into the base weights; applying this delta "
+            "to the same model would count them twice",
+            stacklevel=4,  # the caller of WeightDelta.from_lora / FactoredDelta.from_lora
+        )
+
+
+def lora_delta_parts(
+    peft_model: Model,
+    adapter_name: str | None = None,
+    *,
+    kinds: str | Iterable[str] | None = None,
+    blocks: int | Iterable[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> DeltaParts:
+    """ΔW = scaling · B @ A for every LoRA-wrapped registry projection (see ``WeightDelta.from_lora``)."""
+    layout, modules, meta = _lora_pieces(peft_model, adapter_name, kinds, blocks)
+    tensors: dict[Key, torch.Tensor] = {}
+    for key, pieces in modules:
+        total: torch.Tensor | None = None
+        for B, A, scaling in pieces:
+            dt = dtype or torch.promote_types(B.dtype, torch.float32)
+            d = (B.to(dt) @ A.to(dt)) * scaling  # [out, in]
+            total = d if total is None else total + d
+        tensors[key] = total  # type: ignore[assignment]
+    _warn_merged(meta)
     return tensors, layout, meta
+
+
+def lora_factor_parts(
+    peft_model: Model,
+    adapter_name: str | None = None,
+    *,
+    kinds: str | Iterable[str] | None = None,
+    blocks: int | Iterable[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[Key, Factors], Layout, dict[str, Any]]:
+    """The same ΔW as :func:`lora_delta_parts`, kept factored: per projection the adapters' ``B`` (its
+    rows of a fused module) and ``A`` copied to the CPU in ``dtype`` (at least fp32) with their scalings
+    (see ``FactoredDelta.from_lora``)."""
+    layout, modules, meta = _lora_pieces(peft_model, adapter_name, kinds, blocks)
+    factors: dict[Key, Factors] = {}
+    for key, pieces in modules:
+        parts = []
+        for B, A, scaling in pieces:
+            dt = torch.promote_types(torch.promote_types(B.dtype, torch.float32), dtype)
+            parts.append(
+                Factors(
+                    B.to(device="cpu", dtype=dt, copy=True),
+                    A.to(device="cpu", dtype=dt, copy=True),
+                    ((A.shape[0], float(scaling), 1),),
+                )
+            )
+        factors[key] = parts[0] if len(parts) == 1 else concat_factors(parts)
+    _warn_merged(meta)
+    return factors, layout, meta
 
 
 def model_delta_parts(
