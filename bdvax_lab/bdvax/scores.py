@@ -160,9 +160,9 @@ def factor_gram(factors: Sequence[Factors | None], axis: int, group: int = 1) ->
     ``ΔW_iᵀ = V_iᵀ U_iᵀ``. A channel is ``group`` consecutive rows / columns (an attention head's), its
     Gram the sum of theirs. Absent (None) deltas are zero.
 
-    All pairs at once: the factors are zero-padded to one rank ``R``, ``M = [V_1; …; V_N] [V_1; …; V_N]ᵀ``
-    holds every ``V_i V_kᵀ``, and one batched product gives ``U_i[j] M_ik`` for all ``i, k``; a few large
-    calls instead of ``N²/2`` small ones.
+    All pairs from one ``M = [V_1; …; V_N] [V_1; …; V_N]ᵀ`` (every ``V_i V_kᵀ``, factors zero-padded to one
+    rank ``R``), then per variant ``i`` one product ``U_i M_i,:`` ``[C, N·R]`` and one reduction against
+    all ``U_k``: a few calls per module and working memory of about ``3 · C · N · R`` float64 numbers.
     """
     n = len(factors)
     present = [i for i, f in enumerate(factors) if f is not None]
@@ -176,20 +176,23 @@ def factor_gram(factors: Sequence[Factors | None], axis: int, group: int = 1) ->
         us.append(u if axis == 0 else v.t())  # [C, R_i]
         vs.append(v if axis == 0 else u.t())  # [R_i, D]
     m, r, c = len(present), max(u.shape[1] for u in us), us[0].shape[0]
-    U = torch.zeros((m, c, r), dtype=torch.float64)
+    U = torch.zeros((c, m, r), dtype=torch.float64)
     V = torch.zeros((m, r, vs[0].shape[1]), dtype=torch.float64)
     for i, (u, v) in enumerate(zip(us, vs)):
-        U[i, :, : u.shape[1]] = u
+        U[:, i, : u.shape[1]] = u
         V[i, : v.shape[0]] = v
     del us, vs
     flat = V.reshape(m * r, -1)
     M = (flat @ flat.t()).reshape(m, r, m * r)  # M[i, a, (k, b)] = ⟨V_i[a], V_k[b]⟩
-    X = torch.bmm(U, M)  # [m, C, m·r]: U_i[j] M_i,k for every k
-    X.mul_(U.permute(1, 0, 2).reshape(1, c, m * r))
-    g = X.reshape(m, c, m, r).sum(-1).permute(1, 0, 2)  # [C, m, m]
-    del X
+    del V, flat
+    U_all = U.reshape(c, m * r)
+    g = torch.empty((c, m, m), dtype=torch.float64)
+    for i in range(m):
+        x = U[:, i] @ M[i]  # [C, m·r]: U_i[j] V_i V_kᵀ for every k
+        g[:, i] = x.mul_(U_all).reshape(c, m, r).sum(-1)
+        del x
     if m == n:
-        gram = g.contiguous()
+        gram = g
     else:
         gram = torch.zeros((c, n, n), dtype=torch.float64)
         idx = torch.tensor(present)
@@ -255,7 +258,9 @@ def _module_gram(
     factored (float64; norms then come from the diagonal), else streamed from dense slices (a group's
     Gram is the sum of its rows' or columns')."""
     if src.factored(key):
-        return factor_gram([src.factors(i, key) for i in range(len(src))], axis, group), None
+        gram = factor_gram([src.factors(i, key) for i in range(len(src))], axis, group)
+        _trim()
+        return gram, None
     gram, norms = _dense_gram(src, key, axis, chunk_bytes, device)
     if group == 1:
         return gram, norms
