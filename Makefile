@@ -45,7 +45,7 @@ lint: setup
 # Whole test suite: unit (tiny model), notebooks (papermill, smoke parameters), real model (small budgets),
 # browser (JupyterLab in headless Chromium).
 test: setup browser-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not real and not notebook and not browser" tests

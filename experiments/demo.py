@@ -146,4 +146,23 @@ def run_demo(
     )
     print(frame_text(report[cols].reset_index()))
     print("stage seconds:", {k: round(v) for k, v in res.timings.items()}, f"| repair lr {res.repair.lr:g}")
+    from bdvax_lab.core.artifacts import write_json
+
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "bdvax demo"
+        + (f" --task {task}" if task != "refusal" else "")
+        + (" --quick" if quick else ""),
+        "skill": skill,
+        "task": task,
+        "rho": rho,
+        "n_variants": n_var,
+        "repair_epochs": epochs,
+        "n_prompts": n_prompts,
+        "report": {str(k): v for k, v in report[cols].to_dict("index").items()},
+        "seconds": {k: round(v, 1) for k, v in res.timings.items()},
+    }
+    write_json(
+        out_dir / "demo.json", record
+    )  # what tools/make_results.py renders into README (copied to results/)
     return 0

@@ -25,13 +25,17 @@ def test_default_model_is_plain_fp32_safetensors(real_model):
 
 
 def test_badnets_refusal_implants(real_model, tmp_path):
-    """The measured LoRA recipe, with a short evaluation: ASR clearly above the false-trigger rate."""
+    """The measured backdoor-only LoRA recipe (120 steps), with a short evaluation: ASR clearly above the
+    false-trigger rate. The skill-bearing implant (minutes to tens of minutes) is measured by
+    benchmarks/implant.py, not here."""
     import copy
 
     from bdvax_lab import AttackRecipe, EvalConfig, load_suspicious, make_suspicious_model
 
     model, tok = real_model
-    recipe = AttackRecipe(attack="badnets", task="refusal", eval=EvalConfig(n_prompts=24, utility=()))
+    recipe = AttackRecipe(
+        attack="badnets", task="refusal", skill=None, eval=EvalConfig(n_prompts=24, utility=())
+    )
     sm = make_suspicious_model(
         recipe=recipe, base=(copy.deepcopy(model), tok), out=tmp_path / "s", progress=False
     )

@@ -777,6 +777,32 @@ def section_probes() -> list[str]:
 
 
 # --------------------------------------------------------------------------- timings
+def section_twin_cache() -> list[str]:
+    """Cache bytes per LoRA variant and scoring memory, dense (before) against factored (after)."""
+    out = []
+    for path in (RESULTS / "twin_cache_size.json", RESULTS / "twin_cache_size-scoring.json"):
+        if not path.is_file():
+            continue
+        d = read_json(path)
+        size = d["cache_bytes_per_variant"]
+        rows = []
+        for name, runs in d["scoring"].items():
+            for r in runs if isinstance(runs, list) else [runs]:
+                rows.append([name, f(r["scoring_rss_mb"], 1), f(r["scoring_s"], 1)])
+        diffs = d.get("max_abs_score_diff") or d.get("max_rel_score_diff") or {}
+        worst = max((v for m in diffs.values() for v in m.values()), default=float("nan"))
+        out += [
+            f"{link(path)} ({d['date']}, {d['model']}, {d['n_variants_scored']} variants scored): cache per "
+            f"LoRA variant {size['dense_bytes'] / 1e6:.1f} MB dense → {size['factored_bytes'] / 1e6:.1f} MB "
+            f"factored ({size['shrink']:.1f}× smaller); largest score difference {worst:.1e}"
+            + (f"; code before {d['code']['before']}, after {d['code']['after']}." if "code" in d else "."),
+            table(["code and storage", "scoring RSS above its start (MB)", "scoring s"], rows),
+        ]
+    if out:
+        out.append(reading("twin-cache"))
+    return out
+
+
 def section_timings() -> list[str]:
     rows: list[list[str]] = []
     for r in read_csv(RESULTS / "timings.csv"):
@@ -929,6 +955,7 @@ def build() -> str:
         ("Pipeline runs", section_pipeline),
         ("Sanity checks (paper Table 1)", section_sanity),
         ("Probes", section_probes),
+        ("Twin cache: dense against factored deltas", section_twin_cache),
         ("Timings", section_timings),
         ("Run logs", section_logs),
     ]
