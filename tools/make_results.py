@@ -34,15 +34,18 @@ READINGS = RESULTS / "readings"
 OUT = ROOT / "RESULTS.md"
 README = ROOT / "README.md"
 
-#: The pipeline benchmark runs the demo's steps (BadNets → refusal, LoRA, N = 6, ρ = 0.8), so its JSON is the
-#: demo's table; README.md shows it between the markers below.
-DEMO_SOURCE = RESULTS / "pipeline-badnets-refusal-lora.json"
+#: README.md shows the demo's table between the markers below: ``bdvax demo``'s own record (copied from
+#: runs/demo/demo.json) or, before one exists, the pipeline benchmark's backdoor-only run of the same steps
+DEMO_SOURCE = RESULTS / "demo.json"
+DEMO_FALLBACK = RESULTS / "pipeline-badnets-refusal-lora.json"
 DEMO_BLOCK = "demo-table"
 DEMO_COLUMNS = (
     "asr",
     "false_trigger",
     "degenerate_triggered",
     "degenerate_clean",
+    "skill",
+    "skill_kept",
     "ppl",
     "mcq_acc",
     "agreement",
@@ -978,14 +981,19 @@ def anchor(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
+def demo_source() -> Path:
+    return DEMO_SOURCE if DEMO_SOURCE.is_file() else DEMO_FALLBACK
+
+
 def demo_block() -> str:
     """The demo's before / suppressed / after table as ``bdvax demo`` prints it (pandas' fixed width)."""
-    d = read_json(DEMO_SOURCE)
-    header = ["stage", *DEMO_COLUMNS]
+    d = read_json(demo_source())
+    columns = [c for c in DEMO_COLUMNS if any(c in r for r in d["report"].values())]
+    header = ["stage", *columns]
     rows = []
     for stage, r in d["report"].items():
         row = [stage]
-        for c in DEMO_COLUMNS:
+        for c in columns:
             v = r.get(c)
             row.append(str(v) if isinstance(v, int) else f"{float(v):.3f}")
         rows.append(row)
@@ -1035,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {rel(p)}")
     if len(outputs) > 1:
         print(
-            f"{rel(README)}: demo table from {rel(DEMO_SOURCE)} "
+            f"{rel(README)}: demo table from {rel(demo_source())} "
             f"{'written' if README in stale else 'unchanged'}"
         )
     return 0
