@@ -69,12 +69,14 @@ def test_the_wheel_holds_the_package_data(installed):
     py, _, work, env = installed
     code = (
         "import bdvax_lab, pathlib; from bdvax_lab.core.data import data_dir, load_pool; "
-        "print(bdvax_lab.__file__); print(data_dir()); print(len(load_pool('repair')))"
+        "print(bdvax_lab.__file__); print(data_dir()); print(len(load_pool('repair'))); "
+        "from bdvax_lab.bdvax.plan import shipped_configs; print(','.join(shipped_configs()))"
     )
     out = _run([py, "-c", code], work, env).stdout.split()
     venv = py.parents[1]
     assert Path(out[0]).is_relative_to(venv) and Path(out[1]).is_relative_to(venv), out  # not the checkout
     assert int(out[2]) > 50
+    assert {"llama-2-7b", "mistral-7b", "llama-2-13b"} <= set(out[3].split(",")), out  # bdvax plan's configs
 
 
 def test_bdvax_info_and_a_tiny_purify_from_outside_the_tree(installed):
