@@ -586,6 +586,7 @@ __all__ = [
     "Hardware",
     "ModelShape",
     "PlanConfig",
+    "SMOLLM2_135M",
     "plan",
     "read_config",
     "reference_gflops",
