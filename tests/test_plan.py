@@ -41,6 +41,8 @@ def test_shipped_configs_are_there_and_are_package_data():
     assert '"data/configs/*.json"' in pyproject
     mistral = ModelShape.from_hf(*read_config("mistral-7b"))
     assert (mistral.n_kv_heads, mistral.head_dim, mistral.kv_dim) == (8, 128, 1024)
+    nulls = ModelShape.from_hf({**SMOLLM2_135M, "head_dim": None, "num_key_value_heads": None})
+    assert (nulls.head_dim, nulls.n_kv_heads) == (64, 9)
 
 
 def test_twin_cache_size_matches_the_measured_one():

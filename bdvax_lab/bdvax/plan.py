@@ -111,7 +111,8 @@ class ModelShape:
             config = config["text_config"]  # a multimodal wrapper: the decoder's sizes
 
         def integer(key: str, default: Any = None) -> int:
-            value = config.get(key, default)
+            value = config.get(key)
+            value = default if value is None else value  # an explicit null (head_dim: null) is the default
             if value is None:
                 raise ValueError(f"{source}: field {key!r} is missing")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
