@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from bdvax_lab.baselines.registry import BUILTIN_DEFENCES
 from bdvax_lab.core.artifacts import atomic_write_text, read_json, stable_hash, write_json
 from bdvax_lab.core.config import Config
 from bdvax_lab.viz.report import REPORT_FILE, report_html, save_report
@@ -35,19 +36,8 @@ LORA_TARGETS = tuple(
 )
 FULL_TARGETS = ("badnets:refusal:full:knowledge", "badnets:sentiment:full:format")
 HEADLINE = ("badnets:refusal:lora:knowledge", "badnets:sentiment:lora:format")
-DEFENCES = (
-    "bdvax",
-    "discard",
-    "retrain",
-    "random",
-    "top_delta",
-    "finetune_only",
-    "magnitude_prune",
-    "fine_prune",
-    "quantize_int4",
-    "crow",
-    "crow_published",
-)
+#: BD-VAX, then every registered control and baseline, in the registry's order
+DEFENCES = ("bdvax", *BUILTIN_DEFENCES)
 #: Figures every row keeps (the evaluation summary's).
 METRICS = (
     "asr",
