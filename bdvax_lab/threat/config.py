@@ -84,7 +84,7 @@ def default_attack_train(setting: str, skill: str | None = None) -> TrainConfig:
 #: The skill of a suspicious finetune when none is named: the one whose implant recipe met the bench's
 #: targets (skill, ASR >= 0.80, false-trigger <= 0.05) in results/implant.jsonl.
 DEFAULT_SKILL = "format"
-#: Epochs of the skill-bearing implant per skill (measured: results/log/implant-recipes.md).
+#: Epochs of the skill-bearing implant per skill (measured: results/implant.jsonl).
 SKILL_EPOCHS: dict[str, float] = {"knowledge": 4.0, "format": 3.0}
 
 #: Poisoning rate of the backdoor-only implant recipe per task (others: 15%). Measured on SmolLM2
