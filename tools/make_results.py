@@ -1023,7 +1023,10 @@ def demo_block() -> str:
     columns = [c for c in DEMO_COLUMNS if any(c in r for r in d["report"].values())]
     header = ["stage", *columns]
     rows = []
-    for stage, r in d["report"].items():
+    order = ("suspicious", "suppressed", "purified")  # JSON keys come back sorted: the stages' order
+    stages = sorted(d["report"], key=lambda k: order.index(k) if k in order else len(order))
+    for stage in stages:
+        r = d["report"][stage]
         row = [stage]
         for c in columns:
             v = r.get(c)
