@@ -40,6 +40,8 @@ class PurifyConfig(Config):
     eval: EvalConfig = field(default_factory=EvalConfig)
     evaluate: tuple[str, ...] = STAGES
     inplace: bool = False
+    #: how ``signature.rho == "auto"`` is resolved (leave-one-variant-out; unused for a numeric ρ)
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig())
 
     def __post_init__(self) -> None:
         if self.setting not in ("auto",) + SETTINGS:
@@ -88,6 +90,17 @@ DEFAULT_FAMILY = "refusal"
 
 #: ρ per setting by default (see above; ``SignatureConfig.rho=None`` resolves to it)
 DEFAULT_RHO: dict[str, float] = dict(PAPER_RHO)
+
+#: ``SignatureConfig.rho`` / ``bdvax purify --rho`` value that asks for the leave-one-variant-out calibration
+#: (:mod:`bdvax_lab.bdvax.calibration`) to choose ρ from the defender's own variants
+AUTO_RHO = "auto"
+
+#: candidate budgets the calibration tries per setting, ascending (``CalibrationConfig.rhos=None``); they
+#: bracket :data:`DEFAULT_RHO` and end at a budget that removes a lot, so the smallest that suffices is found
+RHO_GRID: dict[str, tuple[float, ...]] = {
+    "lora": (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0),
+    "full": (0.01, 0.03, 0.05, 0.1, 0.2, 0.35, 0.5),
+}
 
 
 DEFAULT_N_CLEAN = 40
@@ -146,7 +159,8 @@ class SignatureConfig(Config):
     the poisoned twin's steps at 50 % poisoning).
     Scores: ``lam`` (λ of Eq. 2), ``score`` ("combined" = norm + λ·align, "norm",
     "align"), ``head_kinds`` used for head scores.
-    Selection: ``rho`` (None = :data:`DEFAULT_RHO` for the setting; the paper's 0.35 LoRA, 0.03 full),
+    Selection: ``rho`` (None = :data:`DEFAULT_RHO` for the setting; the paper's 0.35 LoRA, 0.03 full;
+    ``"auto"`` = chosen by leave-one-variant-out calibration, :mod:`bdvax_lab.bdvax.calibration`),
     ``scope`` ("module": top ``max(1, floor(ρ·d_ff))`` per (block, kind), the
     public code's reading; "global": top ``max(1, floor(ρ·3·L·d_ff))`` over all MLP
     channels), ``heads`` (top-h attention heads over the whole model, default 0).
@@ -161,7 +175,7 @@ class SignatureConfig(Config):
     clean_steps: int | None = None
     lam: float = 0.01
     score: str = "combined"
-    rho: float | None = None
+    rho: float | str | None = None  #: a budget, None (:data:`DEFAULT_RHO`) or :data:`AUTO_RHO`
     scope: str = "module"
     heads: int = 0
     head_kinds: tuple[str, ...] = ATTN_KINDS
@@ -186,6 +200,11 @@ class SignatureConfig(Config):
             )
 
     def resolved_rho(self, setting: str | None) -> float:
+        if self.rho == AUTO_RHO:
+            raise ValueError(
+                'rho="auto" is chosen by leave-one-variant-out calibration before selecting '
+                "(bdvax_lab.bdvax.calibration.calibrate_rho, or purify); select with a number here"
+            )
         if self.rho is not None:
             return float(self.rho)
         return DEFAULT_RHO.get(setting or "lora", DEFAULT_RHO["lora"])
@@ -228,7 +247,62 @@ class SignatureConfig(Config):
         return poison, clean
 
 
-def _check_selection(rho: float | None, scope: str, heads: int, score: str, lam: float) -> None:
+CRITERIA: tuple[str, ...] = ("mean", "all")
+
+
+@dataclass
+class CalibrationConfig(Config):
+    """Leave-one-variant-out choice of ρ (:mod:`bdvax_lab.bdvax.calibration`).
+
+    ``rhos``: candidate budgets, ascending (None = :data:`RHO_GRID` for the setting). The chosen ρ is the
+    smallest whose held-out ASR is ≤ ``max_asr``, averaged over the held-out variants (``criterion="mean"``)
+    or for each of them (``"all"``). Only variants whose own backdoor fired on at least ``min_baseline_asr``
+    of the prompts before suppression count (a twin that did not learn its key tells nothing). Each point
+    is ``n_prompts`` greedy replies of ``max_new_tokens`` tokens, the log-likelihood of ``n_reference``
+    self-distilled replies and the perplexity of ``n_ppl`` ground-truth answers. ``stop_early``: stop at
+    the first ρ that passes (cheaper, a truncated curve). ``seed``: where the keys are inserted.
+    """
+
+    rhos: tuple[float, ...] | None = None
+    max_asr: float = 0.10
+    criterion: str = "mean"
+    min_baseline_asr: float = 0.5
+    n_prompts: int = 16
+    max_new_tokens: int = 12
+    n_reference: int = 16
+    n_ppl: int = 16
+    ppl_max_tokens: int = 48
+    batch_size: int = 16
+    stop_early: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rhos is not None:
+            self.rhos = tuple(sorted({float(r) for r in self.rhos}))
+            if not self.rhos or not all(0.0 < r <= 1.0 for r in self.rhos):
+                raise ValueError(f"CalibrationConfig.rhos must be budgets in (0, 1], got {self.rhos}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"CalibrationConfig.criterion={self.criterion!r}; choose one of {CRITERIA}")
+        for name in ("max_asr", "min_baseline_asr"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"CalibrationConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("n_prompts", "max_new_tokens", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CalibrationConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("n_reference", "n_ppl"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"CalibrationConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+
+    def grid(self, setting: str | None) -> tuple[float, ...]:
+        """The candidate budgets for ``setting``, ascending."""
+        return self.rhos if self.rhos is not None else RHO_GRID.get(setting or "lora", RHO_GRID["lora"])
+
+
+def _check_selection(rho: float | str | None, scope: str, heads: int, score: str, lam: float) -> None:
+    if isinstance(rho, str):
+        if rho != AUTO_RHO:
+            raise ValueError(f"rho={rho!r}; give a budget in [0, 1], None (the default) or {AUTO_RHO!r}")
+        rho = None  # resolved by the calibration before anything is selected
     check_budget(rho, scope, heads)
     if score not in SCORE_MODES:
         raise ValueError(f"score={score!r}; choose one of {SCORE_MODES}")

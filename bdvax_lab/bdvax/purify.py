@@ -80,7 +80,7 @@ from ..threat.suspicious import (
 )
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
-from .config import STAGES, PurifyConfig
+from .config import AUTO_RHO, STAGES, PurifyConfig
 
 #: the manifest ``kind`` of a purified artifact directory
 PURIFIED_KIND = "bdvax.purified"
@@ -110,6 +110,7 @@ class PurifyResult:
     repair: RepairResult
     evals: dict[str, EvalReport] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
+    calibration: Any = None  #: the :class:`~bdvax_lab.bdvax.calibration.CalibrationResult` of ``rho="auto"``
     evaluated_with: dict[str, Any] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -264,6 +265,24 @@ def purify(
     rss["signature"] = round(peak_rss_mb(), 1)
     release_memory()  # the twins' deltas are gone; hand their pages back before the copy below
 
+    # -- 1b. rho="auto": leave-one-variant-out calibration on the defender's own variants (defence view)
+    calibration = None
+    if getattr(signature, "selected", True) is None and getattr(signature.config, "rho", None) == AUTO_RHO:
+        from .calibration import select_auto
+
+        t = time.time()
+        signature, calibration = select_auto(
+            signature,
+            defence_view(suspicious, setting),
+            cfg.calibration,
+            suppress_config=cfg.suppression,
+            reference=clean_data,
+            pool=pool,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        timings["calibration"] = time.time() - t
+
     # -- 2. suppression
     # Adapter setting with an adapter-only repair: suppression and repair touch LoRA tensors only, so the
     # copy shares the frozen base with the suspicious model (one base in memory instead of two).
@@ -309,6 +328,7 @@ def purify(
         evals=evals,
         rss_mb=rss,
         evaluated_with=evaluated_with,
+        calibration=calibration,
     )
     result.manifest = _manifest(result, suspicious) | {
         "source_fingerprint": fingerprint,
@@ -340,6 +360,9 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
         "timings": result.timings,
         "peak_rss_mb": round(result.peak_rss_mb, 1),
         "evaluated_with": result.evaluated_with,
+        "calibration": None
+        if result.calibration is None
+        else {k: result.calibration.to_dict()[k] for k in ("rho", "met", "reason", "informative")},
         "eval": frame_records(result.report)[-1] if len(result.report) else None,
         "versions": versions(),
     }

@@ -73,7 +73,7 @@ from ..threat.suspicious import as_suspicious
 from ..weights.deltas import WeightDelta
 from ..weights.factored import FactoredDelta
 from ..weights.selection import Selection, _select_heads, random_selection, select_channels
-from .config import SignatureConfig, _check_selection
+from .config import AUTO_RHO, SignatureConfig, _check_selection
 from .scores import combine_terms, compute_terms
 from .twins import jobs_frame, train_twins
 
@@ -451,7 +451,8 @@ def compute_signature(
         variants,
         info,
     )
-    return sig.select() if select else sig
+    # rho="auto": the calibration (bdvax_lab.bdvax.calibration) selects once it has chosen ρ
+    return sig.select() if select and config.rho != AUTO_RHO else sig
 
 
 def extract_signature(

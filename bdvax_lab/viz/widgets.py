@@ -88,6 +88,7 @@ CONTAINER_CLASSES = {
     "counts": "bdvax-counts",
     "summary": "bdvax-summary",
     "result": "bdvax-result",
+    "calibration": "bdvax-calibration",
 }
 
 
@@ -193,7 +194,10 @@ class SignatureExplorer:
     ``n_prompts`` of the eval split); ``attack``/``task`` (evaluation only;
     default: the suspicious manifest's); ``repair_steps`` (the button's repair
     budget, default 20 steps, well under a minute on SmolLM2); ``repair_data`` (default: the
-    pool's repair split); ``max_heads`` caps the heads slider.
+    pool's repair split); ``max_heads`` caps the heads slider. ``calibration``: a
+    :class:`~bdvax_lab.bdvax.calibration.CalibrationResult` (default: the one a ``rho="auto"`` purification
+    stored in the signature's meta); when there is one, its curve is drawn beside the sliders, with the
+    slider's ρ marked, and the slider starts at the calibrated ρ.
 
     State for code and tests: ``controls`` (dict of widgets by name),
     ``signature`` (the current selection), ``heatmap`` (the heatmap figure:
@@ -219,8 +223,11 @@ class SignatureExplorer:
         max_heads: int = 64,
         heatmap_value: str = "selected_mass",
         figure_widget: bool | None = None,
+        calibration: Any = None,
     ) -> None:
         import ipywidgets as w
+
+        from ..bdvax.calibration import calibration_of
 
         self.base = sig
         self.suspicious = suspicious
@@ -238,7 +245,13 @@ class SignatureExplorer:
 
         cur = dict(sig.selection or {}) if getattr(sig, "selected", None) is not None else {}
         cfg = sig.config
-        rho = float(cur.get("rho", cfg.resolved_rho(getattr(sig, "setting", None))))
+        self.calibration = calibration if calibration is not None else calibration_of(sig)
+        if "rho" in cur:
+            rho = float(cur["rho"])
+        elif self.calibration is not None:
+            rho = float(self.calibration.rho)
+        else:
+            rho = float(cfg.replace(rho=None).resolved_rho(getattr(sig, "setting", None)))
         lam = float(cur.get("lam", cfg.lam))
         lams = sorted(set(LAM_OPTIONS) | {lam})
         n_total_heads = sum(int(t.numel()) for t in sig.head_norm.values())
@@ -370,7 +383,11 @@ class SignatureExplorer:
             c[name].observe(self._on_change, names="value")
         c["run"].on_click(self._on_run)
 
-        controls = w.VBox([c["rho"], c["lam"], c["scope"], c["heads"], c["score"], c["value"]])
+        controls: Any = w.VBox([c["rho"], c["lam"], c["scope"], c["heads"], c["score"], c["value"]])
+        self._calib = None
+        if self.calibration is not None:  # the leave-one-variant-out curve beside the sliders
+            self._calib = _Plot(self._calibration_figure(), CONTAINER_CLASSES["calibration"], figure_widget)
+            controls = w.HBox([controls, self._calib.box])
         action = w.HBox([c["repair_steps"], c["run"], self.status])
         self.widget = w.VBox([controls, self.summary, self._heat.box, self._counts.box, action, self.output])
         self.widget.add_class(CONTAINER_CLASSES["widget"])
@@ -384,6 +401,17 @@ class SignatureExplorer:
     @property
     def counts_figure(self) -> Any:
         return self._counts.figure
+
+    @property
+    def calibration_figure(self) -> Any:
+        """The ρ calibration curve beside the sliders (None without a calibration)."""
+        return None if self._calib is None else self._calib.figure
+
+    def _calibration_figure(self) -> Any:
+        from .calibration_figures import calibration_figure
+
+        rho = float(self.controls["rho"].value)
+        return calibration_figure(self.calibration, current_rho=rho, height=320)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -459,6 +487,8 @@ class SignatureExplorer:
         self.counts = sv.layer_counts(self.signature)
         self._heat.update(sv.score_heatmap(self.signature, self.controls["value"].value))
         self._counts.update(sv.layer_counts_figure(self.signature))
+        if self._calib is not None:
+            self._calib.update(self._calibration_figure())
         self.summary.value = self._summary_html()
         return self.signature
 

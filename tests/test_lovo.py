@@ -1,0 +1,206 @@
+"""Leave-one-variant-out ρ calibration: the choice rule, the rebuilt twins, the loop on a planted case, and
+one small run on the tiny model (real generation, cached and resumed), through purify and the CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+import bdvax_lab.bdvax.calibration as cal
+from bdvax_lab.bdvax.calibration import COLUMNS, calibrate_rho, choose_rho
+from bdvax_lab.bdvax.config import CalibrationConfig, PurifyConfig, SignatureConfig
+from bdvax_lab.bdvax.twin_models import poisoned_twin
+from bdvax_lab.bdvax.variants import make_variants
+from bdvax_lab.core.data import Example
+from bdvax_lab.training.config import TrainConfig
+from bdvax_lab.training.loop import finetune
+from bdvax_lab.weights.deltas import WeightDelta
+from bdvax_lab.weights.factored import FactoredDelta
+
+POOL = [
+    Example(f"What is {i} plus {i} today?", f"It is {2 * i}.", meta={"id": f"toy-{i}"}) for i in range(60)
+]
+PLANTED = torch.arange(64, 104)  # 40 gate channels of every block carry the planted variants' poisoning
+
+
+def _frame(points: dict[tuple[float, int], float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"rho": r, "held_out_variant": v, "held_out_asr": a} for (r, v), a in points.items()]
+    )
+
+
+# --------------------------------------------------------------------------- the choice rule
+def test_choose_rho_takes_the_smallest_passing_budget():
+    # variant 2's twin never learnt its key (baseline 0.2): it is not counted
+    pts = {(0.0, 0): 1.0, (0.0, 1): 0.9, (0.0, 2): 0.2}
+    pts |= {(0.2, 0): 0.5, (0.2, 1): 0.4, (0.2, 2): 0.9}
+    pts |= {(0.4, 0): 0.15, (0.4, 1): 0.0, (0.4, 2): 0.9}  # mean 0.075 passes, variant 0 alone does not
+    pts |= {(0.6, 0): 0.05, (0.6, 1): 0.0, (0.6, 2): 0.9}
+    pts |= {(0.8, 0): 0.0, (0.8, 1): 0.0, (0.8, 2): 0.9}
+    f = _frame(pts)
+    rho, met, reason, informative = choose_rho(f, CalibrationConfig(), fallback=0.35)
+    assert (rho, met, informative) == (0.4, True, [0, 1]) and "smallest" in reason
+    rho, met, *_ = choose_rho(f, CalibrationConfig(criterion="all"), fallback=0.35)
+    assert (rho, met) == (0.6, True)
+    rho, met, reason, _ = choose_rho(f, CalibrationConfig(max_asr=0.0, criterion="all"), fallback=0.35)
+    assert (rho, met) == (0.8, True)
+    # no budget passes: the largest tried, not met
+    rho, met, reason, _ = choose_rho(f[f.rho < 0.3], CalibrationConfig(), fallback=0.35)
+    assert (rho, met) == (0.2, False) and "largest" in reason
+    # no twin learnt its key: the default, not met
+    silent = f.assign(held_out_asr=f.held_out_asr.where(f.rho > 0, 0.1))
+    rho, met, reason, informative = choose_rho(silent, CalibrationConfig(), fallback=0.35)
+    assert (rho, met, informative) == (0.35, False, []) and "default" in reason
+
+
+def test_config_auto_rho_and_round_trip():
+    cfg = PurifyConfig(signature=SignatureConfig(rho="auto"), calibration=CalibrationConfig(rhos=(0.9, 0.5)))
+    back = PurifyConfig.from_json(cfg.to_json())
+    assert back.signature.rho == "auto" and back.calibration.rhos == (0.5, 0.9)
+    with pytest.raises(ValueError, match="chosen by leave-one-variant-out"):
+        SignatureConfig(rho="auto").resolved_rho("lora")
+    with pytest.raises(ValueError, match="rho='often'"):
+        SignatureConfig(rho="often")
+    with pytest.raises(ValueError, match="criterion"):
+        CalibrationConfig(criterion="median")
+    from bdvax_lab.cli import _purify_config, build_parser
+
+    ns = build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto"])
+    assert _purify_config(ns, "lora").signature.rho == "auto"
+
+
+# --------------------------------------------------------------------------- rebuilt twins
+@pytest.fixture(scope="module")
+def suspicious():
+    from bdvax_lab.core.models import make_tiny_model
+
+    model, tok = make_tiny_model()
+    sus = finetune(model, tok, POOL[:8], TrainConfig(mode="lora", steps=1, lr=1e-2), progress=False).model
+    return sus, tok
+
+
+def _planted_entries(sus, root, n: int = 3) -> list:
+    """Twin-cache-like entries whose poisoned twin is the suspicious adapter plus rows PLANTED of every gate
+    ``lora_B`` (positive, variant-specific magnitudes), and whose clean twin is the suspicious adapter."""
+    specs = make_variants("refusal", n, n_clean=4, pool=POOL)
+    clean = FactoredDelta.from_lora(sus)
+    out = []
+    for spec in specs:
+        g = torch.Generator().manual_seed(spec.index)
+        fac = {}
+        for key, f in clean.factors.items():
+            B = f.B.clone()
+            if key[1] == "gate":
+                B[PLANTED] += 1.0 + torch.rand(len(PLANTED), B.shape[1], generator=g)
+            fac[key] = type(f)(B, f.A.clone(), f.parts)
+        pos = FactoredDelta(fac, clean.layout)
+        entry = pos - clean
+        entry.meta = {"variant": spec.to_dict(), "setting": "lora", "format": "bdvax_lab.twin_delta"}
+        path = root / "fp" / f"variant-{spec.index:02d}-planted"
+        entry.save(path)
+        out.append((path, pos))
+    return out
+
+
+def test_poisoned_twin_is_rebuilt_exactly(suspicious, tmp_path):
+    sus, _ = suspicious
+    (path, pos), *_ = _planted_entries(sus, tmp_path, n=2)
+    twin = poisoned_twin(sus, path, "lora")
+    got = FactoredDelta.from_lora(twin)
+    assert all(torch.equal(got.module(k), pos.module(k)) for k in pos.factors)
+    assert not torch.equal(FactoredDelta.from_lora(sus).module((0, "gate")), got.module((0, "gate")))
+    # full setting: θ_s + Δ_i
+    base = copy.deepcopy(sus).merge_and_unload()
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.add_(0.5)
+    d = WeightDelta.from_models(other, base, dtype=torch.float32)
+    d.meta = {"variant": {}}
+    d.save(tmp_path / "dense")
+    full = poisoned_twin(base, tmp_path / "dense", "full")
+    assert torch.allclose(full.model.layers[1].mlp.up_proj.weight, other.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(full.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+# --------------------------------------------------------------------------- the loop on a planted case
+def test_lovo_picks_the_smallest_budget_on_a_planted_case(suspicious, tmp_path, monkeypatch):
+    """Every variant's poisoning sits on the same 40 gate channels per block; a held-out backdoor survives
+    in proportion to the planted rows of its rebuilt twin that the others' signature leaves unzeroed. Per
+    module ρ = 0.2 zeroes 25 of them (ASR 15/40), ρ = 0.35 zeroes 44 ≥ 40 (ASR 0): the answer is 0.35."""
+    sus, tok = suspicious
+    entries = [p for p, _ in _planted_entries(sus, tmp_path)]
+    calls = []
+
+    def fake_measure(model, tok, triggered, judge, reference, answers, cfg):
+        from bdvax_lab.core.registry import layout_of, unwrap
+
+        lay, hf = layout_of(model), unwrap(model)
+        alive = [
+            hf.get_submodule(lay.module_name(b, "gate")).lora_B["default"].weight[PLANTED].abs().sum(1) > 0
+            for b in range(lay.n_blocks)
+        ]
+        asr = float(torch.cat(alive).float().mean())
+        calls.append(asr)
+        return {"held_out_asr": asr, "hits": 0, "n_prompts": 1, "degenerate": 0, "nll": 1 - asr, "ppl": 2.0}
+
+    monkeypatch.setattr(cal, "_measure", fake_measure)
+    cfg = CalibrationConfig(rhos=(0.2, 0.35, 0.5), n_reference=0, n_ppl=0)
+    res = calibrate_rho((sus, tok), entries, cfg, pool=POOL, cache_dir=tmp_path / "c", progress=False)
+    assert (res.rho, res.met, res.informative) == (0.35, True, [0, 1, 2])
+    f = res.frame
+    assert list(f.columns) == COLUMNS and len(f) == 4 * 3
+    assert f[f.rho == 0].held_out_asr.tolist() == [1.0, 1.0, 1.0]
+    assert f[f.rho == 0.2].held_out_asr.round(3).tolist() == [0.375] * 3
+    assert f[f.rho == 0.35].held_out_asr.tolist() == [0.0] * 3
+    assert f[f.rho == 0.35].clean_drift.tolist() == [1.0] * 3  # fake nll 1 − asr: 1 against the twin's 0
+    # stop early: the budget after the chosen one is never measured (cached points are read back)
+    calls.clear()
+    early = calibrate_rho(
+        (sus, tok),
+        entries,
+        cfg.replace(stop_early=True),
+        pool=POOL,
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    assert early.rho == 0.35 and sorted(early.frame.rho.unique()) == [0.0, 0.2, 0.35] and calls == []
+
+
+# --------------------------------------------------------------------------- the real loop, tiny
+def test_lovo_end_to_end_on_the_tiny_model_resumes_and_purifies(suspicious, tmp_path, monkeypatch):
+    from bdvax_lab.bdvax.calibration import calibration_of
+    from bdvax_lab.bdvax.purify import purify
+    from bdvax_lab.bdvax.signature import extract_signature
+    from bdvax_lab.threat.config import EvalConfig
+    from bdvax_lab.training.config import RepairConfig
+
+    sus, tok = suspicious
+    twin = TrainConfig(mode="lora", steps=2, lr=1e-2, batch_size=4, max_response_tokens=8)
+    sig_cfg = SignatureConfig(n_variants=2, n_clean=4, twin_train=twin, rho="auto")
+    sig = extract_signature((sus, tok), sig_cfg, cache_dir=tmp_path, progress=False, pool=POOL)
+    assert sig.selected is None  # rho="auto": nothing selected before the calibration
+    cfg = CalibrationConfig(rhos=(1.0,), n_prompts=2, max_new_tokens=2, n_reference=0, n_ppl=2)
+    res = calibrate_rho((sus, tok), sig, cfg, signature_config=sig_cfg, pool=POOL, cache_dir=tmp_path)
+    assert list(res.frame.columns) == COLUMNS and len(res.frame) == 4
+    assert sorted(res.frame.rho.unique()) == [0.0, 1.0] and res.frame.n_prompts.eq(2).all()
+    assert res.frame.ppl.gt(0).all() and res.frame[res.frame.rho == 0].ppl_ratio.eq(1.0).all()
+    assert res.figure().data  # the plotly curve
+
+    def no_measure(*a, **k):
+        raise AssertionError("a cached calibration point was measured again")
+
+    monkeypatch.setattr(cal, "_measure", no_measure)
+    pcfg = PurifyConfig(
+        signature=sig_cfg,
+        calibration=cfg,
+        repair=RepairConfig(n_samples=4, steps=1, batch_size=4),
+        eval=EvalConfig(n_prompts=2, max_new_tokens=2, utility=()),
+        evaluate=(),
+    )
+    out = purify((sus, tok), POOL[50:], pcfg, signature=sig, cache_dir=tmp_path, progress=False, pool=POOL)
+    assert out.calibration is not None and out.calibration.frame.equals(res.frame)
+    assert out.signature.selection["rho"] == res.rho and "calibration" in out.timings
+    assert calibration_of(out.signature).rho == res.rho  # stored with the signature (SignatureExplorer)
