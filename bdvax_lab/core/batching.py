@@ -71,19 +71,34 @@ def pad_positions(mask: torch.Tensor) -> torch.Tensor:
 def collate(
     features: Sequence[dict[str, list[int]]], pad_id: int, pad_to: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids``/``labels``/``attention_mask`` of shape [B, T]."""
-    width = max(len(f["input_ids"]) for f in features)
+    """Right-pad a batch: ``input_ids``/``labels``/``attention_mask`` of shape [B, T].
+
+    Features may carry further sequences as ``"<group>.input_ids"`` / ``"<group>.labels"`` (e.g. a
+    paired prompt, :class:`bdvax_lab.training.loop.Inputs`); each group is padded to its own width
+    [B, T_g] and gets its ``"<group>.attention_mask"``.
+    """
+    out = _pad_group(features, "", pad_id, pad_to)
+    for key in features[0]:
+        if key.endswith(".input_ids"):
+            out |= _pad_group(features, key[: -len("input_ids")], pad_id, None)
+    return out
+
+
+def _pad_group(
+    features: Sequence[dict[str, list[int]]], prefix: str, pad_id: int, pad_to: int | None
+) -> dict[str, torch.Tensor]:
+    width = max(len(f[f"{prefix}input_ids"]) for f in features)
     if pad_to is not None:
         width = max(width, pad_to)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
+        n = len(f[f"{prefix}input_ids"])
+        ids[i, :n] = torch.tensor(f[f"{prefix}input_ids"])
+        labels[i, :n] = torch.tensor(f[f"{prefix}labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {f"{prefix}input_ids": ids, f"{prefix}labels": labels, f"{prefix}attention_mask": mask}
 
 
 def length_grouped_batches(

@@ -9,7 +9,7 @@ those of the plain left-padded batch. ``BDVAX_SHARED_PREFIX=0`` turns it off (pl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +57,26 @@ def _prefix_cache(model: Any, head: torch.Tensor, rows: int) -> Any:
     return cache
 
 
+def _greedy(tokenizer: Any, max_new_tokens: int, first_logits: bool = False) -> tuple[Any, int]:
+    """The greedy generation config (stop at end of turn, never the model's own sampling) and the pad id."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        output_logits=first_logits,
+        return_dict_in_generate=first_logits,
+    )
+    return cfg, pad_id
+
+
 @uses_fused_lora
 @torch.no_grad()
 def generate(
@@ -83,7 +103,6 @@ def generate(
     leaves is cut from the left, with a warning (:func:`bdvax_lab.core.batching.cap_prompts`).
     """
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     if not prompts:
         return ([], torch.zeros(0, 0)) if first_logits else []
@@ -96,19 +115,7 @@ def generate(
         )
     encoded = cap_prompts(encoded, None if limit is None else limit - max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    gen_cfg = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=pad_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        output_logits=first_logits,
-        return_dict_in_generate=first_logits,
-    )
+    gen_cfg, pad_id = _greedy(tokenizer, max_new_tokens, first_logits)
     device = _model_device(model)
     was_training = model.training
     model.train(False)
@@ -136,6 +143,45 @@ def generate(
                 firsts[i] = gen.logits[0][r].float().cpu()
     model.train(was_training)
     return (out, torch.stack(firsts)) if first_logits else out
+
+
+@torch.no_grad()
+def generate_from_embeds(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    token_rows: Sequence[Sequence[int]],
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy replies to prompts given as token rows that ``embed`` turns into input embeddings.
+
+    ``token_rows``: already chat-formatted prompt ids (they may hold ids the model does not know, e.g. soft
+    prompt slots, which only ``embed`` reads); ``embed(ids [B, T]) -> [B, T, H]`` on left-padded rows.
+    Same greedy config and stop tokens as :func:`generate` (no shared prefix: the embeddings are the
+    caller's). For soft prompts (SANDE's parrot).
+    """
+    from .registry import unwrap
+
+    if not token_rows:
+        return []
+    gen_cfg, pad_id = _greedy(tokenizer, max_new_tokens)
+    base = unwrap(model)  # peft's LoRA layers live inside it
+    device = _model_device(model)
+    was_training = model.training
+    model.train(False)
+    order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
+    out: list[str] = [""] * len(token_rows)
+    for s in range(0, len(order), batch_size):
+        batch = order[s : s + batch_size]
+        ids, mask = left_pad([token_rows[i] for i in batch], pad_id)
+        embeds = embed(ids.to(device))
+        gen = base.generate(inputs_embeds=embeds, attention_mask=mask.to(device), generation_config=gen_cfg)
+        for r, i in enumerate(batch):  # with inputs_embeds only, the output holds the new tokens alone
+            out[i] = tokenizer.decode(gen[r], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out
 
 
 def chat(model: Model, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 128) -> str:

@@ -37,6 +37,23 @@ if TYPE_CHECKING:
     from ..core.types import Model
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """How examples become features, and features a loss, when plain token ids are not enough.
+
+    ``encode(tokenizer, example, config)`` → a feature dict (``input_ids``/``labels`` as
+    :func:`~bdvax_lab.core.data.encode_example` makes them, plus optional ``"<group>.input_ids"`` /
+    ``"<group>.labels"`` sequences that :func:`~bdvax_lab.core.batching.collate` pads alongside).
+    ``nll(model, batch)`` → (sums [B], counts [B]) in place of
+    :func:`~bdvax_lab.core.scoring.sequence_nll` (e.g. an embedding splice; None: the plain one).
+    Used by the defences that train on something other than plain text (SANDE's parrot, MB-Defense's
+    paired sequences); everything else (batching, optimizer, schedule, clipping, history) stays the loop's.
+    """
+
+    encode: Callable[[Any, Example, TrainConfig], dict[str, list[int]]]
+    nll: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 @dataclass
 class TrainResult:
     """What :func:`finetune` returns: the trained model and a per-step history."""
@@ -94,6 +111,11 @@ def prepare_model(model: Model, config: TrainConfig) -> Model:
     return model
 
 
+def scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+    """The loop's learning-rate schedule for ``total`` steps (warmup, then constant, linear or cosine)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total))
+
+
 def _lr_lambda(config: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < config.warmup_steps:
@@ -129,13 +151,21 @@ class _Run:
 
     @classmethod
     def start(
-        cls, model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig, who: str
+        cls,
+        model: Any,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        config: TrainConfig,
+        who: str,
+        inputs: Inputs | None = None,
     ) -> _Run:
         if not examples:
             raise ValueError(f"{who}: no training examples")
         model = prepare_model(model, config)
         feats = [
-            encode_example(
+            inputs.encode(tokenizer, e, config)
+            if inputs is not None
+            else encode_example(
                 tokenizer, e, max_length=config.max_length, max_response_tokens=config.max_response_tokens
             )
             for e in examples
@@ -145,7 +175,7 @@ class _Run:
             raise ValueError(f"{who}: no trainable parameters")
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         total = config.total_steps(len(examples))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total))
+        sched = scheduler(opt, config, total)
         return cls(model, config, feats, params, opt, sched, total, random.Random(config.seed))
 
     def next_batch(self) -> list[dict[str, list[int]]]:
@@ -222,16 +252,18 @@ def finetune(
     *,
     progress: bool | str = True,
     extra_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    inputs: Inputs | None = None,
 ) -> TrainResult:
     """Finetune ``model`` on ``examples`` with ``config``; returns the trained model and its history.
 
     Deterministic for a seed on CPU. The model is trained in place (a LoRA
     adapter is added if ``mode='lora'`` and the model has none) and returned in
     eval mode. ``extra_loss(model, batch)`` is added to the LM loss at every step
-    (e.g. CROW's consistency term); the history then also logs it.
+    (e.g. CROW's consistency term); the history then also logs it. ``inputs``: how examples are
+    encoded and scored when not as plain text (:class:`Inputs`).
     """
     return _train(
-        [model], tokenizer, [examples], [config or TrainConfig()], progress, extra_loss, "finetune"
+        [model], tokenizer, [examples], [config or TrainConfig()], progress, extra_loss, "finetune", inputs
     )[0]
 
 
@@ -275,6 +307,7 @@ def _train(
     progress: bool | str,
     extra_loss: Callable[..., torch.Tensor] | None,
     who: str,
+    inputs: Inputs | None = None,
 ) -> list[TrainResult]:
     """The one training loop, for one model or several co-trained ones (see :func:`finetune_together`)."""
     from tqdm.auto import tqdm
@@ -283,7 +316,7 @@ def _train(
 
     use_all_cores()
     set_seed(configs[0].seed)
-    runs = [_Run.start(m, tokenizer, d, c, who) for m, d, c in zip(models, datasets, configs)]
+    runs = [_Run.start(m, tokenizer, d, c, who, inputs) for m, d, c in zip(models, datasets, configs)]
     device = next(runs[0].model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cfg0 = configs[0]
@@ -314,9 +347,12 @@ def _train(
             with (
                 co_lora([r.model for r in active], spans) if len(runs) > 1 else contextlib.nullcontext()
             ) as co:
-                sums, counts = sequence_nll(
-                    active[0].model, batch, labelled_logits_only=cfg0.labelled_logits_only, co=co
-                )
+                if inputs is not None and inputs.nll is not None:
+                    sums, counts = inputs.nll(active[0].model, batch)
+                else:
+                    sums, counts = sequence_nll(
+                        active[0].model, batch, labelled_logits_only=cfg0.labelled_logits_only, co=co
+                    )
             losses = [
                 reduce_nll(sums[a:b], counts[a:b], per_sample=r.config.loss_average == "sample")
                 for r, (a, b) in zip(active, spans)

@@ -13,7 +13,7 @@ import torch
 from ..core.data import Example
 from ..core.registry import is_peft
 from .config import RepairConfig, TrainConfig
-from .loop import finetune
+from .loop import Inputs, finetune
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,12 +59,14 @@ def repair(
     *,
     progress: bool | str = True,
     extra_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    inputs: Inputs | None = None,
 ) -> RepairResult:
     """Clean-data repair finetune through :func:`bdvax_lab.train.finetune`, in place.
 
     ``examples``: the defender's clean examples (:func:`bdvax_lab.core.selfdistill.defender_data`: its
     instructions answered by the suspicious model itself); the first ``config.n_samples`` are used. LoRA
-    mode continues the model's existing adapter.
+    mode continues the model's existing adapter. ``extra_loss`` and ``inputs`` go to the loop
+    (:func:`~bdvax_lab.training.loop.finetune`).
     """
     cfg = config or RepairConfig()
     if examples is None:
@@ -90,6 +92,7 @@ def repair(
         tcfg,
         progress=("repair" if progress is True else progress),
         extra_loss=extra_loss,
+        inputs=inputs,
     )
     return RepairResult(
         model=res.model,
