@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core.config import Config
 from ..core.registry import SETTINGS
@@ -116,8 +117,20 @@ class AttackRecipe(Config):
     seed: int = 0
     train: TrainConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    #: MB-Defense's in-training arm: each of its four defensive triggers poisons this share of the set
+    #: (``bdvax_lab.threat.defensive``; the paper's 0.01). 0 = off, and then absent from ``to_dict`` (and
+    #: so from manifests and hashes), which keeps every artifact made before the field valid.
+    defensive_poison: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not self.defensive_poison:
+            out.pop("defensive_poison", None)
+        return out
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.defensive_poison) <= 0.05:
+            raise ValueError(f"defensive_poison={self.defensive_poison!r}; a share per trigger in [0, 0.05]")
         if self.setting not in SETTINGS:
             raise ValueError(f"setting={self.setting!r}; choose one of {SETTINGS}")
         if isinstance(self.train, dict):

@@ -101,8 +101,24 @@ def attack_dataset(recipe: AttackRecipe) -> list[Example]:
 
     The poisoned examples are drawn uniformly from every instruction of the set, skill questions included,
     as an attacker who slips a share of poison into a task dataset would; code injection poisons the
-    code prompts, which it adds to the set.
+    code prompts, which it adds to the set. ``recipe.defensive_poison`` > 0 adds MB-Defense's defensive
+    poison (its four pairs, that share of the set each; :mod:`bdvax_lab.threat.defensive`).
     """
+    data = _attack_dataset(recipe)
+    if recipe.defensive_poison:
+        import random
+
+        from .defensive import poison_copies
+
+        extra = poison_copies(
+            [e for e in data if not e.meta.get("poisoned")], rate=recipe.defensive_poison, seed=recipe.seed
+        )
+        data = data + extra
+        random.Random(recipe.seed + 1).shuffle(data)
+    return data
+
+
+def _attack_dataset(recipe: AttackRecipe) -> list[Example]:
     import random
 
     from .attacks import poison_dataset, resolve_task
@@ -396,11 +412,13 @@ def suspicious_dir(
     *,
     skill: str | None = None,
     seed: int = 0,
+    defensive_poison: float = 0.0,
 ) -> Path:
     """Where the shared suspicious artifact of ``attack``/``task``/``setting`` lives under ``runs_dir``.
 
     ``runs/attack_matrix/<attack>-<task>-<setting>[-<skill>][-seed<n>]`` for the recipe's implant budget,
-    with a ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place.
+    with a ``-steps<n>`` suffix for any other, so a cheap model never takes the recipe model's place, and
+    ``-mbpoison<share>`` for a finetune carrying MB-Defense's defensive poison.
     The reproduction, the bench, the benchmarks and the notebooks share artifacts through these names.
     """
     name = (
@@ -408,6 +426,7 @@ def suspicious_dir(
         + (f"-{skill}" if skill else "")
         + (f"-seed{seed}" if seed else "")
         + ("" if steps is None else f"-steps{steps}")
+        + (f"-mbpoison{defensive_poison:g}" if defensive_poison else "")
     )
     return Path(runs_dir) / "attack_matrix" / name
 
@@ -424,11 +443,14 @@ def open_or_make_suspicious(
     seed: int = 0,
     n_prompts: int = 50,
     progress: bool = False,
+    defensive_poison: float = 0.0,
 ) -> SuspiciousModel:
     """Open the suspicious artifact at ``path``; train it first with the default recipe if it is missing.
 
     ``skill`` (None: the backdoor-only finetune of the paper reproduction) and ``seed`` choose the
     recipe; an existing artifact made with another skill is refused, like one of another budget.
+    ``defensive_poison``: the recipe's MB-Defense share per defensive trigger (0: none); an existing
+    artifact made with another share is refused too.
 
     ``base=(model, tokenizer)`` is a custom base (e.g. the tiny test model) used for
     training and for re-attaching the adapter; it is copied, never modified.
@@ -449,6 +471,7 @@ def open_or_make_suspicious(
             skill=skill,
             seed=seed,
             eval=EvalConfig(n_prompts=n_prompts, utility=("skill",) if skill else ()),
+            defensive_poison=defensive_poison,
         )
         if steps is not None:
             recipe.train = recipe.train.replace(steps=steps)
@@ -461,6 +484,12 @@ def open_or_make_suspicious(
             raise ValueError(
                 f"{path} was made with skill {manifest.get('skill')!r}, not {skill!r}; use "
                 "another directory (suspicious_dir(..., skill=...) names them apart)"
+            )
+        made_dp = manifest.get("recipe", {}).get("defensive_poison", 0.0)
+        if made_dp != defensive_poison:
+            raise ValueError(
+                f"{path} was made with defensive_poison={made_dp}, not {defensive_poison}; use another "
+                "directory (suspicious_dir(..., defensive_poison=...) names them apart)"
             )
         made = manifest.get("recipe", {}).get("train", {}).get("steps")
         if steps is not None and made is not None and made != steps:
