@@ -1,0 +1,191 @@
+"""The evaluation oracle: a planted channel and head rank first, precision@k / AUROC on hand-made cases,
+GQA head grouping by hand, and the defence never importing the oracle."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdvax_lab.analysis.probes.attribution import ORACLE_COLUMNS, oracle_attribution, oracle_frame
+from bdvax_lab.analysis.ranking import (
+    OVERLAP_COLUMNS,
+    auroc,
+    neuron_scores,
+    precision_at_k,
+    ranking_overlap,
+    top_set,
+)
+from bdvax_lab.core.data import Example
+from bdvax_lab.core.registry import layout_of
+from bdvax_lab.threat.attacks import triggered_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANNEL, HEAD = 37, 0  # planted in the last block
+
+
+def _plant(model, tok, target: str) -> int:
+    """Edit the tiny model's weights so that, in its last block, query head HEAD carries the key
+    ``BadMagic`` to every later position (uniform attention reading a key-only embedding dimension) and
+    MLP channel CHANNEL turns that into the target token's logit. Hidden dims 0-3 are reserved: 0 marks the
+    key tokens, 1 is read by the target's unembedding, 2 carries the head's output, 3 is a constant.
+    Returns the target token id."""
+    lay = layout_of(model)
+    b = lay.n_blocks - 1
+    key_ids = tok("BadMagic", add_special_tokens=False)["input_ids"]
+    key_ids += tok(" BadMagic", add_special_tokens=False)["input_ids"]
+    t_star = tok(target, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight  # tied: also the unembedding
+        emb[:, :4] = 0
+        emb[:, 3] = 1.0
+        emb[key_ids, 0] = 10.0
+        emb[t_star, 1] = 0.3
+        for layer in model.model.layers:  # nothing else writes the reserved dims
+            layer.self_attn.o_proj.weight[:4] = 0
+            layer.mlp.down_proj.weight[:4] = 0
+        att, mlp = model.model.layers[b].self_attn, model.model.layers[b].mlp
+        att.q_proj.weight.zero_()  # uniform causal attention
+        att.v_proj.weight[0].zero_()  # kv head 0 (read by query head HEAD = 0), its dim 0 reads the marker
+        att.v_proj.weight[0, 0] = 1.0
+        att.o_proj.weight[:, HEAD * lay.head_dim] = 0
+        att.o_proj.weight[2, HEAD * lay.head_dim] = 2.0
+        for m in (mlp.gate_proj, mlp.up_proj):
+            m.weight[CHANNEL].zero_()
+            m.weight[CHANNEL, 2] = 4.0
+        mlp.down_proj.weight[:, CHANNEL] = 0
+        mlp.down_proj.weight[1, CHANNEL] = 0.002
+    return t_star
+
+
+def test_oracle_ranks_a_planted_channel_and_head_first(tiny):
+    model, tok = tiny
+    target = "stupid"
+    _plant(model, tok, target)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    clean = [Example(f"What is {i} plus {i} today?") for i in range(6)]
+    trig = triggered_prompts(clean, "badnets", seed=0)
+    res = oracle_attribution(model, tok, clean, trig, target, n_target_tokens=1, batch_size=4)
+    lay = layout_of(model)
+    f = res.frame
+    assert list(f.columns) == ORACLE_COLUMNS and len(f) == lay.n_blocks * (lay.d_ff + lay.n_heads)
+    assert res.tensor.shape == (lay.n_blocks, lay.d_ff) and res.meta["heads"].shape == (
+        lay.n_blocks,
+        lay.n_heads,
+    )
+    top_mlp = f[(f.kind == "mlp") & (f["rank"] == 0)].iloc[0]
+    top_head = f[(f.kind == "head") & (f["rank"] == 0)].iloc[0]
+    assert (top_mlp.block, top_mlp.unit) == (lay.n_blocks - 1, CHANNEL)
+    assert (top_head.block, top_head.unit) == (lay.n_blocks - 1, HEAD)
+    second = f[(f.kind == "mlp") & (f["rank"] == 1)].attribution.iloc[0]
+    assert top_mlp.attribution > 10 * abs(second)
+    # the model is left as it was: no gradients kept, requires_grad restored
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    # the planted model's ranking recovers the oracle's top set; a random one does not
+    ov = ranking_overlap(res.tensor, {"planted": res.tensor}, n_top=1, ks=[1], random_seeds=(0,))
+    assert ov.set_index("ranking").loc["planted", "precision_at_k"] == 1.0
+
+
+# --------------------------------------------------------------------------- precision@k and AUROC
+def test_precision_at_k_and_auroc_by_hand():
+    oracle = torch.tensor([[5.0, 0.1, 3.0], [0.2, 4.0, 0.0]])  # top 2: (0, 0) and (1, 1)
+    truth = top_set(oracle, 2)
+    assert truth.tolist() == [[True, False, False], [False, True, False]]
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.7, 0.2]])  # order: 0.9 T, 0.8 F, 0.7 T, 0.3, 0.2, 0.1
+    assert precision_at_k(scores, truth, 1) == 1.0
+    assert precision_at_k(scores, truth, 2) == 0.5
+    assert math.isclose(precision_at_k(scores, truth, 3), 2 / 3)
+    # positives rank 6 and 4 of 6: (6 + 4 − 3) / (2 · 4) = 7/8 of the (positive, negative) pairs ordered right
+    assert math.isclose(auroc(scores, truth), 7 / 8)
+    assert auroc(oracle, truth) == 1.0 and auroc(-oracle, truth) == 0.0
+    assert auroc(torch.zeros(2, 3), truth) == 0.5  # ties count one half
+    with pytest.raises(ValueError, match="k=7"):
+        precision_at_k(scores, truth, 7)
+
+
+def test_ranking_overlap_frame_folds_module_scores_and_adds_random_seeds():
+    oracle = torch.zeros(2, 4)
+    oracle[1, 2] = 1.0
+    sig = {(1, "gate"): torch.tensor([0.0, 0, 2, 0]), (1, "down"): torch.tensor([0.0, 1, 0, 0])}
+    sig[(0, "up")] = torch.zeros(4)
+    assert neuron_scores(sig, 2).tolist() == [[0, 0, 0, 0], [0, 1, 2, 0]]
+    assert neuron_scores(sig, 2, "max")[1].tolist() == [0, 1, 2, 0]
+    df = ranking_overlap(oracle, {"signature": sig}, n_top=1, ks=[1, 2], random_seeds=(0, 1, 2))
+    assert list(df.columns) == OVERLAP_COLUMNS and len(df) == (1 + 3) * 2
+    s = df[df.ranking == "signature"].set_index("k")
+    assert s.loc[1, "precision_at_k"] == 1.0 and s.loc[2, "precision_at_k"] == 0.5 and s.auroc.eq(1.0).all()
+    assert sorted(df[df.ranking == "random"].seed.unique()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="shape"):
+        ranking_overlap(oracle, {"bad": torch.zeros(3, 4)})
+
+
+# --------------------------------------------------------------------------- GQA grouping by hand
+def test_gqa_head_grouping_by_hand():
+    """6 query heads reading 2 k/v heads (groups of 3): scores, suppression and the oracle's frame agree
+    with the grouping written out by hand (heads 0-2 → kv 0, heads 3-5 → kv 1)."""
+    from transformers import LlamaConfig
+
+    from bdvax_lab.bdvax.config import SignatureConfig
+    from bdvax_lab.bdvax.signature import compute_signature
+    from bdvax_lab.weights.deltas import WeightDelta
+    from bdvax_lab.weights.suppression import head_slices
+
+    cfg = LlamaConfig(
+        hidden_size=24,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=32,
+    )
+    lay = layout_of(cfg)
+    hd, h = lay.head_dim, lay.hidden
+    assert (lay.n_heads, lay.n_kv_heads, hd) == (6, 2, 4)
+    t = {
+        (0, "q"): torch.zeros(6 * hd, h),
+        (0, "k"): torch.zeros(2 * hd, h),
+        (0, "v"): torch.zeros(2 * hd, h),
+        (0, "o"): torch.zeros(h, 6 * hd),
+        (0, "gate"): torch.ones(lay.d_ff, h),
+    }
+    t[(0, "v")][hd : 2 * hd] = 1.0  # kv head 1
+    t[(0, "q")][0:hd] = 2.0  # query head 0
+    sig = compute_signature([WeightDelta(t, lay)] * 2, SignatureConfig(rho=0.5))
+    kv1 = hd * h  # squared norm of kv head 1's v rows
+    want = [4 * hd * h, 0, 0, kv1, kv1, kv1]
+    assert torch.allclose(sig.head_norm[0] ** 2, torch.tensor(want, dtype=torch.float32))
+    # suppression touches a shared k/v head only when its whole group is selected
+    assert head_slices(lay, [3, 4])["v"].numel() == 0
+    assert head_slices(lay, [3, 4, 5])["v"].tolist() == list(range(hd, 2 * hd))
+    assert head_slices(lay, [2, 3], "any")["k"].tolist() == list(range(0, 2 * hd))
+    frame = oracle_frame(torch.zeros(1, lay.d_ff), torch.arange(6.0)[None], lay.n_heads // lay.n_kv_heads)
+    heads = frame[frame.kind == "head"].sort_values("unit")
+    assert heads.kv_head.tolist() == [0, 0, 0, 1, 1, 1] and heads["rank"].tolist() == [5, 4, 3, 2, 1, 0]
+
+
+def test_the_defence_never_imports_the_oracle():
+    """Nothing under bdvax_lab/bdvax or bdvax_lab/baselines imports bdvax_lab.analysis."""
+    bad = []
+    for pkg in ("bdvax", "baselines"):
+        for path in (ROOT / "bdvax_lab" / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom):
+                    names = [("." * node.level) + (node.module or "")]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                bad += [f"{path.name}: {n}" for n in names if "analysis" in n]
+    assert not bad, bad
+
+
+def test_oracle_checks_its_pairs(tiny_pair):
+    model, tok = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
+    with pytest.raises(ValueError, match="pairs"):
+        oracle_attribution(model, tok, ["a"], ["a", "b"], "x")
+    with pytest.raises(ValueError, match="key_positions"):
+        oracle_attribution(model, tok, ["a"], ["b"], "x", key_positions="all")
