@@ -225,7 +225,17 @@ class DefenceResult:
             f"DefenceResult({self.method}, setting={self.setting}, lr={self.lr}, steps={self.steps}, "
             f"{self.timings.get('total', 0):.1f}s)"
         )
-        return f"{head}\n{self.report.to_string()}"
+        gate = ""
+        if (
+            self.info.get("gate") is not None
+        ):  # SANDE: how often the parrot elicits the target, before removal
+            gate = (
+                f"\ngate (parrot elicits the simulated target on clean prompts, before removal): "
+                f"{self.info['gate']:.2f} (without it {self.info.get('gate_plain', float('nan')):.2f})"
+            )
+        if self.info.get("defensive_rates") is not None:  # MB-Defense: its triggers' firing before recovery
+            gate = f"\ndefensive trigger rates before recovery: {self.info['defensive_rates']}"
+        return f"{head}{gate}\n{self.report.to_string()}"
 
 
 def defend(
