@@ -202,14 +202,25 @@ class Bench:
         return row
 
     # ------------------------------------------------------------------ models
-    def suspicious(self, target: str, seed: int) -> tuple[Any, dict[str, Any]]:
-        """The suspicious model (implanted with the skill recipe if missing) and its implant record."""
+    def suspicious(self, target: str, seed: int, defensive_poison: float = 0.0) -> tuple[Any, dict[str, Any]]:
+        """The suspicious model (implanted with the skill recipe if missing) and its implant record.
+
+        ``defensive_poison`` > 0: the same finetune with MB-Defense's defensive poison in its data (the
+        ``in_training`` defences' model, its own artifact directory)."""
         import copy
 
         from bdvax_lab.threat.suspicious import open_or_make_suspicious, suspicious_dir
 
         attack, task, setting, skill = parse_target(target)
-        path = suspicious_dir(self.config.runs_dir, attack, task, setting, skill=skill, seed=seed)
+        path = suspicious_dir(
+            self.config.runs_dir,
+            attack,
+            task,
+            setting,
+            skill=skill,
+            seed=seed,
+            defensive_poison=defensive_poison,
+        )
         t0 = time.time()
         made = not (path / "manifest.json").exists()
         base = (copy.deepcopy(self.base[0]), self.base[1]) if self.base is not None else None
@@ -224,12 +235,21 @@ class Bench:
                 skill=skill,
                 seed=seed,
                 eval=EvalConfig(n_prompts=8, utility=()),
+                defensive_poison=defensive_poison,
             )
             recipe.train = recipe.train.replace(epochs=self.config.attack_epochs)
             make_suspicious_model(recipe=recipe, base=base, out=path, progress=self.progress)
             base = (copy.deepcopy(self.base[0]), self.base[1]) if self.base is not None else None
         sm = open_or_make_suspicious(
-            path, attack, task, setting, base=base, skill=skill, seed=seed, progress=self.progress
+            path,
+            attack,
+            task,
+            setting,
+            base=base,
+            skill=skill,
+            seed=seed,
+            progress=self.progress,
+            defensive_poison=defensive_poison,
         )
         implant = {
             "implant_seconds": sm.manifest.get("train_seconds"),
@@ -260,16 +280,22 @@ class Bench:
 
     def run_unit(self, target: str, seed: int) -> list[dict[str, Any]]:
         """All rows of one suspicious model: untreated, BD-VAX, each defence and control (random per seed)."""
+        from bdvax_lab.baselines.registry import defences
         from bdvax_lab.threat.evaluate import evaluate_model
 
         attack, task, setting, skill = parse_target(target)
         cfg = self.config
         state: dict[str, Any] = {}
 
-        def model() -> Any:
-            if "sm" not in state:
-                state["sm"], state["implant"] = self.suspicious(target, seed)
-            return state["sm"]
+        def model(in_training: bool = False) -> Any:
+            """The suspicious model; ``in_training``: the one whose finetune carried MB's defensive poison."""
+            from bdvax_lab.threat.defensive import FAITHFUL_RATE
+
+            key = "sm_mb" if in_training else "sm"
+            if key not in state:
+                state[key], implant = self.suspicious(target, seed, FAITHFUL_RATE if in_training else 0.0)
+                state.setdefault("implant", implant)
+            return state[key]
 
         def untreated() -> dict[str, Any]:
             sm = model()
@@ -302,7 +328,9 @@ class Bench:
                     target,
                     seed,
                     key,
-                    lambda n=name, s=cseed: self._defend(model(), n, attack, task, skill, bd, s),
+                    lambda n=name, s=cseed: self._defend(
+                        model(defences()[n].kind == "in_training"), n, attack, task, skill, bd, s
+                    ),
                 )
                 rows.append(self._ident(target, seed, name, cseed) | row)
         state.clear()
@@ -356,13 +384,14 @@ class Bench:
         self, sm: Any, name: str, attack: str, task: str, skill: str, bd: dict[str, Any], cseed: int | None
     ) -> dict[str, Any]:
         from bdvax_lab.baselines.defend import defend
-        from bdvax_lab.baselines.registry import baseline_config, get_defence
+        from bdvax_lab.baselines.registry import baseline_config, get_defence, knowledge
 
         spec = get_defence(name)
         over: dict[str, Any] = {
             "repair": self.config.repair_config(),
             "eval": self.config.eval_config(),
             "evaluate": ("defended",),
+            **knowledge(name, attack, task),  # the family (as BD-VAX), or the oracle arms' target / trigger
         }
         if name in ("random", "top_delta"):
             over |= {"counts": bd["counts"], "head_counts": bd.get("head_counts") or None}
@@ -382,6 +411,8 @@ class Bench:
             "n_channels": inter.get("n_channels"),
             "n_heads": inter.get("n_heads"),
             "description": spec.description,
+            "knows": ",".join(spec.knows) or None,
+            **{k: info[k] for k in ("gate", "defensive_rates", "merged") if k in info},
             "seconds": {k: round(v, 1) for k, v in res.timings.items() if k != "total"},
         }
 

@@ -126,3 +126,62 @@ def pareto_figure(df: pd.DataFrame, utility: str = "mcq_acc") -> Any:
         template="plotly_white",
     )
     return fig
+
+
+def defence_plane(rows: pd.DataFrame) -> pd.DataFrame:
+    """One point per defence and target, with ``kept``: the share of the untreated model's utility it keeps.
+
+    Bench rows (``results/bench/rows.csv``) have ``skill_kept`` (the finetune's own skill): ``kept`` is
+    it. The reproduction's ``table2_asr`` rows have no skill: ``kept`` is then multiple-choice accuracy
+    over the untreated (``defence == "none"``) model's of the same attack, task and setting, and
+    ``kept_what`` says which.
+    """
+    df = rows.copy()
+    if "target" not in df:
+        df["target"] = df.attack + ":" + df.task + ":" + df.setting
+    if "skill_kept" in df and df.skill_kept.notna().any():
+        df["kept"], df["kept_what"] = df.skill_kept, "skill kept"
+    else:
+        ref = df[df.defence == "none"].groupby("target").mcq_acc.mean()
+        df["kept"], df["kept_what"] = df.mcq_acc / df.target.map(ref), "MCQ accuracy kept"
+    for col in ("kind", "knows", "asr_lo", "asr_hi", "false_trigger"):
+        if col not in df:
+            df[col] = None
+    keys = ["target", "defence"]
+    agg = {"asr": "mean", "kept": "mean", "asr_lo": "min", "asr_hi": "max", "false_trigger": "mean"}
+    out = df.groupby(keys, sort=False).agg(agg).reset_index()
+    first = df.groupby(keys, sort=False)[["kind", "knows", "kept_what"]].first().reset_index()
+    return out.merge(first, on=keys)
+
+
+def defence_comparison_figure(rows: pd.DataFrame) -> Any:
+    """ASR against utility kept, one point per defence and target (random's seeds averaged), with the
+    ASR interval as an error bar. Defences that know more than BD-VAX (oracle arms) and those that need
+    the finetune made differently (``in_training``) say so in their hover text."""
+    import plotly.express as px
+
+    d = defence_plane(rows)
+    d["asr_plus"] = (d.asr_hi - d.asr).clip(lower=0) if d.asr_hi.notna().any() else None
+    d["asr_minus"] = (d.asr - d.asr_lo).clip(lower=0) if d.asr_lo.notna().any() else None
+    fig = px.scatter(
+        d,
+        x="kept",
+        y="asr",
+        color="defence",
+        symbol="target",
+        error_y="asr_plus" if d.asr_plus is not None else None,
+        error_y_minus="asr_minus" if d.asr_minus is not None else None,
+        hover_data=["kind", "knows", "false_trigger"],
+        template="plotly_white",
+        title="ASR against utility kept, one point per defence and target",
+    )
+    what = d.kept_what.iloc[0] if len(d) else "utility kept"
+    fig.update_layout(
+        xaxis_title=f"{what} (higher is better)", yaxis_title="ASR (lower is better)", height=520
+    )
+    return fig
+
+
+# =========================================================================== ASR and skill against the budget
+#: the defences a budget figure compares (BD-VAX's signature and the two controls at its counts)
+BUDGET_DEFENCES: tuple[str, ...] = ("bdvax", "random", "top_delta")
