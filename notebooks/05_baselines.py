@@ -12,7 +12,8 @@
 # **Learning goals**
 # - read BD-VAX next to the alternatives *under the same clean data and training budget*: finetuning only,
 #   magnitude pruning and fine-pruning with the signature's structure, INT4 fake-quantization, CROW at its
-#   published and at the standard lr;
+#   published and at the standard lr; SANDE (a learned parrot prompt, then overwrite finetuning) and
+#   MB-Defense (defensive triggers merged with the backdoor, then broken), with what each arm is told;
 # - read every ASR with its false-trigger rate, its degenerate-reply count and a utility figure beside it;
 # - see which parts of BD-VAX matter: the score's two terms (Table 4), the number of variants (Fig. 2), ρ as
 #   a trade-off between ASR and utility (Table 10), and whether one signature carries over to other attacks
@@ -39,11 +40,18 @@
 
 # %%
 # %load_ext bdvax_lab
+from pathlib import Path
+
 import pandas as pd
 import plotly.express as px
 from IPython.display import display
 
-from bdvax_lab.viz.results_figures import pareto_figure, read_results, variants_figure
+from bdvax_lab.viz.results_figures import (
+    defence_comparison_figure,
+    pareto_figure,
+    read_results,
+    variants_figure,
+)
 
 pd.set_option("display.width", 200)
 pd.set_option("display.float_format", "{:.3f}".format)
@@ -51,6 +59,7 @@ pd.set_option("display.float_format", "{:.3f}".format)
 # %% tags=["parameters"]
 results_dir = "../results/reproduce"  # where benchmarks/reproduce.py writes its CSVs
 preset = "auto"  # "full", "smoke", or "auto" (full once every row of it is measured, else smoke)
+bench_rows = "../results/bench/rows.csv"  # the realistic bench's rows (experiments/bench.py), if run
 run_solutions = False  # True: also run the exercises' solutions (collapsed cells at the end)
 
 # %% [markdown]
@@ -141,6 +150,20 @@ pareto_figure(tables["table10_rho"])
 # %%
 t11 = tables["table11_transfer"]
 t11.pivot_table(index=["attack", "task"], columns="defence", values=["asr", "false_trigger"], sort=False)
+
+# %% [markdown]
+# ## Every defence on one plane: ASR against what the model keeps
+# One point per defence and target: down is fewer triggered replies, right is more of the untreated
+# model's utility kept. The bench's rows (when `experiments/bench.py` has written them) measure the
+# finetune's own skill; without them the reproduction's Table 2 rows stand in, with multiple-choice
+# accuracy kept. `sande_oracle` and `osft` are told the hidden attack's target or trigger (they know more
+# than BD-VAX: the `knows` column); `mb_faithful` needs the finetune made with its defensive poison (kind
+# `in_training`, a table of its own). Method notes: [docs/defences.md](../docs/defences.md).
+
+# %%
+plane_rows = pd.read_csv(bench_rows) if Path(bench_rows).exists() else t2
+print("bench rows" if Path(bench_rows).exists() else "no bench rows yet: the reproduction's Table 2 rows")
+defence_comparison_figure(plane_rows)
 
 # %% [markdown]
 # ## Exercises
