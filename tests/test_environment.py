@@ -1,4 +1,4 @@
-"""environment.yml and pyproject.toml must list the same dependencies."""
+"""environment.yml and pyproject.toml must list the same dependencies (the dev and ray extras included)."""
 
 import re
 from pathlib import Path
@@ -15,7 +15,8 @@ def _name(req: str) -> str:
 
 def test_environment_matches_pyproject():
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    py = {_name(r) for r in proj["dependencies"]} | {_name(r) for r in proj["optional-dependencies"]["dev"]}
+    extras = proj["optional-dependencies"]
+    py = {_name(r) for r in proj["dependencies"]} | {_name(r) for x in ("dev", "ray") for r in extras[x]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     conda = {_name(r) for r in pip_list}
