@@ -204,3 +204,37 @@ def test_lovo_end_to_end_on_the_tiny_model_resumes_and_purifies(suspicious, tmp_
     assert out.calibration is not None and out.calibration.frame.equals(res.frame)
     assert out.signature.selection["rho"] == res.rho and "calibration" in out.timings
     assert calibration_of(out.signature).rho == res.rho  # stored with the signature (SignatureExplorer)
+    from bdvax_lab.viz.widgets import SignatureExplorer
+
+    ex = SignatureExplorer(out.signature, figure_widget=False)
+    assert ex.calibration is not None and ex.controls["rho"].value == res.rho
+    ex.update(rho=0.6)
+    marks = [s.x0 for s in ex.calibration_figure.layout.shapes if s.line.dash == "dot"]
+    assert marks == [0.6]  # the slider's ρ marked on the curve beside it
+
+
+# --------------------------------------------------------------------------- the budget figure (item 5)
+def test_budget_frame_takes_the_signature_rho_for_the_controls():
+    from bdvax_lab.viz.results_figures import budget_figure, budget_frame
+
+    rows = []
+    for run, rho in enumerate((0.5, 0.8)):
+        ident = {"target": "badnets:refusal:lora:format", "implant_seed": 0, "run": run}
+        rows.append({**ident, "defence": "bdvax", "control_seed": None, "rho": rho, "asr": 0.5 - rho / 2})
+        rows += [
+            {**ident, "defence": "random", "control_seed": s, "rho": None, "asr": 0.9 - s / 10}
+            for s in range(3)
+        ]
+        rows.append({**ident, "defence": "top_delta", "control_seed": None, "rho": None, "asr": 0.7})
+        rows.append({**ident, "defence": "discard", "control_seed": None, "rho": None, "asr": 0.0})
+    df = pd.DataFrame(rows).assign(skill_kept=0.9)
+    with pytest.raises(ValueError, match="run="):
+        budget_frame(df)
+    f = budget_frame(df, run="run")
+    assert set(f.defence) == {"signature", "random", "top_delta"} and len(f) == 10
+    assert f[f.defence == "random"].groupby("budget").size().to_dict() == {0.5: 3, 0.8: 3}
+    fig = budget_figure(f)
+    names = {t.name for t in fig.data}
+    assert {"signature", "random", "top_delta", "random (seeds: min–max)"} <= names
+    with pytest.raises(ValueError, match="missing"):
+        budget_frame(df.drop(columns=["skill_kept"]))

@@ -185,3 +185,91 @@ def defence_comparison_figure(rows: pd.DataFrame) -> Any:
 # =========================================================================== ASR and skill against the budget
 #: the defences a budget figure compares (BD-VAX's signature and the two controls at its counts)
 BUDGET_DEFENCES: tuple[str, ...] = ("bdvax", "random", "top_delta")
+
+
+def budget_frame(rows: pd.DataFrame, *, run: str | None = None) -> pd.DataFrame:
+    """Bench rows (``experiments/bench.py``'s ``rows.csv``, one run or several concatenated) → one row per
+    (target, defence, implant_seed, control_seed, budget) with ``asr`` and ``skill_kept``.
+
+    Expected columns: ``target``, ``defence``, ``implant_seed``, ``control_seed``, ``asr``, ``skill_kept``
+    and either ``budget`` or ``rho``. The bench writes ``rho`` on the ``bdvax`` rows only; ``random`` and
+    ``top_delta`` use the same per-module counts, so their budget is the ``bdvax`` row's ρ of the same
+    (target, implant seed[, ``run``]). ``run`` names a column telling concatenated bench runs apart (e.g.
+    one run per ρ); without it each (target, implant seed) must have one ``bdvax`` row.
+    """
+    need = {"target", "defence", "implant_seed", "asr", "skill_kept"}
+    missing = sorted(need - set(rows.columns))
+    if missing or not ({"budget", "rho"} & set(rows.columns)):
+        raise ValueError(
+            f"budget_frame: bench rows need {sorted(need)} and budget or rho; missing {missing or ['rho']}"
+        )
+    d = rows[rows.defence.isin(BUDGET_DEFENCES)].copy()
+    if "control_seed" not in d:
+        d["control_seed"] = None
+    if "budget" not in d:
+        keys = ["target", "implant_seed"] + ([run] if run else [])
+        ref = d[d.defence == "bdvax"].dropna(subset=["rho"])
+        if ref.duplicated(keys).any():
+            raise ValueError(
+                f"budget_frame: several bdvax rows per {keys}; pass run=<the column telling the runs apart>"
+            )
+        d = d.drop(columns=["rho"]).merge(ref[keys + ["rho"]].rename(columns={"rho": "budget"}), on=keys)
+    d["defence"] = d.defence.replace({"bdvax": "signature"})
+    cols = ["target", "defence", "implant_seed", "control_seed", "budget", "asr", "skill_kept"]
+    return d[cols].sort_values(["target", "defence", "budget"], kind="stable").reset_index(drop=True)
+
+
+def budget_figure(frame: pd.DataFrame, targets: list[str] | None = None) -> Any:
+    """ASR (top row) and skill kept (bottom row) against the budget, one column per target: the signature
+    and ``top_delta`` as lines (mean over implant seeds), ``random`` as its mean with a min–max band over
+    seeds. ``frame``: :func:`budget_frame`'s columns; ``targets``: which (default: every target)."""
+    from plotly.subplots import make_subplots
+
+    targets = targets or sorted(frame.target.unique())
+    fig = make_subplots(
+        rows=2,
+        cols=len(targets),
+        shared_xaxes=True,
+        shared_yaxes=True,
+        subplot_titles=targets,
+        vertical_spacing=0.08,
+    )
+    colours = {"signature": "#1f77b4", "random": "#7f7f7f", "top_delta": "#d62728"}
+    for c, target in enumerate(targets, start=1):
+        d = frame[frame.target == target]
+        for r, metric in enumerate(("asr", "skill_kept"), start=1):
+            for name in ("signature", "random", "top_delta"):
+                g = d[d.defence == name].groupby("budget")[metric].agg(["mean", "min", "max"]).reset_index()
+                if g.empty:
+                    continue
+                legend = c == 1 and r == 1
+                if name == "random":
+                    fig.add_scatter(
+                        x=list(g.budget) + list(g.budget[::-1]),
+                        y=list(g["max"]) + list(g["min"][::-1]),
+                        fill="toself",
+                        line={"width": 0},
+                        fillcolor="rgba(127,127,127,0.2)",
+                        name="random (seeds: min–max)",
+                        legendgroup="band",
+                        showlegend=legend,
+                        hoverinfo="skip",
+                        row=r,
+                        col=c,
+                    )
+                fig.add_scatter(
+                    x=g.budget,
+                    y=g["mean"],
+                    mode="lines+markers",
+                    line={"color": colours[name]},
+                    name=name,
+                    legendgroup=name,
+                    showlegend=legend,
+                    row=r,
+                    col=c,
+                )
+        fig.update_xaxes(title_text="budget ρ", row=2, col=c)
+    fig.update_yaxes(title_text="ASR (lower is better)", range=[-0.02, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="skill kept (higher is better)", row=2, col=1)
+    fig.update_layout(template="plotly_white", height=520, title="ASR and skill kept against the budget")
+    return fig

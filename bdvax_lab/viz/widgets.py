@@ -88,8 +88,10 @@ CONTAINER_CLASSES = {
     "counts": "bdvax-counts",
     "summary": "bdvax-summary",
     "result": "bdvax-result",
-    "calibration": "bdvax-calibration",
 }
+
+#: CSS class of the ρ calibration curve's container (present only when the explorer has a calibration)
+CALIBRATION_CLASS = "bdvax-calibration"
 
 
 def _in_kernel() -> bool:
@@ -386,7 +388,7 @@ class SignatureExplorer:
         controls: Any = w.VBox([c["rho"], c["lam"], c["scope"], c["heads"], c["score"], c["value"]])
         self._calib = None
         if self.calibration is not None:  # the leave-one-variant-out curve beside the sliders
-            self._calib = _Plot(self._calibration_figure(), CONTAINER_CLASSES["calibration"], figure_widget)
+            self._calib = _Plot(self._calibration_figure(), CALIBRATION_CLASS, figure_widget)
             controls = w.HBox([controls, self._calib.box])
         action = w.HBox([c["repair_steps"], c["run"], self.status])
         self.widget = w.VBox([controls, self.summary, self._heat.box, self._counts.box, action, self.output])
