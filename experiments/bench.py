@@ -149,6 +149,11 @@ class Bench:
 
     config: BenchConfig = field(default_factory=BenchConfig)
     base: tuple[Any, Any] | None = None  #: a custom base (model, tokenizer), e.g. the tiny test model
+    #: a custom base as a directory (opened on first use; what Ray workers get instead of ``base``)
+    base_dir: str | None = None
+    #: where units run: None / "local" (here, in order) or "ray" / an ExecutorConfig / an Executor (one Ray
+    #: task per (target, implant seed) unit; rows, suspicious models and twins go to the same shared dirs)
+    executor: Any = None
     progress: bool = True
     log: Callable[[str], None] = print
     _plan: list[dict[str, Any]] | None = field(default=None, repr=False)
@@ -222,6 +227,10 @@ class Bench:
             defensive_poison=defensive_poison,
         )
         t0 = time.time()
+        if self.base is None and self.base_dir is not None:
+            from bdvax_lab.core.models import open_base, resolve_base
+
+            self.base = open_base(resolve_base(self.base_dir))
         made = not (path / "manifest.json").exists()
         base = (copy.deepcopy(self.base[0]), self.base[1]) if self.base is not None else None
         if made and self.config.attack_epochs is not None:
@@ -419,12 +428,40 @@ class Bench:
     # ------------------------------------------------------------------ driver
     def run(self, targets: Iterable[str] | None = None) -> pd.DataFrame:
         """Every unit (or those of ``targets``), then the tables; returns the tidy frame."""
+        from bdvax_lab.core.executor import make_executor
+
         wanted = set(targets) if targets is not None else None
-        for target, seed in self.config.units():
-            if wanted is None or target in wanted:
-                self.log(f"{target} (implant seed {seed})")
-                self.run_unit(target, seed)
+        units = [(t, s) for t, s in self.config.units() if wanted is None or t in wanted]
+        ex = make_executor(self.executor)
+        try:
+            if ex.remote and units:
+                self._run_remote(ex, units)
+            else:
+                for target, seed in units:
+                    self.log(f"{target} (implant seed {seed})")
+                    self.run_unit(target, seed)
+        finally:
+            if ex is not self.executor:  # made here from a name or a config: release what it started
+                ex.close()
         return self.tables()
+
+    def _run_remote(self, ex: Any, units: list[tuple[str, int]]) -> None:
+        """One task per unit; each writes its rows (and suspicious model, twins) to the shared dirs."""
+        if self.base is not None and self.base_dir is None:
+            raise ValueError("Bench: Ray workers cannot be sent a base held in memory; pass base_dir")
+        cfg = self.config.replace(runs_dir=str(Path(self.config.runs_dir).resolve()))  # same on every node
+        work = [(cfg.to_dict(), t, s, self.base_dir) for t, s in units]
+        labels = [f"{t} (implant seed {s})" for t, s in units]
+        here = str(Path(__file__).resolve().parents[1])  # workers import experiments/ from the checkout
+        for i, n in ex.map(
+            run_unit_task,
+            work,
+            desc="bench units",
+            progress=self.progress,
+            labels=labels,
+            import_paths=[here],
+        ):
+            self.log(f"{labels[i]}: {n} rows")
 
     def plan(self) -> pd.DataFrame:
         """Every row the bench needs and whether it is cached (runs nothing)."""
@@ -480,6 +517,15 @@ class Bench:
             {"config": self.config.to_dict(), "rows": len(df), "date": time.strftime("%Y-%m-%d")},
         )
         return df
+
+
+def run_unit_task(config: dict[str, Any], target: str, seed: int, base_dir: str | None) -> int:
+    """One bench unit in a (Ray) worker: its rows cached under the config's runs dir; returns their count."""
+    from bdvax_lab.core.models import use_all_cores
+
+    use_all_cores()  # $BDVAX_NUM_THREADS: the task's CPUs
+    bench = Bench(BenchConfig.from_dict(config), base_dir=base_dir, progress=False)
+    return len(bench.run_unit(target, seed))
 
 
 # =========================================================================== reading
@@ -641,8 +687,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default="results/bench")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: one task per unit")
+    p.add_argument("--ray-address", help="with --executor ray: HOST:PORT or auto (default: a local cluster)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray task")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray task")
     ns = p.parse_args(argv)
-    bench = Bench(BenchConfig(runs_dir=ns.runs, out_dir=ns.out))
+    from bdvax_lab.core.executor import ExecutorConfig
+
+    executor = ExecutorConfig(
+        kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
+    )
+    bench = Bench(BenchConfig(runs_dir=ns.runs, out_dir=ns.out), executor=executor)
     if ns.plan:
         plan = bench.plan()
         print(plan.to_string(index=False))

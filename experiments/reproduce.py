@@ -205,6 +205,9 @@ class Reproduction:
         None  #: the preset whose tables ``run`` writes (default ``config``; a slice's whole)
     )
     base: tuple[Any, Any] | None = None  #: a custom base (model, tokenizer), e.g. the tiny test model
+    #: where the twins train (None: here; "ray" / an ExecutorConfig / an Executor: Ray tasks opening each
+    #: suspicious model from its directory; the rows do not depend on it)
+    executor: Any = None
     log: Callable[[str], None] = print
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
     _models: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -356,7 +359,11 @@ class Reproduction:
             )
             view = defence_view(sm, setting)
             self._sigs[target] = extract_signature(
-                (view.model, view.tokenizer), cfg, self.config.cache_dir, progress=self.progress
+                view if self.executor is not None else (view.model, view.tokenizer),
+                cfg,
+                self.config.cache_dir,
+                progress=self.progress,
+                executor=self.executor,
             )
         return self._sigs[target]
 
@@ -599,21 +606,31 @@ def reproduce(
     fresh: bool = False,
     command: str = "python benchmarks/reproduce.py",
     base: tuple[Any, Any] | None = None,
+    executor: Any = None,
     **overrides: Any,
 ) -> dict[str, pd.DataFrame]:
     """Run a preset (or a config) and return its tables; ``overrides`` replace config fields.
 
-    With ``targets`` among the overrides this is a slice: only those targets' rows are computed, and the
+    ``executor``: where the twins train (:attr:`Reproduction.executor`). With ``targets`` among the
+    overrides this is a slice: only those targets' rows are computed, and the
     tables written and returned are the whole preset's, with the rows still to run left blank."""
+    from bdvax_lab.core.executor import make_executor
+
     whole = preset_config(preset, **{k: v for k, v in overrides.items() if k != "targets"})
-    return Reproduction(
-        preset_config(preset, **overrides),
-        progress=progress,
-        fresh=fresh,
-        command=command,
-        base=base,
-        report=whole,
-    ).run(tables)
+    ex = None if executor is None else make_executor(executor)  # one cluster for every target's twins
+    try:
+        return Reproduction(
+            preset_config(preset, **overrides),
+            progress=progress,
+            fresh=fresh,
+            command=command,
+            base=base,
+            report=whole,
+            executor=ex,
+        ).run(tables)
+    finally:
+        if ex is not None and ex is not executor:
+            ex.close()
 
 
 def preset_config(preset: str | ReproduceConfig, **overrides: Any) -> ReproduceConfig:

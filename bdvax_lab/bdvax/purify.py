@@ -163,10 +163,20 @@ def _default_extractor(
     cache_dir: Any = None,
     progress: bool = True,
     pool: Sequence[Example] | None = None,
+    executor: Any = None,
+    source: Any = None,
 ) -> Any:
     from .signature import extract_signature
 
-    return extract_signature(suspicious, config, cache_dir=cache_dir, progress=progress, pool=pool)
+    return extract_signature(
+        suspicious,
+        config,
+        cache_dir=cache_dir,
+        progress=progress,
+        pool=pool,
+        executor=executor,
+        source=source,
+    )
 
 
 def _signature_config(config: PurifyConfig, custom_extractor: bool = False) -> Any:
@@ -193,6 +203,8 @@ def purify(
     progress: bool = True,
     overwrite: bool = True,
     pool: Sequence[Example] | None = None,
+    executor: Any = None,
+    source: Any = None,
 ) -> PurifyResult:
     """BD-VAX purification of a suspicious model: signature → suppression → repair → evaluation.
 
@@ -211,8 +223,11 @@ def purify(
     ``out`` is checked before any
     work (:func:`bdvax_lab.core.artifacts.check_output`: an existing non-empty directory is replaced only
     when it is a purified artifact and ``overwrite`` (default; the CLI asks for ``--overwrite``), never
-    the suspicious model's own).
+    the suspicious model's own). ``executor`` / ``source``: where the twins train (local by default, or
+    Ray tasks opening the model from ``source``; :func:`~bdvax_lab.bdvax.twins.train_twins`); passed to
+    a custom ``extractor`` only when given.
     """
+    model_source = source
     source = suspicious if isinstance(suspicious, (str, Path)) else getattr(suspicious, "path", None)
     if out is not None:
         check_output(out, kind=PURIFIED_KIND, overwrite=overwrite, inputs=[source])
@@ -257,7 +272,9 @@ def purify(
     if signature is None:
         view = defence_view(suspicious, setting)
         sig_cfg = _signature_config(cfg, custom_extractor=extractor is not None)
-        extra = {"pool": pool} if pool is not None else {}
+        extra: dict[str, Any] = {"pool": pool} if pool is not None else {}
+        if executor is not None:
+            extra |= {"executor": executor, "source": model_source}
         signature = (extractor or _default_extractor)(
             view, sig_cfg, cache_dir=cache_dir, progress=progress, **extra
         )

@@ -462,17 +462,26 @@ def extract_signature(
     progress: bool = True,
     *,
     pool: Sequence[Example] | None = None,
+    executor: Any = None,
+    source: Any = None,
 ) -> Signature:
     """train_twins (all variants; cached ones are skipped) + scores + select, in one call.
 
     ``config.family`` is the behaviour family the user fears; the suspicious
-    model's manifest is never read.
+    model's manifest is never read. ``executor`` / ``source``: where the twins train
+    (:func:`~bdvax_lab.bdvax.twins.train_twins`; the signature does not depend on it).
     """
     config = config or SignatureConfig()
     sm = as_suspicious(suspicious)
     model, tok = sm.model, sm.tokenizer
+    if source is None and executor is not None and getattr(sm, "path", None) is not None:
+        from ..threat.source import ModelSource
+
+        source = ModelSource.of(sm)
     t0 = time.time()
-    jobs = train_twins((model, tok), config, cache_dir, (0, 1), progress, pool=pool)
+    jobs = train_twins(
+        (model, tok), config, cache_dir, (0, 1), progress, pool=pool, executor=executor, source=source
+    )
     twins_s = time.time() - t0
     missing = [j.index for j in jobs if not j.done]
     if missing:

@@ -549,6 +549,8 @@ def train_twins(
     *,
     pool: Sequence[Example] | None = None,
     together: int | None = None,
+    executor: Any = None,
+    source: Any = None,
 ) -> list[TwinJob]:
     """Train the twins of every variant with ``index % n == i`` that is not cached yet; returns those jobs.
 
@@ -571,8 +573,15 @@ def train_twins(
     recipes, seconds, final losses). Peak memory ≈ suspicious model + the
     training twins + two twin deltas; the full setting adds the twin's
     gradients and AdamW state (~3.5–4.5 GB).
+
+    ``executor`` (:func:`bdvax_lab.core.executor.make_executor`: None or ``"local"``, ``"ray"``, a config
+    or an executor) runs the chunks of variants: locally one after the other, or as Ray tasks that open
+    the model from ``source`` (a :class:`~bdvax_lab.threat.source.ModelSource`; default: the directory
+    ``suspicious`` was opened from) and fill the same cache (:mod:`bdvax_lab.bdvax.twin_tasks`). The
+    entries, their keys and their bits do not depend on the executor; ``shard`` still selects the
+    variants this call trains.
     """
-    from tqdm.auto import tqdm
+    from ..core.executor import make_executor
 
     config = config or SignatureConfig()
     i, n = parse_shard(shard)
@@ -599,22 +608,51 @@ def train_twins(
     lora = bool(todo) and todo[0].setting == "lora"
     size = (together or TWINS_TOGETHER) if lora else 1
     chunks = [todo[c : c + size] for c in range(0, len(todo), size)]
-    bar = tqdm(chunks, desc=f"twins shard {i}/{n}", disable=not progress or not todo, leave=False)
-    for chunk in bar:
-        bar.set_postfix(variants=",".join(str(j.index) for j in chunk))
-        with ExitStack() as stack:  # one lock per entry, taken in index order: a second process waits
-            for job in sorted(chunk, key=lambda j: j.index):
-                stack.enter_context(entry_lock(job.path))
-                reap_stale(job.path.parent, job.path.name)
-                reap_stale(job.path.parent, job.partial.name)
-            mine = [j for j in chunk if not j.done]  # another process may have written them meanwhile
-            for job in chunk:
-                if job.done and job not in mine:
-                    job.status = "cached"
-            if not mine:
-                continue
-            if size > 1:
-                _run_jobs_together(mine, model, tok, config, fp, progress)
-            else:
-                _run_job(mine[0], model, tok, config, fp, progress)
+    if not chunks:
+        return jobs
+    ex = make_executor(executor)
+    desc = f"twins shard {i}/{n}"
+    try:
+        if ex.remote:
+            from ..threat.source import ModelSource
+            from .twin_tasks import run_remote
+
+            src = source if source is not None else ModelSource.of(suspicious)
+            run_remote(ex, chunks, src, config, fp, size=size, desc=desc, progress=progress)
+            return jobs
+        labels = ["variants " + ",".join(str(j.index) for j in chunk) for chunk in chunks]
+        work = [(chunk, model, tok, config, fp, progress, size) for chunk in chunks]
+        for _ in ex.map(run_chunk, work, desc=desc, progress=progress, labels=labels):
+            pass
+    finally:
+        if ex is not executor:  # made here from a name or a config: release what it started
+            ex.close()
     return jobs
+
+
+def run_chunk(
+    chunk: Sequence[TwinJob],
+    model: Any,
+    tok: Any,
+    config: SignatureConfig,
+    fp: str,
+    progress: bool,
+    size: int,
+) -> None:
+    """Train one chunk of variants (one twin pair, or ``size`` > 1 co-trained) into the cache, under each
+    entry's lock; an entry another process wrote meanwhile is marked ``cached`` and not trained again."""
+    with ExitStack() as stack:  # one lock per entry, taken in index order: a second process waits
+        for job in sorted(chunk, key=lambda j: j.index):
+            stack.enter_context(entry_lock(job.path))
+            reap_stale(job.path.parent, job.path.name)
+            reap_stale(job.path.parent, job.partial.name)
+        mine = [j for j in chunk if not j.done]  # another process may have written them meanwhile
+        for job in chunk:
+            if job.done and job not in mine:
+                job.status = "cached"
+        if not mine:
+            return
+        if size > 1:
+            _run_jobs_together(mine, model, tok, config, fp, progress)
+        else:
+            _run_job(mine[0], model, tok, config, fp, progress)
