@@ -252,8 +252,9 @@ class SignatureExplorer:
             rho = float(cur["rho"])
         elif self.calibration is not None:
             rho = float(self.calibration.rho)
-        else:
-            rho = float(cfg.replace(rho=None).resolved_rho(getattr(sig, "setting", None)))
+        else:  # the config's ρ; rho="auto" without a calibration: the default
+            auto = isinstance(cfg.rho, str)
+            rho = float((cfg.replace(rho=None) if auto else cfg).resolved_rho(getattr(sig, "setting", None)))
         lam = float(cur.get("lam", cfg.lam))
         lams = sorted(set(LAM_OPTIONS) | {lam})
         n_total_heads = sum(int(t.numel()) for t in sig.head_norm.values())
