@@ -70,6 +70,7 @@ from bdvax_lab.core.models import use_all_cores
 from bdvax_lab.threat.suspicious import suspicious_dir
 from bdvax_lab.viz import signature_viz as sv
 from bdvax_lab.viz.notebook_magics import notebook_model
+from bdvax_lab.viz.results_figures import budget_figure, budget_frame
 
 use_all_cores()  # torch threads: every core (or $BDVAX_NUM_THREADS)
 pd.set_option("display.width", 200)
@@ -239,6 +240,25 @@ def verdict(report):
 
 
 pd.DataFrame({"adapter (LoRA)": verdict(res_lora.report), "full": verdict(res_full.report)})
+
+# %% [markdown]
+# ## 5 · The budget: ASR and skill kept against ρ, beside the controls (from the bench)
+# A signature localises only if, at the same budget, it beats `random` channels (same per-module counts,
+# several seeds: the grey band) and `top_delta` (the channels the suspicious update moved most). This figure
+# is drawn from the bench's rows (`benchmarks/bench.py` writes `results/bench/rows.csv`; concatenate runs at
+# several ρ with a `run` column for a curve), one target of each task. Nothing is trained here; without a
+# bench CSV the cell says so and draws nothing.
+
+# %%
+bench_rows = Path("../results/bench/rows.csv")
+if bench_rows.exists():
+    rows = pd.read_csv(bench_rows)
+    run = "run" if "run" in rows.columns else None
+    budget = budget_frame(rows, run=run)
+    one_per_task = budget.assign(task=budget.target.str.split(":").str[1]).groupby("task").target.first()
+    display(budget_figure(budget, targets=sorted(one_per_task)))
+else:
+    print(f"{bench_rows} not found: run python benchmarks/bench.py, then rerun this cell (no data shown)")
 
 # %% [markdown]
 # ## Exercises

@@ -50,6 +50,9 @@ from tqdm.auto import tqdm
 
 import bdvax_lab as bx
 from bdvax_lab.analysis import probes
+from bdvax_lab.analysis.probes.attribution import oracle_attribution
+from bdvax_lab.analysis.ranking import overlap_figure, ranking_overlap
+from bdvax_lab.baselines.controls import delta_channel_scores
 from bdvax_lab.bdvax.signature import Signature
 from bdvax_lab.core.scoring import next_token_probs
 from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
@@ -209,6 +212,25 @@ lens = pd.concat(
     ignore_index=True,
 )
 probes.figure_logit_lens(lens, value="log_prob")
+
+# %% [markdown]
+# ## 8 · The oracle: how much of the backdoor's own channels does a ranking find?
+# **For evaluation only** — it uses the true trigger, which the defence never sees. Attribution patching
+# scores every MLP channel (and attention head) by `∂ log p(target | triggered) / ∂ activation ×
+# (activation_triggered − activation_clean)`: about how much the behaviour's log-probability would drop if
+# that unit were patched back to its clean value. Its top 1 % of channels is the oracle's top set; each
+# ranking's precision@k and AUROC against it say how much of it the ranking recovers: `top_delta` (the
+# channels the suspicious update moved most), `random` (five seeds) and, with `signature_dir`, the
+# signature. One forward and one backward per batch of prompt pairs: seconds on SmolLM2.
+
+# %%
+oracle = oracle_attribution(lm, tok, clean, triggered, resolve_task(task).targets[0], n_target_tokens=4)
+rankings = {"top_delta": delta_channel_scores(lm)}
+if signature_dir:
+    rankings["signature"] = Signature.load(signature_dir).scores
+overlap = ranking_overlap(oracle.tensor, rankings, random_seeds=range(5))
+display(overlap.groupby(["ranking", "k"])[["precision_at_k", "auroc"]].mean())
+overlap_figure(overlap)
 
 # %% [markdown]
 # ## Exercises
