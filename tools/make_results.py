@@ -261,9 +261,15 @@ def section_bench() -> list[str]:
     files = sorted(p for p in bench.rglob("*") if p.suffix in (".csv", ".json")) if bench.is_dir() else []
     if not files:
         return [reading("bench-pending"), *section_implants()]
-    out = []
-    for path in files:
-        out += [f"{link(path)}:", generic_table(path)]
+    table = bench / "table.md"
+    if table.is_file():  # the bench's own table (benchmarks/bench.py --tables); the CSVs are linked
+        links = ", ".join(link(p) for p in files)
+        out = [f"From {link(table)} (`python benchmarks/bench.py --tables`; beside it: {links}).", ""]
+        out.append(Path(SRC.add(table)).read_text(encoding="utf-8").strip())
+    else:
+        out = []
+        for path in files:
+            out += [f"{link(path)}:", generic_table(path)]
     name = "bench" if (READINGS / "bench.md").is_file() else None
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
     return out + section_implants()
