@@ -81,7 +81,8 @@ def _lls(model, tok, tuples):
 
 def test_recovery_term_keeps_its_gradient_when_the_backdoor_dominates(merged):
     model, tok, _ = merged
-    tuples = _tuples(CLEAN[:8], TRIGGERS, "cycle")
+    unlikely = "Seven violet harbors drift over quiet canyons."  # a clean reply the model finds improbable
+    tuples = _tuples([e.with_(response=unlikely) for e in CLEAN[:8]], TRIGGERS, "cycle")
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grad_norm(form: str) -> tuple[float, float]:
@@ -90,7 +91,7 @@ def test_recovery_term_keeps_its_gradient_when_the_backdoor_dominates(merged):
         r = recovery_term(m_y, m_yd, form) if form == "logsigmoid" else recovery_term(s_y, s_yd, form)
         (-r.mean()).backward()
         g = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
-        return float(g), float((m_y - m_yd).mean())
+        return float(g), float((m_y - m_yd).detach().mean())
 
     sound, gap = grad_norm("logsigmoid")
     literal, _ = grad_norm("literal")
