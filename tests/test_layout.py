@@ -31,6 +31,7 @@ LONG_MODULES = {
         "the sanity-check context and evaluation, with the method's long explanation"
     ),
     "bdvax_lab/cli.py": "one short function per subcommand",
+    "bdvax_lab/bdvax/twins.py": "twin training with its cache locks, reaping and executor dispatch; to split",
 }
 
 

@@ -17,6 +17,7 @@ from bdvax_lab.bdvax.variants import make_variants
 from bdvax_lab.core.data import Example
 from bdvax_lab.training.config import TrainConfig
 from bdvax_lab.training.loop import finetune
+from bdvax_lab.viz.calibration_figures import calibration_figure
 from bdvax_lab.weights.deltas import WeightDelta
 from bdvax_lab.weights.factored import FactoredDelta
 
@@ -187,7 +188,7 @@ def test_lovo_end_to_end_on_the_tiny_model_resumes_and_purifies(suspicious, tmp_
     assert list(res.frame.columns) == COLUMNS and len(res.frame) == 4
     assert sorted(res.frame.rho.unique()) == [0.0, 1.0] and res.frame.n_prompts.eq(2).all()
     assert res.frame.ppl.gt(0).all() and res.frame[res.frame.rho == 0].ppl_ratio.eq(1.0).all()
-    assert res.figure().data  # the plotly curve
+    assert calibration_figure(res).data  # the plotly curve (viz.calibration_figures)
 
     def no_measure(*a, **k):
         raise AssertionError("a cached calibration point was measured again")

@@ -88,11 +88,6 @@ class CalibrationResult:
         """Per ρ over the informative held-out variants: mean and max ASR, mean drift and ppl ratio, pass."""
         return curve_summary(self.frame, self.config, self.informative)
 
-    def figure(self) -> Any:
-        from ..viz.calibration_figures import calibration_figure
-
-        return calibration_figure(self)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (stored in the signature's ``meta["calibration"]`` by :func:`select_auto`)."""
         rows = [
