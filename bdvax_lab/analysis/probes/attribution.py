@@ -36,6 +36,7 @@ import torch
 from ...core.data import Example
 from ...core.registry import layout_of
 from .common import ProbeResult, _as_prompts, _chunks, _hf_of, _left_pad, encode_prompts, nnsight_model
+from .patching import _common_suffix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,15 +54,6 @@ KEY_POSITIONS = ("mean", "skip")
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(reversed(a), reversed(b)):
         if x != y:
             break
         n += 1
