@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.batching import collate
+from ..core.batching import collate, pad_token
 from ..core.data import Example, encode_example
 from ..core.registry import CHANNEL_DIM, MLP_KINDS, Key, layout_of, setting_of, unwrap
 from ..weights.selection import _key_str, _parse_key, select_lowest
@@ -65,7 +65,7 @@ def collect_input_norms(
         encode_example(tokenizer, e, max_length=max_length, max_response_tokens=max_response_tokens)
         for e in examples
     ]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token(tokenizer)
     sums: dict[Key, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     handles = []

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..core.batching import pad_token
 from ..core.data import IGNORE_INDEX, Example, encode_example
 from ..core.generate import generate
 from ..core.registry import setting_of
@@ -209,7 +210,7 @@ def recover(
 ) -> tuple[Any, dict[str, Any]]:
     """Stage 2: the repair with ``L = CE(x, y) − λ·R`` over (clean, trigger) tuples (in place)."""
     pairs = _pairs(cfg)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     data = _tuples(list(clean)[: cfg.repair.n_samples], cfg.triggers, cfg.pairing)
     records: list[dict[str, float]] = []
     rcfg = cfg.repair.replace(n_samples=len(data))

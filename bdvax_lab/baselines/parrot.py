@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..core.batching import collate, length_grouped_batches
+from ..core.batching import collate, length_grouped_batches, pad_token
 from ..core.data import IGNORE_INDEX, Example, encode_example, format_prompt
 from ..core.generate import generate_from_embeds
 from ..core.registry import unwrap
@@ -164,7 +164,7 @@ def train_parrot(
         mode="full", lr=lr, schedule="cosine", warmup_steps=math.ceil(warmup * steps), steps=steps
     )
     sched = scheduler(opt, tcfg, steps)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was = model.training
     rng, queue, rows, t0 = random.Random(seed), [], [], time.time()
@@ -236,7 +236,7 @@ def response_logprob(
         encode_with_parrot(tokenizer, e, n_parrot, position, max_response_tokens=k_tokens, end_of_turn=False)
         for e in examples
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     dev = parrot.device
     sums, _ = parrot_nll(model, {k: v.to(dev) for k, v in collate(feats, pad).items()}, parrot)
     return float(-sums.mean())

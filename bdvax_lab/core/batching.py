@@ -68,6 +68,11 @@ def pad_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_token(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(
     features: Sequence[dict[str, list[int]]], pad_id: int, pad_to: int | None = None
 ) -> dict[str, torch.Tensor]:

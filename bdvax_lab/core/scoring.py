@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batching import cap_prompts, collate, left_pad, pad_positions, position_limit
+from .batching import cap_prompts, collate, left_pad, pad_positions, pad_token, position_limit
 from .data import IGNORE_INDEX, Example, as_example, encode_example, format_prompt
 from .fused_lora import uses_fused_lora
 from .registry import unwrap
@@ -80,7 +80,7 @@ def continuation_logprobs(
             stacklevel=3,
         )
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     was = model.training
     model.train(False)
     logps = [0.0] * len(feats)
@@ -123,7 +123,7 @@ def choice_logprobs(
     decoder = base.get_decoder()
     cache_kw = cache_kwarg(decoder)
     dev = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     p_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     c_ids = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
     limit = position_limit(model)
@@ -193,7 +193,7 @@ def next_token_probs(
     enc = cap_prompts(
         [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], position_limit(model)
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     out = torch.zeros(len(enc), len(token_ids))
     dev = _device(model)
     was = model.training

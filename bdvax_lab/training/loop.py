@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.batching import collate, length_grouped_batches
+from ..core.batching import collate, length_grouped_batches, pad_token
 from ..core.data import IGNORE_INDEX, Example, encode_example
 from ..core.fused_lora import fused_lora
 from ..core.models import use_all_cores
@@ -318,7 +318,7 @@ def _train(
     set_seed(configs[0].seed)
     runs = [_Run.start(m, tokenizer, d, c, who, inputs) for m, d, c in zip(models, datasets, configs)]
     device = next(runs[0].model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token(tokenizer)
     cfg0 = configs[0]
     for r in runs:
         r.model.train(True)

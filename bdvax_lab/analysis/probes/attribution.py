@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from ...core.batching import pad_token
 from ...core.data import Example
 from ...core.registry import layout_of
 from .common import ProbeResult, _as_prompts, _chunks, _hf_of, _left_pad, encode_prompts, nnsight_model
@@ -150,7 +151,7 @@ def oracle_attribution(
     k = len(tgt)
     cs = [s + tgt for s in encode_prompts(tokenizer, clean)]
     ts = [s + tgt for s in encode_prompts(tokenizer, trig)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     kinds = list(UNIT_SITES)
     paths = [layout.module_name(b, UNIT_SITES[kind]) for b in range(L) for kind in ("head", "mlp")]
     order = [(b, kind) for b in range(L) for kind in ("head", "mlp")]  # o_proj runs before down_proj

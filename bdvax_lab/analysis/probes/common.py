@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from ...core.batching import left_pad, pad_positions
+from ...core.batching import left_pad, pad_positions, pad_token
 from ...core.data import Example, format_prompt
 from ...core.registry import Layout, layout_of, unwrap
 
@@ -329,7 +329,7 @@ class _Runner:
         self.L = self.layout.n_blocks
         self.batch_size = int(batch_size)
         self.max_rows = int(max_rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token(tokenizer)
         self.pad_id = int(pad)
         self._envoys: dict[tuple[int, str], Any] = {}
 
