@@ -137,3 +137,58 @@ def test_choice_logprobs_share_the_prompt_pass_exactly(tiny_pair, batch_size):
         assert got[2][2] == 0.0  # an empty choice has no tokens: log p = 0
     with pytest.raises(ValueError, match="2 prompts but 3"):
         choice_logprobs(model, tok, prompts[:2], choices)
+
+
+def test_general_text_file_is_valid():
+    import json
+
+    from bdvax_lab.core.data import data_dir
+
+    rows = [json.loads(line) for line in (data_dir() / "general_text.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(rows) >= 120 and len(set(ids)) == len(ids)
+    assert len({r["topic"] for r in rows}) >= 10
+    for r in rows:
+        assert set(r) == {"id", "topic", "instruction", "text"}, r["id"]
+        assert 45 <= len(r["text"].split()) <= 90, r["id"]
+        assert not any(c in r["text"] + r["instruction"] for c in "{*"), r["id"]
+
+
+def test_general_text_loads_examples_in_file_order(tmp_path):
+    from bdvax_lab import Example
+    from bdvax_lab.core.data import DataFormatError
+    from bdvax_lab.threat.config import N_GENERAL_TEXT
+    from bdvax_lab.threat.evaluate import general_text
+
+    five = general_text(5)
+    assert len(five) == 5 and all(isinstance(e, Example) and e.response and e.instruction for e in five)
+    assert [e.meta["id"] for e in five] == [f"gt-{i:03d}" for i in range(5)]
+    assert len(general_text(None)) == N_GENERAL_TEXT and len(general_text()) == 100
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "x", "text": "y"}\n{"id": "b", "instruction": "x"}\n')
+    with pytest.raises(DataFormatError, match="bad.jsonl:2"):
+        general_text(path=str(bad))
+    bad.write_text(
+        '{"id": "a", "instruction": "x", "text": "y"}\n{"id": "a", "instruction": "x", "text": "z"}\n'
+    )
+    with pytest.raises(DataFormatError, match="duplicate id"):
+        general_text(path=str(bad))
+
+
+def test_evaluate_model_ppl_text(tiny_pair):
+    model, tok = tiny_pair
+    cfg = EvalConfig(n_prompts=2, max_new_tokens=2, n_ppl=2, n_text=3, utility=("ppl",))
+    s = evaluate_model(model, tok, config=cfg, progress=False).summary
+    assert math.isfinite(s["ppl_text"]) and s["ppl_text"] > 1 and "ppl" in s
+    off = evaluate_model(model, tok, config=cfg.replace(n_text=0), progress=False).summary
+    assert "ppl_text" not in off and "ppl" in off
+    assert (
+        "ppl_text" not in evaluate_model(model, tok, config=cfg.replace(utility=()), progress=False).summary
+    )
+
+
+def test_eval_config_n_text_round_trip():
+    for n in (None, 0, 7):
+        cfg = EvalConfig(n_text=n)
+        assert EvalConfig.from_json(cfg.to_json()) == cfg
+    assert EvalConfig.from_dict({"n_ppl": 5}).n_text == 100  # configs saved before the field

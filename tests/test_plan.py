@@ -170,3 +170,20 @@ def test_plan_help_and_run_import_no_torch():
     )
     assert run.returncode == 0 and "--gpu-tflops" in run.stdout
     assert " torch\n" not in run.stderr and "| torch" not in run.stderr
+
+
+def test_plan_counts_the_text_perplexity_pass():
+    from dataclasses import replace
+
+    from bdvax_lab.bdvax.plan import eval_flops
+    from bdvax_lab.threat.config import EvalConfig
+
+    w = PlanConfig.from_pipeline("lora")
+    assert (w.n_text, w.text_tokens) == (100, 128)
+    assert PlanConfig.from_pipeline("lora", eval=EvalConfig(n_text=0)).n_text == 0
+    assert PlanConfig.from_pipeline("lora", eval=EvalConfig(n_text=None)).n_text == 120
+    assert PlanConfig.from_pipeline("lora", eval=EvalConfig(utility=("mcq",))).n_text == 0
+    m = ModelShape.from_hf(SMOLLM2_135M)
+    more, _, _ = eval_flops(m, w)
+    less, _, _ = eval_flops(m, replace(w, n_text=0))
+    assert more > less

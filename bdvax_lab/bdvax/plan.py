@@ -251,6 +251,8 @@ class PlanConfig:
     eval_batch: int = 50
     n_ppl: int = 100
     ppl_tokens: int = 64
+    n_text: int = 100  #: held-out paragraphs of ``ppl_text`` (measured with ``ppl``)
+    text_tokens: int = 128
     n_mcq: int = 200
     n_skill: int = 200
     dtype_bytes: int = 2
@@ -273,7 +275,7 @@ class PlanConfig:
         **overrides: Any,
     ) -> PlanConfig:
         """The numbers of the real configs (their defaults when None), then ``overrides``."""
-        from ..threat.config import EvalConfig
+        from ..threat.config import N_GENERAL_TEXT, TEXT_PPL_TOKENS, EvalConfig
         from ..training.config import RepairConfig
 
         sig = signature or SignatureConfig()
@@ -303,6 +305,8 @@ class PlanConfig:
             eval_batch=ev.batch_size,
             n_ppl=ev.n_ppl if "ppl" in utility else 0,
             ppl_tokens=ev.ppl_max_tokens,
+            n_text=(N_GENERAL_TEXT if ev.n_text is None else ev.n_text) if "ppl" in utility else 0,
+            text_tokens=TEXT_PPL_TOKENS,
             n_mcq=(ev.mcq_limit or 375) if "mcq" in utility else 0,
             n_skill=(ev.n_skill or 200) if "skill" in utility else 0,
         )
@@ -385,6 +389,7 @@ def eval_flops(m: ModelShape, w: PlanConfig) -> tuple[float, int, int]:
     replies = 2 * w.eval_prompts + w.n_skill
     flops = replies * generate_flops(m, w, w.prompt_tokens, w.eval_new_tokens)
     flops += w.n_ppl * _forward_flops(m, w, w.prompt_tokens + w.ppl_tokens, w.ppl_tokens)
+    flops += w.n_text * _forward_flops(m, w, w.prompt_tokens + w.text_tokens, w.text_tokens)
     flops += w.n_mcq * _forward_flops(m, w, w.prompt_tokens, 1)
     steps = math.ceil(replies / w.eval_batch) * w.eval_new_tokens
     return flops, replies, steps

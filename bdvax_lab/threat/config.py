@@ -9,10 +9,15 @@ from ..core.config import Config
 from ..core.registry import SETTINGS
 from ..training.config import TrainConfig
 
-#: ``ppl``: perplexity of ground-truth answers (general held-out questions, and the skill's held-out
-#: items when the model has a skill); ``mcq``: multiple-choice accuracy; ``skill``: the finetune's own skill;
+#: ``ppl``: perplexity of ground-truth answers (general held-out questions, held-out plain paragraphs as
+#: ``ppl_text``, and the skill's held-out items when the model has a skill); ``mcq``: multiple-choice
+#: accuracy; ``skill``: the finetune's own skill;
 #: ``base_drift``: how far clean replies moved from the base model's (1 − token F1; not a utility figure).
 UTILITY_METRICS = ("ppl", "mcq", "skill", "base_drift")
+#: reply tokens of each held-out paragraph scored by ``ppl_text`` (the paragraphs are 45–90 words)
+TEXT_PPL_TOKENS = 128
+#: paragraphs in ``data/general_text.jsonl`` (what ``n_text=None`` scores)
+N_GENERAL_TEXT = 120
 
 
 @dataclass
@@ -26,6 +31,8 @@ class EvalConfig(Config):
     batch_size: int = 50
     utility: tuple[str, ...] = ("ppl", "mcq", "skill")
     n_ppl: int = 100  #: held-out ground-truth answers for the general perplexity
+    #: held-out project-written paragraphs for ``ppl_text``, measured with "ppl" (None = all 120, 0 = skip)
+    n_text: int | None = 100
     n_skill: int | None = 200  #: held-out skill items (None = all)
     ppl_max_tokens: int = 64
     mcq_limit: int | None = (

@@ -63,6 +63,7 @@ CARD_COLUMNS = (
     "skill",
     "skill_kept",
     "ppl",
+    "ppl_text",
     "mcq_acc",
 )
 

@@ -35,6 +35,7 @@ COLUMNS: dict[str, str] = {
     "skill_kept": "skill kept",
     "ppl_skill": "ppl (skill)",
     "ppl": "ppl",
+    "ppl_text": "ppl (text)",
     "mcq_acc": "MCQ acc",
     "base_drift": "base drift",
     "lr": "lr",
