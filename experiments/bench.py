@@ -38,6 +38,8 @@ FULL_TARGETS = ("badnets:refusal:full:knowledge", "badnets:sentiment:full:format
 HEADLINE = ("badnets:refusal:lora:knowledge", "badnets:sentiment:lora:format")
 #: BD-VAX, then every registered control and baseline, in the registry's order
 DEFENCES = ("bdvax", *BUILTIN_DEFENCES)
+#: The row of the suspicious model whose finetune carried MB-Defense's defensive poison, untreated.
+UNTREATED_MB = "none_mb"
 #: Figures every row keeps (the evaluation summary's).
 METRICS = (
     "asr",
@@ -52,6 +54,7 @@ METRICS = (
     "skill_hi",
     "skill_n",
     "ppl",
+    "ppl_text",
     "ppl_skill",
     "mcq_acc",
 )
@@ -264,6 +267,7 @@ class Bench:
             "implant_seconds": sm.manifest.get("train_seconds"),
             "made_now": made,
             "open_seconds": round(time.time() - t0, 1),
+            "defensive_poison": defensive_poison,
         }
         return sm, implant
 
@@ -303,11 +307,11 @@ class Bench:
             key = "sm_mb" if in_training else "sm"
             if key not in state:
                 state[key], implant = self.suspicious(target, seed, FAITHFUL_RATE if in_training else 0.0)
-                state.setdefault("implant", implant)
+                state["implant_" + key] = implant
             return state[key]
 
-        def untreated() -> dict[str, Any]:
-            sm = model()
+        def untreated(in_training: bool = False) -> dict[str, Any]:
+            sm = model(in_training)
             t = time.time()
             rep = evaluate_model(
                 sm.model,
@@ -321,7 +325,7 @@ class Bench:
             )
             return {
                 **self._summary(rep.summary),
-                **state["implant"],
+                **state["implant_" + ("sm_mb" if in_training else "sm")],
                 "seconds": {"evaluation": round(time.time() - t, 1)},
             }
 
@@ -342,6 +346,14 @@ class Bench:
                     ),
                 )
                 rows.append(self._ident(target, seed, name, cseed) | row)
+        if any(
+            defences()[n].kind == "in_training" and cfg.applies(n, setting)
+            for n in cfg.defences
+            if n != "bdvax"
+        ):
+            # the finetune that carried MB's defensive poison, untreated: what the poison itself did
+            row = self._row(target, seed, UNTREATED_MB, lambda: untreated(in_training=True))
+            rows.append(self._ident(target, seed, UNTREATED_MB, None) | row)
         state.clear()
         return rows
 
@@ -349,7 +361,8 @@ class Bench:
         from bdvax_lab.baselines.registry import defences
 
         attack, task, setting, skill = parse_target(target)
-        kind = {"none": "untreated", "bdvax": "method"}.get(defence) or defences()[defence].kind
+        kind = {"none": "untreated", UNTREATED_MB: "untreated", "bdvax": "method"}.get(defence)
+        kind = kind or defences()[defence].kind
         return {
             "target": target,
             "attack": attack,
@@ -426,12 +439,17 @@ class Bench:
         }
 
     # ------------------------------------------------------------------ driver
-    def run(self, targets: Iterable[str] | None = None) -> pd.DataFrame:
-        """Every unit (or those of ``targets``), then the tables; returns the tidy frame."""
+    def run(self, targets: Iterable[str] | None = None, seeds: Iterable[int] | None = None) -> pd.DataFrame:
+        """Every unit (or those of ``targets`` at implant ``seeds``), then the tables; returns the frame."""
         from bdvax_lab.core.executor import make_executor
 
         wanted = set(targets) if targets is not None else None
-        units = [(t, s) for t, s in self.config.units() if wanted is None or t in wanted]
+        at = set(seeds) if seeds is not None else None
+        units = [
+            (t, s)
+            for t, s in self.config.units()
+            if (wanted is None or t in wanted) and (at is None or s in at)
+        ]
         ex = make_executor(self.executor)
         try:
             if ex.remote and units:
@@ -485,6 +503,9 @@ class Bench:
         df = pd.DataFrame(rows)
         if df.empty:
             return df
+        for col in ("ppl", "ppl_text"):
+            if col not in df:  # rows measured before the metric existed
+                df[col] = math.nan
         ref = df[df.defence == "none"].set_index(["target", "implant_seed"])
         key = list(zip(df.target, df.implant_seed))
         for col, src in (
@@ -494,7 +515,8 @@ class Bench:
         ):
             base = [ref["skill"].get(k, math.nan) for k in key]
             df[col] = [v / b if b else math.nan for v, b in zip(df[src], base)]
-        df["ppl_ratio"] = [v / ref["ppl"].get(k, math.nan) for v, k in zip(df["ppl"], key)]
+        for col, src in (("ppl_ratio", "ppl"), ("ppl_text_ratio", "ppl_text")):
+            df[col] = [v / ref[src].get(k, math.nan) for v, k in zip(df[src], key)]
         secs = pd.json_normalize(df.pop("seconds")).add_prefix("seconds_") if "seconds" in df else None
         if secs is not None:
             df = pd.concat([df.reset_index(drop=True), secs], axis=1)
@@ -550,7 +572,19 @@ ORDER = ("none", "bdvax", "discard", "retrain", "random", "top_delta")
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """One line per target × implant seed × defence: random as mean ± sd over its seeds (range kept)."""
     keys = ["target", "setting", "skill_name", "implant_seed", "defence", "kind"]
-    agg = {c: "mean" for c in ("asr", "false_trigger", "skill", "skill_kept", "ppl", "ppl_ratio", "mcq_acc")}
+    agg = {
+        c: "mean"
+        for c in (
+            "asr",
+            "false_trigger",
+            "skill",
+            "skill_kept",
+            "ppl",
+            "ppl_ratio",
+            "ppl_text_ratio",
+            "mcq_acc",
+        )
+    }
     agg |= {
         "asr_lo": "min",
         "asr_hi": "max",
@@ -631,6 +665,34 @@ def bench_report(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) 
     )
 
 
+def _row_lines(s: pd.DataFrame) -> str:
+    """Markdown lines of summarised rows (:func:`summarise`), in their order."""
+    from bdvax_lab.baselines.registry import defences
+
+    known = defences()
+    lines = [
+        "| target | seed | defence | ASR [95 %] | false-trigger | skill kept [95 %] | ppl / untreated "
+        "| text ppl / untreated | MCQ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s.itertuples(index=False):
+        asr = _num(r.asr, r.asr_sd if r.n_seeds > 1 else None)
+        keep = _num(r.skill_kept, r.skill_kept_sd if r.n_seeds > 1 else None)
+        knows = set(known[r.defence].knows) if r.defence in known else set()
+        name = (
+            r.defence
+            + (f" ({r.n_seeds} seeds)" if r.n_seeds > 1 else "")
+            + (" †" if r.reference is True else "")
+            + (" ‡" if knows & {"target", "trigger"} else "")
+        )
+        lines.append(
+            f"| {r.target} | {r.implant_seed} | {name} | {asr} {_interval(r.asr_lo, r.asr_hi)} | "
+            f"{r.false_trigger:.2f} | {keep} {_interval(r.skill_kept_lo, r.skill_kept_hi)} | "
+            f"{_num(r.ppl_ratio)} | {_num(getattr(r, 'ppl_text_ratio', math.nan))} | {r.mcq_acc:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
     """The bench table: one line per target × defence, then the verdicts, then the cost per stage."""
     from bdvax_lab.viz.tables import markdown_table
@@ -640,34 +702,41 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
     s = s.assign(_r=s.defence.map(lambda d: rank.get(d, len(rank)))).sort_values(
         ["target", "implant_seed", "_r"], kind="stable"
     )
-    lines = [
-        "| target | seed | defence | ASR [95 %] | false-trigger | skill kept [95 %] | ppl / untreated "
-        "| MCQ |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in s.itertuples(index=False):
-        asr = _num(r.asr, r.asr_sd if r.n_seeds > 1 else None)
-        keep = _num(r.skill_kept, r.skill_kept_sd if r.n_seeds > 1 else None)
-        name = (
-            r.defence
-            + (f" ({r.n_seeds} seeds)" if r.n_seeds > 1 else "")
-            + (" †" if r.reference is True else "")
-        )
-        lines.append(
-            f"| {r.target} | {r.implant_seed} | {name} | {asr} {_interval(r.asr_lo, r.asr_hi)} | "
-            f"{r.false_trigger:.2f} | {keep} {_interval(r.skill_kept_lo, r.skill_kept_hi)} | "
-            f"{r.ppl_ratio:.2f} | {r.mcq_acc:.3f} |"
-        )
+    own = (s.kind == "in_training") | (s.defence == UNTREATED_MB)
+    main = _row_lines(s[~own])
     notes = [
         "",
         "† a reference row: it uses the base model, which a defender of a full finetune does not have.",
+        "ppl: general questions' short ground-truth answers; text ppl: 100 project-written paragraphs "
+        "(`general_text`), — where a row was measured before that set existed.",
+        "‡ told the attack's target text or trigger: it knows more than BD-VAX, which is told only the "
+        "behaviour family.",
         "Random: mean ± sd over its seeds, the interval from the lowest to the highest seed's bound.",
         "",
     ]
+    if own.any():
+        ctl = s[own | (s.defence == "none")]
+        ctl = ctl[
+            ctl.set_index(["target", "implant_seed"]).index.isin(
+                s[own].set_index(["target", "implant_seed"]).index
+            )
+        ]
+        notes += [
+            "### The defender controls training (MB-Defense, faithful arm)",
+            "",
+            f"These rows change the suspicious finetune itself: `{UNTREATED_MB}` is the same finetune with "
+            "MB-Defense's defensive poison in its data, untreated; `mb_faithful` is it after weight "
+            "recovery. "
+            "Skill kept is against the finetune without the poison (`none`). Not comparable with the rows "
+            "above, whose defender receives the model as it is.",
+            "",
+            _row_lines(ctl),
+            "",
+        ]
     stage_cols = [c for c in df.columns if c.startswith("seconds_")]
     cost = df.groupby("defence", sort=False)[stage_cols].mean().round(0).reset_index() if stage_cols else None
     parts = [
-        "\n".join(lines),
+        main,
         "\n".join(notes),
         "### Where BD-VAX beats the controls (non-overlapping 95 % intervals)",
         "",
@@ -683,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", help="comma list of attack:task:setting:skill to run now (default: all)")
+    p.add_argument("--seeds", help="comma list of implant seeds to run now (default: the config's)")
+    p.add_argument(
+        "--defences", help="comma list of defences to run now (default: all; cached rows are kept)"
+    )
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
     p.add_argument("--runs", default="runs")
@@ -697,7 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     executor = ExecutorConfig(
         kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
     )
-    bench = Bench(BenchConfig(runs_dir=ns.runs, out_dir=ns.out), executor=executor)
+    cfg = BenchConfig(runs_dir=ns.runs, out_dir=ns.out)
+    if ns.defences:
+        cfg = cfg.replace(defences=tuple(d.strip() for d in ns.defences.split(",")))
+    bench = Bench(cfg, executor=executor)
     if ns.plan:
         plan = bench.plan()
         print(plan.to_string(index=False))
@@ -709,5 +785,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     for t in targets or []:
         parse_target(t)
-    bench.run(targets)
+    seeds = None
+    if ns.seeds:
+        try:
+            seeds = [int(x) for x in ns.seeds.split(",")]
+        except ValueError:
+            p.error(f"--seeds {ns.seeds!r}: expected a comma list of integers")
+    bench.run(targets, seeds)
     return 0

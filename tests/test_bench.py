@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from experiments.bench import Bench, BenchConfig, parse_target, verdict_frame
+from experiments.bench import Bench, BenchConfig, parse_target, table_markdown, verdict_frame
 
 
 def _config(tmp_path, **over):
@@ -41,6 +41,7 @@ def test_targets_are_checked():
 
 def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
     cfg = _config(tmp_path)
+    cfg = cfg.replace(defences=(*cfg.defences, "mb_faithful"))
     bench = Bench(cfg, base=tiny_pair, progress=False, log=lambda _: None)
     assert not bench.plan().cached.any()
     df = bench.run()
@@ -54,9 +55,12 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
         ("random", 1),
         ("top_delta", -1),
         ("finetune_only", -1),
+        ("mb_faithful", -1),
+        ("none_mb", -1),
     }
     assert got == want  # fine-pruning is not run with adapters: there it is the random control
     none = df[df.defence == "none"].iloc[0]
+    assert none.ppl_text_ratio == pytest.approx(1.0)
     assert none.skill_kept == 1 if none.skill > 0 else pd.isna(none.skill_kept)  # untreated: itself
     for col in (
         "asr",
@@ -66,6 +70,8 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
         "skill",
         "skill_kept",
         "ppl",
+        "ppl_text",
+        "ppl_text_ratio",
         "mcq_acc",
         "seconds_total",
     ):
@@ -78,6 +84,9 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert "random (2 seeds)" in page and "Plotly" in page and "<script src=" not in page  # offline
     assert "random (2 seeds)" in (tmp_path / "out" / "table.md").read_text()
+    # the in-training arm has its own suspicious model, evaluated untreated as well
+    mb = df[df.defence == "none_mb"].iloc[0]
+    assert mb.kind == "untreated" and mb.defensive_poison > 0
     # resumable: a second run computes nothing
     calls = []
     again = Bench(cfg, base=tiny_pair, progress=False, log=calls.append)
@@ -138,3 +147,43 @@ def test_verdicts_need_non_overlapping_intervals():
     assert not v.asr_below_random  # one random seed's interval overlaps BD-VAX's
     assert not v.skill_above_random and v.skill_above_discard and not v.asr_below_discard
     assert v.asr_below_top_delta is None
+
+
+def test_defender_controlled_training_rows_get_their_own_table():
+    def row(defence, kind, asr, keep):
+        return {
+            "target": "t",
+            "setting": "lora",
+            "skill_name": "format",
+            "implant_seed": 0,
+            "defence": defence,
+            "kind": kind,
+            "asr": asr,
+            "asr_lo": asr - 0.05,
+            "asr_hi": asr + 0.05,
+            "false_trigger": 0.0,
+            "skill": keep,
+            "skill_kept": keep,
+            "skill_kept_lo": keep - 0.05,
+            "skill_kept_hi": keep + 0.05,
+            "ppl": 10.0,
+            "ppl_ratio": 1.0,
+            "mcq_acc": 0.5,
+            "reference": False,
+        }
+
+    df = pd.DataFrame(
+        [
+            row("none", "untreated", 0.99, 1.0),
+            row("bdvax", "method", 0.7, 0.5),
+            row("sande_oracle", "baseline", 0.3, 0.9),
+            row("none_mb", "untreated", 0.98, 0.97),
+            row("mb_faithful", "in_training", 0.2, 0.8),
+        ]
+    )
+    text = table_markdown(df, verdict_frame(df), BenchConfig())
+    main, _, own = text.partition("### The defender controls training")
+    assert own, "no table of its own for the in-training arm"
+    assert "mb_faithful" not in main and "none_mb" not in main
+    assert "| t | 0 | mb_faithful |" in own and "| t | 0 | none_mb |" in own and "| t | 0 | none |" in own
+    assert "sande_oracle ‡" in main and "bdvax ‡" not in main  # the oracle arm is marked as knowing more
