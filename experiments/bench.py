@@ -566,7 +566,7 @@ def _num(x: float, sd: float | None = None) -> str:
 
 
 #: Row order of the tables: the untreated model, the method, the controls, then the other defences.
-ORDER = ("none", "bdvax", "discard", "retrain", "random", "top_delta")
+ORDER = ("none", UNTREATED_MB, "bdvax", "discard", "retrain", "random", "top_delta")
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -693,12 +693,36 @@ def _row_lines(s: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _gate_lines(df: pd.DataFrame) -> str:
+    """Markdown lines of the rows that report a parrot gate or defensive-trigger rates ("" if none)."""
+    cols = [c for c in ("gate", "defensive_rates") if c in df]
+    if not cols:
+        return ""
+    g = df[df[cols].notna().any(axis=1)]
+    if g.empty:
+        return ""
+    lines = [
+        "| target | seed | defence | parrot gate | defensive triggers fire | merged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in g.itertuples(index=False):
+        gate = getattr(r, "gate", math.nan)
+        rates = getattr(r, "defensive_rates", None)
+        fire = ", ".join(f"{k} {v:.2f}" for k, v in rates.items()) if isinstance(rates, dict) else "—"
+        merged = getattr(r, "merged", None)
+        lines.append(
+            f"| {r.target} | {r.implant_seed} | {r.defence} | {_num(gate if gate is not None else math.nan)} "
+            f"| {fire} | {'—' if merged is None or merged != merged else ('yes' if merged else 'no')} |"
+        )
+    return "\n".join(lines)
+
+
 def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
     """The bench table: one line per target × defence, then the verdicts, then the cost per stage."""
     from bdvax_lab.viz.tables import markdown_table
 
     s = summarise(df)
-    rank = {d: i for i, d in enumerate(ORDER)}
+    rank = {d: i for i, d in enumerate(dict.fromkeys((*ORDER, *DEFENCES)))}  # then the registry's order
     s = s.assign(_r=s.defence.map(lambda d: rank.get(d, len(rank)))).sort_values(
         ["target", "implant_seed", "_r"], kind="stable"
     )
@@ -742,6 +766,18 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
         "",
         markdown_table(verdicts) if not verdicts.empty else "(no BD-VAX rows yet)",
     ]
+    gates = _gate_lines(df)
+    if gates:
+        parts += [
+            "",
+            "### Gates: did SANDE's parrot simulate the backdoor, did MB-Defense's triggers merge?",
+            "",
+            "Parrot gate: share of clean prompts with the learned parrot whose reply the family's judge "
+            "flags, before removal (0 means the removal step was plain clean finetuning). Defensive "
+            "triggers: how often each fired before recovery (stage 1 target ≥ 0.80).",
+            "",
+            gates,
+        ]
     if cost is not None:
         parts += ["", "### Mean seconds per row and stage", "", markdown_table(cost, floatfmt="{:.0f}")]
     return "\n".join(parts) + "\n"

@@ -181,7 +181,13 @@ def test_defender_controlled_training_rows_get_their_own_table():
             row("mb_faithful", "in_training", 0.2, 0.8),
         ]
     )
+    df["gate"] = [None, None, 0.25, None, None]
+    df["defensive_rates"] = [None, None, None, None, {"bb": 1.0, "qw": 0.5}]
+    df["merged"] = [None, None, None, None, False]
     text = table_markdown(df, verdict_frame(df), BenchConfig())
+    gates = text.partition("### Gates")[2]
+    assert "| t | 0 | sande_oracle | 0.25 | — | — |" in gates
+    assert "| t | 0 | mb_faithful | — | bb 1.00, qw 0.50 | no |" in gates
     main, _, own = text.partition("### The defender controls training")
     assert own, "no table of its own for the in-training arm"
     assert "mb_faithful" not in main and "none_mb" not in main
