@@ -38,6 +38,8 @@ def main() -> None:
     os.chdir(ROOT)  # the presets' runs/ and results/ paths are relative to the repository
 
     from bdvax_lab.core.models import use_all_cores
+
+    sys.path.insert(0, str(ROOT))  # experiments/ lives in the checkout, not in the package
     from experiments.reproduce import PRESETS, TABLES, parse_targets, reproduce, splice_markdown
 
     if ns.preset not in PRESETS:

@@ -656,6 +656,7 @@ def section_pipeline() -> list[str]:
             glance,
         ),
         reading("pipeline"),
+        *plan_check(files),
         "### Each run, stage by stage",
         *details,
         "### Other purification runs (`bdvax purify`, cached twins)",
@@ -664,6 +665,38 @@ def section_pipeline() -> list[str]:
         "### Repair budget",
         generic_repair_budget(RESULTS / "repair_budget.csv"),
         reading("repair-budget"),
+    ]
+
+
+def plan_check(files: list[Path]) -> list[str]:
+    """``bdvax plan``'s seconds per stage against the stages a pipeline run measured (its ``plan`` key)."""
+    rows = []
+    for path in files:
+        d = read_json(path)
+        for stage, r in (d.get("plan") or {}).items():
+            ok = 0.7 <= r["ratio"] <= 1.3
+            rows.append(
+                [
+                    pipeline_label(path, d),
+                    d.get("date", ""),
+                    stage,
+                    f"{r['predicted_s']:.0f}",
+                    f"{r['measured_s']:.0f}",
+                    f"{r['ratio']:.2f}",
+                    "yes" if ok else "**no**",
+                ]
+            )
+    if not rows:
+        return []
+    return [
+        "### `bdvax plan` against the measured stages",
+        "The plan's prediction for the same run's workload, from the machine speed measured at the start of "
+        "that run (`benchmarks/machine_speed.py`'s reference step, converted by `reference_gflops`); issue "
+        "33 asks for every ratio within 0.7–1.3. Twins: the signature stage (twin training dominates it).",
+        table(
+            ["model (selection)", "date", "stage", "predicted s", "measured s", "ratio", "within 30 %"], rows
+        ),
+        reading("plan-check"),
     ]
 
 

@@ -1,0 +1,33 @@
+"""The benchmark scripts start from any working directory: their imports of ``experiments/`` (which lives in
+the checkout, not in the installed package) resolve, and a bad argument gets argparse's one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("reproduce.py", ["--preset", "nosuch"], "unknown preset 'nosuch'"),
+        ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
+    ],
+)
+def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--runs", str(tmp_path)]
+        if script == "bench.py"
+        else [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "ModuleNotFoundError" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and expect in out.stderr, out.stderr[-2000:]
