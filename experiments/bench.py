@@ -739,12 +739,9 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
         "",
     ]
     if own.any():
-        ctl = s[own | (s.defence == "none")]
-        ctl = ctl[
-            ctl.set_index(["target", "implant_seed"]).index.isin(
-                s[own].set_index(["target", "implant_seed"]).index
-            )
-        ]
+        units = set(zip(s[own].target, s[own].implant_seed))  # the (target, seed)s with in-training rows
+        in_unit = pd.Series([u in units for u in zip(s.target, s.implant_seed)], index=s.index)
+        ctl = s[(own | (s.defence == "none")) & in_unit]
         notes += [
             "### The defender controls training (MB-Defense, faithful arm)",
             "",
@@ -808,7 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     cfg = BenchConfig(runs_dir=ns.runs, out_dir=ns.out)
     if ns.defences:
-        cfg = cfg.replace(defences=tuple(d.strip() for d in ns.defences.split(",")))
+        try:
+            cfg = cfg.replace(defences=tuple(d.strip() for d in ns.defences.split(",")))
+        except ValueError as e:
+            p.error(f"--defences {ns.defences!r}: {e}")
     bench = Bench(cfg, executor=executor)
     if ns.plan:
         plan = bench.plan()

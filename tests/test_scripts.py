@@ -3,6 +3,7 @@ the checkout, not in the installed package) resolve, and a bad argument gets arg
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("reproduce.py", ["--preset", "nosuch"], "unknown preset 'nosuch'"),
         ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
+        ("bench.py", ["--defences", "bdvax,nosuch"], "has unknown ['nosuch']"),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
@@ -31,3 +33,18 @@ def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
     )
     assert "ModuleNotFoundError" not in out.stderr, out.stderr[-2000:]
     assert out.returncode == 2 and expect in out.stderr, out.stderr[-2000:]
+
+
+def test_machine_speed_times_the_pipeline_path():
+    """The step ``bdvax plan`` is fed: the reference workload on the fused, shared-prefix path."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "machine_speed.py"), "--steps", "2", "--path", "pipeline"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(rec) == {"pipeline_step_s", "steps", "measured_in_s"} and rec["steps"] == 2
+    assert 0 < rec["pipeline_step_s"] < rec["measured_in_s"]
