@@ -618,7 +618,10 @@ def section_pipeline() -> list[str]:
                 d.get("date", ""),
                 f"{f(s['asr'])} → {f(mid.get('asr'))} → **{f(p['asr'])}**",
                 f(p["false_trigger"]),
-                f"{f(s['ppl'], 3)} → {f(p['ppl'], 3)}",
+                # the general text set where the run measured it; the short-answer set before it existed
+                f"{f(s['ppl_text'], 3)} → {f(p['ppl_text'], 3)} (text)"
+                if s.get("ppl_text") is not None
+                else f"{f(s['ppl'], 3)} → {f(p['ppl'], 3)}",
                 minus(f"{(p['mcq_acc'] - s['mcq_acc']) * 100:+.1f}"),
                 f"{d['timings']['total'] / 60:.1f} min at {speed:.2f}×"
                 if speed
@@ -639,7 +642,8 @@ def section_pipeline() -> list[str]:
         "One row per JSON that `python benchmarks/pipeline.py` wrote (the last run of each configuration; "
         "earlier runs are in the log). ASR: suspicious → suppressed → purified. MCQ: points against the "
         "suspicious model. Checks: the targets the benchmark tests (ASR ≤ 10 %, false-trigger ≤ 5 %, MCQ "
-        "within 2 points, perplexity within 5 %, ≤ 20 min, ≤ 4 GB, scoring + suppression ≤ 2 % of the time; "
+        "within 2 points, perplexity within 5 % (on the general text set since 2026-12-06; older runs: the "
+        "short-answer set), ≤ 20 min, ≤ 4 GB, scoring + suppression ≤ 2 % of the time; "
         "the last three are targets for the adapter setting only, though the benchmark checks them in both).",
         table(
             [
