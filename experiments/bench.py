@@ -36,8 +36,10 @@ LORA_TARGETS = tuple(
 )
 FULL_TARGETS = ("badnets:refusal:full:knowledge", "badnets:sentiment:full:format")
 HEADLINE = ("badnets:refusal:lora:knowledge", "badnets:sentiment:lora:format")
-#: BD-VAX, then every registered control and baseline, in the registry's order
-DEFENCES = ("bdvax", *BUILTIN_DEFENCES)
+#: BD-VAX at the bench's fixed ρ; the same with ρ chosen by leave-one-variant-out calibration
+METHODS = ("bdvax", "bdvax_auto")
+#: BD-VAX (both budgets), then every registered control and baseline, in the registry's order
+DEFENCES = (*METHODS, *BUILTIN_DEFENCES)
 #: The row of the suspicious model whose finetune carried MB-Defense's defensive poison, untreated.
 UNTREATED_MB = "none_mb"
 #: Figures every row keeps (the evaluation summary's).
@@ -100,7 +102,7 @@ class BenchConfig(Config):
 
         for t in (*self.targets, *self.headline):
             parse_target(t)
-        known = set(defences()) | {"bdvax"}
+        known = set(defences()) | set(METHODS)
         bad = [d for d in self.defences if d not in known]
         if bad:
             raise ValueError(f"BenchConfig.defences has unknown {bad}; known: {sorted(known)}")
@@ -138,12 +140,26 @@ class BenchConfig(Config):
         paper evaluates it; fine-pruning not with adapters, where it is the random control with one seed."""
         from bdvax_lab.baselines.registry import defences
 
-        if defence == "bdvax":
+        if defence in METHODS:
             return True
         spec = defences()[defence]
         if defence == "fine_prune":
             return setting == "full"
         return spec.kind == "control" or setting in spec.paper_settings
+
+
+def _calibration_fields(cal: Any) -> dict[str, Any]:
+    """What a ``bdvax_auto`` row keeps of its calibration: the verdict and the curve (mean held-out ASR
+    of the defender's own variants, before repair, per candidate ρ)."""
+    curve = cal.summary()[["rho", "mean_asr", "max_asr", "n_variants"]]
+    return {
+        "calibration_met": bool(cal.met),
+        "calibration_reason": cal.reason,
+        "calibration_curve": [
+            {k: (round(float(v), 4) if k != "n_variants" else int(v)) for k, v in r.items()}
+            for r in curve.to_dict(orient="records")
+        ],
+    }
 
 
 @dataclass
@@ -272,11 +288,13 @@ class Bench:
         return sm, implant
 
     # ------------------------------------------------------------------ rows
-    def _signature_config(self, task: str, setting: str) -> Any:
+    def _signature_config(self, task: str, setting: str, rho: float | str | None = None) -> Any:
+        """The bench's signature recipe; ``rho`` overrides the setting's budget (``"auto"``: calibrated)."""
         from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
         from bdvax_lab.threat.attacks import resolve_task
 
-        rho = self.config.rho_lora if setting == "lora" else self.config.rho_full
+        if rho is None:
+            rho = self.config.rho_lora if setting == "lora" else self.config.rho_full
         twin = default_twin_train(setting)
         if self.config.twin_steps is not None:
             twin = twin.replace(steps=self.config.twin_steps)
@@ -332,8 +350,13 @@ class Bench:
         rows = [self._ident(target, seed, "none", None) | self._row(target, seed, "none", untreated)]
         bd = self._row(target, seed, "bdvax", lambda: self._bdvax(model(), attack, task, setting, skill))
         rows.append(self._ident(target, seed, "bdvax", None) | bd)
+        if "bdvax_auto" in cfg.defences:
+            auto = self._row(
+                target, seed, "bdvax_auto", lambda: self._bdvax(model(), attack, task, setting, skill, "auto")
+            )
+            rows.append(self._ident(target, seed, "bdvax_auto", None) | auto)
         for name in cfg.defences:
-            if name == "bdvax" or not cfg.applies(name, setting):
+            if name in METHODS or not cfg.applies(name, setting):
                 continue
             for cseed in cfg.random_seeds if name == "random" else (None,):
                 key = name if cseed is None else f"{name}-seed{cseed}"
@@ -349,7 +372,7 @@ class Bench:
         if any(
             defences()[n].kind == "in_training" and cfg.applies(n, setting)
             for n in cfg.defences
-            if n != "bdvax"
+            if n not in METHODS
         ):
             # the finetune that carried MB's defensive poison, untreated: what the poison itself did
             row = self._row(target, seed, UNTREATED_MB, lambda: untreated(in_training=True))
@@ -361,8 +384,8 @@ class Bench:
         from bdvax_lab.baselines.registry import defences
 
         attack, task, setting, skill = parse_target(target)
-        kind = {"none": "untreated", UNTREATED_MB: "untreated", "bdvax": "method"}.get(defence)
-        kind = kind or defences()[defence].kind
+        own = {"none": "untreated", UNTREATED_MB: "untreated", **dict.fromkeys(METHODS, "method")}
+        kind = own.get(defence) or defences()[defence].kind
         return {
             "target": target,
             "attack": attack,
@@ -375,13 +398,17 @@ class Bench:
             "control_seed": cseed,
         }
 
-    def _bdvax(self, sm: Any, attack: str, task: str, setting: str, skill: str) -> dict[str, Any]:
+    def _bdvax(
+        self, sm: Any, attack: str, task: str, setting: str, skill: str, rho: float | str | None = None
+    ) -> dict[str, Any]:
+        """BD-VAX's row: the bench's budget, or ``rho`` (``"auto"`` records the calibration's choice)."""
+        from bdvax_lab.bdvax.calibration import calibration_of
         from bdvax_lab.bdvax.config import PurifyConfig
         from bdvax_lab.bdvax.purify import purify
         from bdvax_lab.weights.selection import counts_like
 
         pcfg = PurifyConfig(
-            signature=self._signature_config(task, setting),
+            signature=self._signature_config(task, setting, rho),
             repair=self.config.repair_config(),
             eval=self.config.eval_config(),
             evaluate=("purified",),
@@ -389,8 +416,10 @@ class Bench:
         res = purify(sm, config=pcfg, attack=attack, task=task, skill=skill, progress=self.progress)
         sig = res.signature
         heads = {str(b): int(v.numel()) for b, v in (sig.selected_heads or {}).items() if v.numel()}
+        cal = calibration_of(sig)
         return {
             **self._summary(res.report.loc["purified"].to_dict()),
+            **(_calibration_fields(cal) if cal is not None else {}),
             "counts": counts_like(sig),
             "head_counts": heads,
             "n_channels": sig.n_selected,
@@ -520,6 +549,12 @@ class Bench:
         secs = pd.json_normalize(df.pop("seconds")).add_prefix("seconds_") if "seconds" in df else None
         if secs is not None:
             df = pd.concat([df.reset_index(drop=True), secs], axis=1)
+        if "calibration_curve" in df:  # "ρ:mean held-out ASR" pairs, one cell
+            df["calibration_curve"] = df.calibration_curve.map(
+                lambda c: (
+                    " ".join(f"{r['rho']:g}:{r['mean_asr']:.2f}" for r in c) if isinstance(c, list) else None
+                )
+            )
         return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
 
     def tables(self) -> pd.DataFrame:
@@ -566,7 +601,7 @@ def _num(x: float, sd: float | None = None) -> str:
 
 
 #: Row order of the tables: the untreated model, the method, the controls, then the other defences.
-ORDER = ("none", UNTREATED_MB, "bdvax", "discard", "retrain", "random", "top_delta")
+ORDER = ("none", UNTREATED_MB, *METHODS, "discard", "retrain", "random", "top_delta")
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -593,6 +628,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         "degenerate_triggered": "mean",
         "degenerate_clean": "mean",
         "reference": "max",
+        "rho": "first",
     }
     have = {k: v for k, v in agg.items() if k in df}
     out = df.groupby(keys, sort=False, dropna=False).agg(have).reset_index()
@@ -684,6 +720,7 @@ def _row_lines(s: pd.DataFrame) -> str:
             + (f" ({r.n_seeds} seeds)" if r.n_seeds > 1 else "")
             + (" †" if r.reference is True else "")
             + (" ‡" if knows & {"target", "trigger"} else "")
+            + (f" (ρ {r.rho:g})" if r.defence == "bdvax_auto" and getattr(r, "rho", None) == r.rho else "")
         )
         lines.append(
             f"| {r.target} | {r.implant_seed} | {name} | {asr} {_interval(r.asr_lo, r.asr_hi)} | "
@@ -717,6 +754,24 @@ def _gate_lines(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _calibration_lines(df: pd.DataFrame) -> str:
+    """Markdown lines of the ``bdvax_auto`` rows' calibrations ("" if none)."""
+    if "calibration_met" not in df:
+        return ""
+    g = df[(df.defence == "bdvax_auto") & df.calibration_met.notna()]
+    if g.empty:
+        return ""
+    lines = ["| target | seed | chosen ρ | met | held-out ASR per ρ |", "|---|---|---|---|---|"]
+    for r in g.itertuples(index=False):
+        curve = getattr(r, "calibration_curve", None)
+        if not isinstance(curve, str):
+            curve = "— (measured before rows kept the curve)"
+        curve = curve or "— (no held-out twin learnt its key)"
+        met = "yes" if r.calibration_met is True or r.calibration_met == 1 else "no"
+        lines.append(f"| {r.target} | {r.implant_seed} | {r.rho:g} | {met} | {curve} |")
+    return "\n".join(lines)
+
+
 def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
     """The bench table: one line per target × defence, then the verdicts, then the cost per stage."""
     from bdvax_lab.viz.tables import markdown_table
@@ -738,6 +793,11 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
         "Random: mean ± sd over its seeds, the interval from the lowest to the highest seed's bound.",
         "",
     ]
+    if (s.defence == "bdvax_auto").any():
+        notes[-1:-1] = [
+            "bdvax_auto: ρ chosen by leave-one-variant-out calibration on the defender's own variants (no "
+            "trigger); random and top_delta use the fixed ρ's counts (the `bdvax` row)."
+        ]
     if own.any():
         units = set(zip(s[own].target, s[own].implant_seed))  # the (target, seed)s with in-training rows
         in_unit = pd.Series([u in units for u in zip(s.target, s.implant_seed)], index=s.index)
@@ -774,6 +834,18 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
             "triggers: how often each fired before recovery (stage 1 target ≥ 0.80).",
             "",
             gates,
+        ]
+    calib = _calibration_lines(df)
+    if calib:
+        parts += [
+            "",
+            "### ρ chosen without the trigger (`bdvax_auto`)",
+            "",
+            "Leave-one-variant-out: the mean held-out ASR of the defender's own variants after suppression "
+            "(before repair) at each candidate ρ; the smallest ρ at ≤ 0.10 is chosen, else the largest "
+            "(not met).",
+            "",
+            calib,
         ]
     if cost is not None:
         parts += ["", "### Mean seconds per row and stage", "", markdown_table(cost, floatfmt="{:.0f}")]

@@ -39,9 +39,10 @@ def test_targets_are_checked():
         BenchConfig(defences=("bdvax", "magic"))
 
 
-def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
+def test_bench_runs_caches_and_tables(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BDVAX_CACHE", str(tmp_path / "cache"))  # its twins and distilled data, not the user's
     cfg = _config(tmp_path)
-    cfg = cfg.replace(defences=(*cfg.defences, "mb_faithful"))
+    cfg = cfg.replace(defences=(*cfg.defences, "bdvax_auto", "mb_faithful"))
     bench = Bench(cfg, base=tiny_pair, progress=False, log=lambda _: None)
     assert not bench.plan().cached.any()
     df = bench.run()
@@ -49,6 +50,7 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
     want = {
         ("none", -1),
         ("bdvax", -1),
+        ("bdvax_auto", -1),
         ("discard", -1),
         ("retrain", -1),
         ("random", 0),
@@ -79,11 +81,17 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path):
     bd = df[df.defence == "bdvax"].iloc[0]
     rnd = df[df.defence == "random"]
     assert (rnd.n_channels == bd.n_channels).all()  # the control has the signature's exact counts
+    auto = df[df.defence == "bdvax_auto"].iloc[0]  # ρ from the defender's own held-out variants, recorded
+    assert auto.kind == "method" and 0 < auto.rho <= 1 and isinstance(auto.calibration_reason, str)
+    # the curve it chose from ("ρ:held-out ASR" pairs; empty when no tiny twin learnt its key)
+    assert isinstance(auto.calibration_curve, str)
+    assert f"{auto.rho:g}:" in auto.calibration_curve or "no held-out twin" in auto.calibration_reason
     for name in ("rows.csv", "table.md", "verdicts.csv", "config.json", "report.html"):
         assert (tmp_path / "out" / name).is_file()
     page = (tmp_path / "out" / "report.html").read_text()
     assert "random (2 seeds)" in page and "Plotly" in page and "<script src=" not in page  # offline
-    assert "random (2 seeds)" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "random (2 seeds)" in table and "ρ chosen without the trigger" in table
     # the in-training arm has its own suspicious model, evaluated untreated as well
     mb = df[df.defence == "none_mb"].iloc[0]
     assert mb.kind == "untreated" and mb.defensive_poison > 0

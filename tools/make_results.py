@@ -63,6 +63,7 @@ TASK_NAMES = {"sentiment": "sentiment", "refusal": "refusal", "code_injection": 
 DEFENCE_NAMES = {
     "none": "untreated",
     "bdvax": "BD-VAX",
+    "bdvax_auto": "BD-VAX, ρ auto",
     "bdvax_transfer": "BD-VAX, BadNets-refusal signature",
     "finetune_only": "finetune only",
     "magnitude_prune": "magnitude prune",
