@@ -36,8 +36,10 @@ LORA_TARGETS = tuple(
 )
 FULL_TARGETS = ("badnets:refusal:full:knowledge", "badnets:sentiment:full:format")
 HEADLINE = ("badnets:refusal:lora:knowledge", "badnets:sentiment:lora:format")
-#: BD-VAX at the bench's fixed ρ; the same with ρ chosen by leave-one-variant-out calibration
-METHODS = ("bdvax", "bdvax_auto")
+#: BD-VAX with ρ chosen by leave-one-variant-out calibration (no trigger)
+AUTO_ROW = "bdvax_auto"
+#: BD-VAX at the bench's fixed ρ, and with the calibrated one
+METHODS = ("bdvax", AUTO_ROW)
 #: BD-VAX (both budgets), then every registered control and baseline, in the registry's order
 DEFENCES = (*METHODS, *BUILTIN_DEFENCES)
 #: The row of the suspicious model whose finetune carried MB-Defense's defensive poison, untreated.
@@ -350,11 +352,11 @@ class Bench:
         rows = [self._ident(target, seed, "none", None) | self._row(target, seed, "none", untreated)]
         bd = self._row(target, seed, "bdvax", lambda: self._bdvax(model(), attack, task, setting, skill))
         rows.append(self._ident(target, seed, "bdvax", None) | bd)
-        if "bdvax_auto" in cfg.defences:
+        if AUTO_ROW in cfg.defences:
             auto = self._row(
-                target, seed, "bdvax_auto", lambda: self._bdvax(model(), attack, task, setting, skill, "auto")
+                target, seed, AUTO_ROW, lambda: self._bdvax(model(), attack, task, setting, skill, "auto")
             )
-            rows.append(self._ident(target, seed, "bdvax_auto", None) | auto)
+            rows.append(self._ident(target, seed, AUTO_ROW, None) | auto)
         for name in cfg.defences:
             if name in METHODS or not cfg.applies(name, setting):
                 continue
@@ -720,7 +722,7 @@ def _row_lines(s: pd.DataFrame) -> str:
             + (f" ({r.n_seeds} seeds)" if r.n_seeds > 1 else "")
             + (" †" if r.reference is True else "")
             + (" ‡" if knows & {"target", "trigger"} else "")
-            + (f" (ρ {r.rho:g})" if r.defence == "bdvax_auto" and getattr(r, "rho", None) == r.rho else "")
+            + (f" (ρ {r.rho:g})" if r.defence == AUTO_ROW and pd.notna(getattr(r, "rho", None)) else "")
         )
         lines.append(
             f"| {r.target} | {r.implant_seed} | {name} | {asr} {_interval(r.asr_lo, r.asr_hi)} | "
@@ -758,7 +760,7 @@ def _calibration_lines(df: pd.DataFrame) -> str:
     """Markdown lines of the ``bdvax_auto`` rows' calibrations ("" if none)."""
     if "calibration_met" not in df:
         return ""
-    g = df[(df.defence == "bdvax_auto") & df.calibration_met.notna()]
+    g = df[(df.defence == AUTO_ROW) & df.calibration_met.notna()]
     if g.empty:
         return ""
     lines = ["| target | seed | chosen ρ | met | held-out ASR per ρ |", "|---|---|---|---|---|"]
@@ -767,7 +769,7 @@ def _calibration_lines(df: pd.DataFrame) -> str:
         if not isinstance(curve, str):
             curve = "— (measured before rows kept the curve)"
         curve = curve or "— (no held-out twin learnt its key)"
-        met = "yes" if r.calibration_met is True or r.calibration_met == 1 else "no"
+        met = "yes" if r.calibration_met else "no"
         lines.append(f"| {r.target} | {r.implant_seed} | {r.rho:g} | {met} | {curve} |")
     return "\n".join(lines)
 
@@ -793,7 +795,7 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
         "Random: mean ± sd over its seeds, the interval from the lowest to the highest seed's bound.",
         "",
     ]
-    if (s.defence == "bdvax_auto").any():
+    if (s.defence == AUTO_ROW).any():
         notes[-1:-1] = [
             "bdvax_auto: ρ chosen by leave-one-variant-out calibration on the defender's own variants (no "
             "trigger); random and top_delta use the fixed ρ's counts (the `bdvax` row)."
