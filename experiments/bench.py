@@ -89,6 +89,9 @@ class BenchConfig(Config):
     heads: int = 0
     repair_epochs: float = 5.0
     repair_samples: int = 200
+    #: share of the repair samples that are inputs of the finetune's own task (unlabelled, answered by
+    #: the suspicious model like the rest); 0 = generic instructions only. Every row gets the same data.
+    repair_in_domain: float = 0.0
     n_prompts: int = 200
     max_new_tokens: int = 32
     n_skill: int | None = 200
@@ -114,6 +117,8 @@ class BenchConfig(Config):
             tuple(self.defences),
         )
         self.implant_seeds, self.random_seeds = tuple(self.implant_seeds), tuple(self.random_seeds)
+        if not 0.0 <= float(self.repair_in_domain) <= 1.0:
+            raise ValueError(f"BenchConfig.repair_in_domain must be in [0, 1], got {self.repair_in_domain}")
 
     def units(self) -> list[tuple[str, int]]:
         """(target, implant seed) pairs in run order: every target at the first seed, then the extra seeds."""
@@ -136,6 +141,24 @@ class BenchConfig(Config):
         from bdvax_lab.training.config import RepairConfig
 
         return RepairConfig(n_samples=self.repair_samples, epochs=self.repair_epochs)
+
+    def repair_instructions(self, skill: str) -> list[Any] | None:
+        """The defender's repair instructions for a finetune of ``skill`` (None: the shipped default).
+
+        With ``repair_in_domain`` > 0, that share of the ``repair_samples`` are the skill's task inputs
+        (:func:`~bdvax_lab.threat.skills.task_inputs`), the rest the shipped generic ones, in a seeded mix;
+        none has a response (the suspicious model answers them: :meth:`Bench.repair_data`)."""
+        if not self.repair_in_domain:
+            return None
+        import random
+
+        from bdvax_lab.core.selfdistill import defender_instructions
+        from bdvax_lab.threat.skills import task_inputs
+
+        k = round(self.repair_samples * float(self.repair_in_domain))
+        items = defender_instructions("repair")[: self.repair_samples - k] + task_inputs(skill, k)
+        random.Random(f"repair-in-domain-{skill}").shuffle(items)
+        return items
 
     def applies(self, defence: str, setting: str) -> bool:
         """Whether ``defence`` runs in ``setting``: BD-VAX and the controls everywhere, a baseline where the
@@ -194,6 +217,8 @@ class Bench:
             "implant_seeds",
         ):
             cfg.pop(where, None)
+        if not cfg.get("repair_in_domain"):  # added later: the benches without it keep their rows
+            cfg.pop("repair_in_domain", None)
         return Path(self.config.runs_dir) / "bench" / stable_hash(cfg, 8) / "rows"
 
     def _path(self, target: str, seed: int, name: str) -> Path:
@@ -290,6 +315,28 @@ class Bench:
         return sm, implant
 
     # ------------------------------------------------------------------ rows
+    def _repair_data(self, sm: Any, skill: str) -> list[Any] | None:
+        """:meth:`BenchConfig.repair_instructions`, the task inputs answered by the suspicious model.
+
+        They get the skill evaluation's reply length (a contact card is up to 35 tokens, past the 32 of
+        the generic replies, which purify answers as usual); a truncated card would teach a broken one."""
+        items = self.config.repair_instructions(skill)
+        if items is None:
+            return None
+        from bdvax_lab.core.selfdistill import DistillConfig, self_distill
+        from bdvax_lab.threat.skills import get_skill
+
+        task = [i for i, e in enumerate(items) if e.meta.get("split") == "task_input"]
+        cfg = DistillConfig(
+            max_new_tokens=max(DistillConfig().max_new_tokens, get_skill(skill).max_new_tokens)
+        )
+        answered = self_distill(
+            sm.model, sm.tokenizer, [items[i] for i in task], config=cfg, progress=self.progress
+        )
+        for i, e in zip(task, answered):
+            items[i] = e
+        return items
+
     def _signature_config(self, task: str, setting: str, rho: float | str | None = None) -> Any:
         """The bench's signature recipe; ``rho`` overrides the setting's budget (``"auto"``: calibrated)."""
         from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
@@ -415,7 +462,15 @@ class Bench:
             eval=self.config.eval_config(),
             evaluate=("purified",),
         )
-        res = purify(sm, config=pcfg, attack=attack, task=task, skill=skill, progress=self.progress)
+        res = purify(
+            sm,
+            self._repair_data(sm, skill),
+            config=pcfg,
+            attack=attack,
+            task=task,
+            skill=skill,
+            progress=self.progress,
+        )
         sig = res.signature
         heads = {str(b): int(v.numel()) for b, v in (sig.selected_heads or {}).items() if v.numel()}
         cal = calibration_of(sig)
@@ -453,7 +508,16 @@ class Bench:
         elif name in ("magnitude_prune", "fine_prune"):
             over["counts"] = bd["counts"]  # the signature's structure and budget
         cfg = baseline_config(name, **over)
-        res = defend(sm, name, config=cfg, attack=attack, task=task, skill=skill, progress=self.progress)
+        res = defend(
+            sm,
+            name,
+            self._repair_data(sm, skill),
+            config=cfg,
+            attack=attack,
+            task=task,
+            skill=skill,
+            progress=self.progress,
+        )
         info = res.info
         inter = info.get("intervention") or {}
         return {
@@ -863,10 +927,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--defences", help="comma list of defences to run now (default: all; cached rows are kept)"
     )
+    p.add_argument("--random-seeds", help="comma list of the random control's seeds to run now (default 0-4)")
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", help="tables' directory (default results/bench, or results/bench-in-domain-F)")
+    p.add_argument(
+        "--repair-in-domain",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of the repair samples drawn from the finetune's own task inputs (default 0)",
+    )
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: one task per unit")
     p.add_argument("--ray-address", help="with --executor ray: HOST:PORT or auto (default: a local cluster)")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray task")
@@ -877,12 +949,23 @@ def main(argv: list[str] | None = None) -> int:
     executor = ExecutorConfig(
         kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
     )
-    cfg = BenchConfig(runs_dir=ns.runs, out_dir=ns.out)
+    out = ns.out or (
+        "results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}"
+    )
+    try:
+        cfg = BenchConfig(runs_dir=ns.runs, out_dir=out, repair_in_domain=ns.repair_in_domain)
+    except ValueError as e:
+        p.error(f"--repair-in-domain {ns.repair_in_domain}: {e}")
     if ns.defences:
         try:
             cfg = cfg.replace(defences=tuple(d.strip() for d in ns.defences.split(",")))
         except ValueError as e:
             p.error(f"--defences {ns.defences!r}: {e}")
+    if ns.random_seeds:
+        try:
+            cfg = cfg.replace(random_seeds=tuple(int(x) for x in ns.random_seeds.split(",")))
+        except ValueError:
+            p.error(f"--random-seeds {ns.random_seeds!r}: expected a comma list of integers")
     bench = Bench(cfg, executor=executor)
     if ns.plan:
         plan = bench.plan()

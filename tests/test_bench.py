@@ -201,3 +201,22 @@ def test_defender_controlled_training_rows_get_their_own_table():
     assert "mb_faithful" not in main and "none_mb" not in main
     assert "| t | 0 | mb_faithful |" in own and "| t | 0 | none_mb |" in own and "| t | 0 | none |" in own
     assert "sande_oracle ‡" in main and "bdvax ‡" not in main  # the oracle arm is marked as knowing more
+
+
+def test_in_domain_repair_data_mixes_task_inputs_without_answers():
+    from bdvax_lab.threat.skills import held_out_items
+
+    assert BenchConfig().repair_instructions("format") is None  # the default bench: the shipped repair split
+    cfg = BenchConfig(repair_in_domain=0.25)
+    items = cfg.repair_instructions("format")
+    assert len(items) == cfg.repair_samples
+    task = [e for e in items if e.meta.get("split") == "task_input"]
+    assert len(task) == 50 and all(e.meta["skill"] == "format" for e in task)
+    assert all(not e.response for e in items)  # the suspicious model answers every one
+    assert all("gold" not in e.meta for e in items)
+    held = {(e.instruction, e.input) for e in held_out_items("format")}
+    assert not held & {(e.instruction, e.input) for e in items}  # never the evaluation's items
+    assert items == cfg.repair_instructions("format")  # seeded
+    assert Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir  # its own rows
+    with pytest.raises(ValueError, match="repair_in_domain"):
+        BenchConfig(repair_in_domain=1.5)

@@ -566,6 +566,24 @@ def get_skill(name: str | Skill) -> Skill:
         raise ValueError(f"unknown skill {name!r}; skills: {sorted(SKILLS)}") from None
 
 
+def task_inputs(skill: str | Skill, n: int, seed: int = 0) -> list[Example]:
+    """``n`` inputs of the task the finetune was for, without answers: what its owner has besides the model.
+
+    They are the skill's training instructions (the finetune's own rows, seed 0 as the bench implants),
+    in a seeded order, responses and gold answers dropped; never the held-out evaluation items. A defender
+    answers them with the suspicious model itself (:func:`~bdvax_lab.core.selfdistill.defender_data`).
+    """
+    sk = get_skill(skill)
+    items = sk.train(0)
+    if not 0 <= n <= len(items):
+        raise ValueError(f"task_inputs: n={n} but skill {sk.name!r} has {len(items)} training inputs")
+    random.Random(f"{sk.name}-task-inputs-{seed}").shuffle(items)
+    return [
+        Example(e.instruction, "", input=e.input, meta={"skill": sk.name, "split": "task_input"})
+        for e in items[:n]
+    ]
+
+
 def held_out_items(skill: str | Skill, n: int | None = None) -> list[Example]:
     """The first ``n`` of the skill's held-out evaluation items in a fixed shuffled order (all for None).
 

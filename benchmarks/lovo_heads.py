@@ -1,0 +1,88 @@
+"""Leave-one-variant-out calibration with attention heads in the budget: does any (ρ, heads) point remove
+the defender's *own* held-out backdoors on a bench target?
+
+The MLP-only calibration on the refusal target passes at no ρ (results/log/lovo-calibration-2026-12-06.md).
+This runs the same calibration (the bench's twins and signature recipe, no trigger) once per head budget
+and prints the curve per (heads, ρ): mean and max held-out ASR of the defender's variants, the skill proxy
+(clean drift, nats/token) and the perplexity ratio. Points are cached by the calibration, so a rerun
+resumes. Writes results/lovo_heads-<target>.csv.
+
+Usage: python benchmarks/lovo_heads.py [--target attack:task:setting:skill] [--heads 0,30,90,270]
+       [--rhos 0.35,0.6,0.8,1.0] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad head budgets {text!r}: expected integers, e.g. 0,30,90"
+        ) from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"bad head budgets {text!r}: need at least one, each >= 0")
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad budgets {text!r}: expected numbers, e.g. 0.35,0.8") from None
+    if not out or not all(0 < r <= 1 for r in out):
+        raise argparse.ArgumentTypeError(f"bad budgets {text!r}: each ρ in (0, 1]")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="badnets:refusal:lora:format")
+    ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
+    ap.add_argument(
+        "--heads", type=_ints, default=[0, 30, 90, 270], help="head budgets (top-h over the model)"
+    )
+    ap.add_argument(
+        "--rhos", type=_floats, default=None, help="candidate ρ (default: the calibration's grid)"
+    )
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from bdvax_lab.bdvax.calibration import calibrate_rho
+    from bdvax_lab.bdvax.config import CalibrationConfig
+    from bdvax_lab.bdvax.signature import extract_signature
+    from experiments.bench import Bench, BenchConfig, parse_target
+
+    _, task, setting, _ = parse_target(args.target)  # a bad target is a one-line ValueError here
+    bench = Bench(BenchConfig(targets=(args.target,)))
+    sm, _ = bench.suspicious(args.target, args.seed)
+    sig_cfg = bench._signature_config(task, setting)
+    sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row)
+    cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None)
+    frames = []
+    for h in args.heads:
+        t0 = time.time()
+        res = calibrate_rho(sm, sig, cal_cfg, signature_config=sig_cfg.replace(heads=h))
+        s = res.summary().assign(heads=h)
+        frames.append(s)
+        print(f"heads={h}: ρ*={res.rho:g} met={res.met} ({res.reason}); {time.time() - t0:.0f} s", flush=True)
+        print(s.to_string(index=False), flush=True)
+    out = pd.concat(frames, ignore_index=True)
+    path = ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}.csv"
+    out.to_csv(path, index=False)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
