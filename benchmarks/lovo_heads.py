@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.bdvax.signature import extract_signature
     from experiments.bench import Bench, BenchConfig, parse_target
 
-    _, task, setting, _ = parse_target(args.target)  # a bad target is a one-line ValueError here
+    try:
+        _, task, setting, _ = parse_target(args.target)
+    except ValueError as e:
+        ap.error(str(e))
     bench = Bench(BenchConfig(targets=(args.target,)))
     sm, _ = bench.suspicious(args.target, args.seed)
     sig_cfg = bench._signature_config(task, setting)

@@ -119,6 +119,12 @@ class BenchConfig(Config):
         self.implant_seeds, self.random_seeds = tuple(self.implant_seeds), tuple(self.random_seeds)
         if not 0.0 <= float(self.repair_in_domain) <= 1.0:
             raise ValueError(f"BenchConfig.repair_in_domain must be in [0, 1], got {self.repair_in_domain}")
+        for name in ("rho_lora", "rho_full"):
+            r = getattr(self, name)
+            if r is not None and not 0.0 < float(r) <= 1.0:
+                raise ValueError(f"BenchConfig.{name} must be in (0, 1] or None, got {r}")
+        if int(self.heads) < 0:
+            raise ValueError(f"BenchConfig.heads must be ≥ 0, got {self.heads}")
 
     def units(self) -> list[tuple[str, int]]:
         """(target, implant seed) pairs in run order: every target at the first seed, then the extra seeds."""
@@ -927,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--defences", help="comma list of defences to run now (default: all; cached rows are kept)"
     )
+    p.add_argument("--rho", type=float, help="BD-VAX's ρ in the adapter setting (default 0.8)")
+    p.add_argument("--heads", type=int, default=0, help="attention heads BD-VAX also suppresses (default 0)")
     p.add_argument("--random-seeds", help="comma list of the random control's seeds to run now (default 0-4)")
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
@@ -949,13 +957,18 @@ def main(argv: list[str] | None = None) -> int:
     executor = ExecutorConfig(
         kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
     )
+    suffix = ("" if ns.rho is None else f"-rho{ns.rho:g}") + (f"-heads{ns.heads}" if ns.heads else "")
     out = ns.out or (
-        "results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}"
+        ("results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}")
+        + suffix
     )
+    extra = {} if ns.rho is None else {"rho_lora": ns.rho}
     try:
-        cfg = BenchConfig(runs_dir=ns.runs, out_dir=out, repair_in_domain=ns.repair_in_domain)
+        cfg = BenchConfig(
+            runs_dir=ns.runs, out_dir=out, repair_in_domain=ns.repair_in_domain, heads=ns.heads, **extra
+        )
     except ValueError as e:
-        p.error(f"--repair-in-domain {ns.repair_in_domain}: {e}")
+        p.error(str(e))
     if ns.defences:
         try:
             cfg = cfg.replace(defences=tuple(d.strip() for d in ns.defences.split(",")))

@@ -273,7 +273,70 @@ def section_bench() -> list[str]:
             out += [f"{link(path)}:", generic_table(path)]
     name = "bench" if (READINGS / "bench.md").is_file() else None
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
-    return out + section_implants()
+    return out + section_lovo_heads() + section_bench_in_domain() + section_implants()
+
+
+def section_lovo_heads() -> list[str]:
+    """benchmarks/lovo_heads.py's curves: the defender's own held-out backdoors per (ρ, head budget)."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("lovo_heads-*.csv")):
+        rows = read_csv(path)
+        heads = sorted({int(r["heads"]) for r in rows})
+        rhos = sorted({float(r["rho"]) for r in rows})
+        cell = {(float(r["rho"]), int(r["heads"])): r for r in rows}
+
+        def fmt(r: dict | None) -> str:
+            if r is None:
+                return "—"
+            mark = " ✓" if r["passes"] == "True" else ""
+            asr = f"{float(r['mean_asr']):.2f} / {float(r['max_asr']):.2f}"
+            return f"{asr} ({float(r['clean_drift']):+.3f}){mark}"
+
+        target = path.stem.removeprefix("lovo_heads-")
+        out += [
+            f"### ρ and attention heads, chosen without the trigger: {target}",
+            "",
+            f"From {link(path)} (`python benchmarks/lovo_heads.py`): mean / max held-out ASR of the "
+            "defender's own variants before repair, and the clean drift (nats/token; > 0: its "
+            "self-distilled replies got less likely); ✓ passes (mean ≤ 0.10).",
+            "",
+            table(
+                ["ρ", *[f"{h} heads" for h in heads]],
+                [[f"{r:g}", *[fmt(cell.get((r, h))) for h in heads]] for r in rhos],
+            ),
+            "",
+        ]
+    return [*out, reading("lovo-heads")] if out else []
+
+
+def section_bench_in_domain() -> list[str]:
+    """The benches whose repair data mix in the finetune's own task inputs (``--repair-in-domain F``)."""
+    out: list[str] = []
+    for d in sorted(RESULTS.glob("bench-in-domain-*")):
+        table = d / "table.md"
+        if not table.is_file():
+            continue
+        cfg = read_json(d / "config.json")["config"] if (d / "config.json").is_file() else {}
+        share = cfg.get("repair_in_domain", d.name.removeprefix("bench-in-domain-"))
+        flags = f"--repair-in-domain {share:g}" if isinstance(share, float) else f"--repair-in-domain {share}"
+        title = f"share {share:g}" if isinstance(share, float) else f"share {share}"
+        if cfg.get("rho_lora") not in (None, 0.8):
+            flags += f" --rho {cfg['rho_lora']:g}"
+            title += f", BD-VAX at ρ {cfg['rho_lora']:g}"
+        if cfg.get("heads"):
+            flags += f" --heads {cfg['heads']}"
+            title += f" and {cfg['heads']} heads"
+        links = ", ".join(link(p) for p in sorted(d.glob("*.csv")))
+        out += [
+            f"### Repair data with the finetune's own task inputs ({title})",
+            "",
+            f"From {link(table)} (`python benchmarks/bench.py {flags} --tables`; beside it: {links}).",
+            "",
+            # its own sections one level down, under this heading
+            re.sub(r"(?m)^### ", "#### ", Path(SRC.add(table)).read_text(encoding="utf-8").strip()),
+            "",
+        ]
+    return [*out, reading("bench-in-domain")] if out else []
 
 
 # --------------------------------------------------------------------------- reproduction: Table 2 and co.
