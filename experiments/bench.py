@@ -153,7 +153,7 @@ class BenchConfig(Config):
 
         With ``repair_in_domain`` > 0, that share of the ``repair_samples`` are the skill's task inputs
         (:func:`~bdvax_lab.threat.skills.task_inputs`), the rest the shipped generic ones, in a seeded mix;
-        none has a response (the suspicious model answers them: :meth:`Bench.repair_data`)."""
+        none has a response (the suspicious model answers them: ``Bench._repair_data``)."""
         if not self.repair_in_domain:
             return None
         import random
