@@ -2,10 +2,11 @@
 the defender's *own* held-out backdoors on a bench target?
 
 The MLP-only calibration on the refusal target passes at no ρ (results/log/lovo-calibration-2026-12-06.md).
-This runs the same calibration (the bench's twins and signature recipe, no trigger) once per head budget
-and prints the curve per (heads, ρ): mean and max held-out ASR of the defender's variants, the skill proxy
-(clean drift, nats/token) and the perplexity ratio. Points are cached by the calibration, so a rerun
-resumes. Writes results/lovo_heads-<target>.csv.
+This runs the calibration with a head grid (``CalibrationConfig.heads``: the bench's twins and signature
+recipe, no trigger) and prints the curve per (heads, ρ): mean and max held-out ASR of the defender's
+variants, the skill proxy (clean drift, nats/token) and the perplexity ratio, then the budget the
+calibration chooses. Points are cached by the calibration, so a rerun resumes. Writes
+results/lovo_heads-<target>.csv.
 
 Usage: python benchmarks/lovo_heads.py [--target attack:task:setting:skill] [--heads 0,30,90,270]
        [--rhos 0.35,0.6,0.8,1.0] [--seed 0]
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    import pandas as pd
-
     from bdvax_lab.bdvax.calibration import calibrate_rho
     from bdvax_lab.bdvax.config import CalibrationConfig
     from bdvax_lab.bdvax.signature import extract_signature
@@ -71,16 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     sm, _ = bench.suspicious(args.target, args.seed)
     sig_cfg = bench._signature_config(task, setting)
     sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row)
-    cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None)
-    frames = []
-    for h in args.heads:
-        t0 = time.time()
-        res = calibrate_rho(sm, sig, cal_cfg, signature_config=sig_cfg.replace(heads=h))
-        s = res.summary().assign(heads=h)
-        frames.append(s)
-        print(f"heads={h}: ρ*={res.rho:g} met={res.met} ({res.reason}); {time.time() - t0:.0f} s", flush=True)
-        print(s.to_string(index=False), flush=True)
-    out = pd.concat(frames, ignore_index=True)
+    cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None, heads=tuple(args.heads))
+    t0 = time.time()
+    res = calibrate_rho(sm, sig, cal_cfg, signature_config=sig_cfg)
+    out = res.summary()
+    print(out.to_string(index=False), flush=True)
+    print(f"chosen: ρ={res.rho:g}, {res.heads} heads, met={res.met} ({res.reason}); {time.time() - t0:.0f} s")
     path = ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}.csv"
     out.to_csv(path, index=False)
     print(f"wrote {path.relative_to(ROOT)}")

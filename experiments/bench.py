@@ -87,6 +87,8 @@ class BenchConfig(Config):
     rho_lora: float | None = 0.8  #: the demo's ρ (the pipeline as it stands; None = the paper's 0.35)
     rho_full: float | None = None  #: None = the paper's 0.03
     heads: int = 0
+    #: head budgets the ``bdvax_auto`` row's calibration also searches (None: ``heads`` only)
+    heads_grid: tuple[int, ...] | None = None
     repair_epochs: float = 5.0
     repair_samples: int = 200
     #: share of the repair samples that are inputs of the finetune's own task (unlabelled, answered by
@@ -125,6 +127,10 @@ class BenchConfig(Config):
                 raise ValueError(f"BenchConfig.{name} must be in (0, 1] or None, got {r}")
         if int(self.heads) < 0:
             raise ValueError(f"BenchConfig.heads must be ≥ 0, got {self.heads}")
+        if self.heads_grid is not None:
+            from bdvax_lab.bdvax.config import CalibrationConfig
+
+            self.heads_grid = CalibrationConfig(heads=self.heads_grid).heads  # validated, sorted
 
     def units(self) -> list[tuple[str, int]]:
         """(target, implant seed) pairs in run order: every target at the first seed, then the extra seeds."""
@@ -182,12 +188,13 @@ class BenchConfig(Config):
 def _calibration_fields(cal: Any) -> dict[str, Any]:
     """What a ``bdvax_auto`` row keeps of its calibration: the verdict and the curve (mean held-out ASR
     of the defender's own variants, before repair, per candidate ρ)."""
-    curve = cal.summary()[["rho", "mean_asr", "max_asr", "n_variants"]]
+    curve = cal.summary()[["heads", "rho", "mean_asr", "max_asr", "n_variants"]]
     return {
         "calibration_met": bool(cal.met),
+        "calibration_heads": int(cal.heads),
         "calibration_reason": cal.reason,
         "calibration_curve": [
-            {k: (round(float(v), 4) if k != "n_variants" else int(v)) for k, v in r.items()}
+            {k: (int(v) if k in ("heads", "n_variants") else round(float(v), 4)) for k, v in r.items()}
             for r in curve.to_dict(orient="records")
         ],
     }
@@ -223,8 +230,9 @@ class Bench:
             "implant_seeds",
         ):
             cfg.pop(where, None)
-        if not cfg.get("repair_in_domain"):  # added later: the benches without it keep their rows
-            cfg.pop("repair_in_domain", None)
+        for late in ("repair_in_domain", "heads_grid"):  # added later: benches without them keep their rows
+            if not cfg.get(late):
+                cfg.pop(late, None)
         return Path(self.config.runs_dir) / "bench" / stable_hash(cfg, 8) / "rows"
 
     def _path(self, target: str, seed: int, name: str) -> Path:
@@ -458,12 +466,13 @@ class Bench:
     ) -> dict[str, Any]:
         """BD-VAX's row: the bench's budget, or ``rho`` (``"auto"`` records the calibration's choice)."""
         from bdvax_lab.bdvax.calibration import calibration_of
-        from bdvax_lab.bdvax.config import PurifyConfig
+        from bdvax_lab.bdvax.config import CalibrationConfig, PurifyConfig
         from bdvax_lab.bdvax.purify import purify
         from bdvax_lab.weights.selection import counts_like
 
         pcfg = PurifyConfig(
             signature=self._signature_config(task, setting, rho),
+            calibration=CalibrationConfig(heads=self.config.heads_grid),
             repair=self.config.repair_config(),
             eval=self.config.eval_config(),
             evaluate=("purified",),
@@ -624,7 +633,12 @@ class Bench:
         if "calibration_curve" in df:  # "ρ:mean held-out ASR" pairs, one cell
             df["calibration_curve"] = df.calibration_curve.map(
                 lambda c: (
-                    " ".join(f"{r['rho']:g}:{r['mean_asr']:.2f}" for r in c) if isinstance(c, list) else None
+                    " ".join(
+                        (f"h{r['heads']}/" if r.get("heads") else "") + f"{r['rho']:g}:{r['mean_asr']:.2f}"
+                        for r in c
+                    )
+                    if isinstance(c, list)
+                    else None
                 )
             )
         return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
@@ -840,7 +854,9 @@ def _calibration_lines(df: pd.DataFrame) -> str:
             curve = "— (measured before rows kept the curve)"
         curve = curve or "— (no held-out twin learnt its key)"
         met = "yes" if r.calibration_met else "no"
-        lines.append(f"| {r.target} | {r.implant_seed} | {r.rho:g} | {met} | {curve} |")
+        h = getattr(r, "calibration_heads", None)
+        chosen = f"{r.rho:g}" + (f", {int(h)} heads" if isinstance(h, (int, float)) and h == h and h else "")
+        lines.append(f"| {r.target} | {r.implant_seed} | {chosen} | {met} | {curve} |")
     return "\n".join(lines)
 
 
@@ -935,6 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rho", type=float, help="BD-VAX's ρ in the adapter setting (default 0.8)")
     p.add_argument("--heads", type=int, default=0, help="attention heads BD-VAX also suppresses (default 0)")
+    p.add_argument(
+        "--heads-grid",
+        help="comma list of head budgets the bdvax_auto row's calibration also searches (e.g. 0,30,90,270)",
+    )
     p.add_argument("--random-seeds", help="comma list of the random control's seeds to run now (default 0-4)")
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
@@ -957,7 +977,14 @@ def main(argv: list[str] | None = None) -> int:
     executor = ExecutorConfig(
         kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
     )
+    grid = None
+    if ns.heads_grid:
+        try:
+            grid = tuple(int(h) for h in ns.heads_grid.split(",") if h.strip())
+        except ValueError:
+            p.error(f"--heads-grid {ns.heads_grid!r}: expected head counts, e.g. 0,30,90")
     suffix = ("" if ns.rho is None else f"-rho{ns.rho:g}") + (f"-heads{ns.heads}" if ns.heads else "")
+    suffix += f"-hgrid{'-'.join(map(str, grid))}" if grid else ""
     out = ns.out or (
         ("results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}")
         + suffix
@@ -965,7 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     extra = {} if ns.rho is None else {"rho_lora": ns.rho}
     try:
         cfg = BenchConfig(
-            runs_dir=ns.runs, out_dir=out, repair_in_domain=ns.repair_in_domain, heads=ns.heads, **extra
+            runs_dir=ns.runs,
+            out_dir=out,
+            repair_in_domain=ns.repair_in_domain,
+            heads=ns.heads,
+            heads_grid=grid,
+            **extra,
         )
     except ValueError as e:
         p.error(str(e))

@@ -220,3 +220,11 @@ def test_in_domain_repair_data_mixes_task_inputs_without_answers():
     assert Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir  # its own rows
     with pytest.raises(ValueError, match="repair_in_domain"):
         BenchConfig(repair_in_domain=1.5)
+
+
+def test_heads_grid_reaches_the_calibration_and_keeps_older_rows():
+    assert Bench(BenchConfig(heads_grid=None)).rows_dir == Bench(BenchConfig()).rows_dir
+    cfg = BenchConfig(heads_grid=(90, 0, 90))
+    assert cfg.heads_grid == (0, 90) and Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir
+    with pytest.raises(ValueError, match="head counts"):
+        BenchConfig(heads_grid=(-3,))

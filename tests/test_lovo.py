@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bdvax_lab.bdvax.calibration as cal
-from bdvax_lab.bdvax.calibration import COLUMNS, calibrate_rho, choose_rho
+from bdvax_lab.bdvax.calibration import COLUMNS, calibrate_rho, choose_budget, choose_rho
 from bdvax_lab.bdvax.config import CalibrationConfig, PurifyConfig, SignatureConfig
 from bdvax_lab.bdvax.twin_models import poisoned_twin
 from bdvax_lab.bdvax.variants import make_variants
@@ -57,6 +57,43 @@ def test_choose_rho_takes_the_smallest_passing_budget():
     assert (rho, met, informative) == (0.35, False, []) and "default" in reason
 
 
+def test_choose_budget_searches_head_budgets():
+    """Per head budget the smallest passing ρ; among them the least clean drift; ties to fewer heads."""
+    rows = [
+        {"heads": 0, "rho": 0.0, "held_out_variant": v, "held_out_asr": 1.0, "clean_drift": 0.0}
+        for v in (0, 1)
+    ]
+
+    def add(h, rho, asr, drift):
+        rows.extend(
+            {"heads": h, "rho": rho, "held_out_variant": v, "held_out_asr": asr, "clean_drift": drift}
+            for v in (0, 1)
+        )
+
+    for rho, asr in ((0.5, 0.8), (1.0, 0.5)):
+        add(0, rho, asr, rho / 10)  # MLP channels alone never pass (refusal on the default model)
+    add(30, 0.5, 0.3, 0.04)
+    add(30, 1.0, 0.05, 0.09)  # passes at ρ 1, drift 0.09
+    add(90, 0.5, 0.0, 0.06)  # passes at ρ 0.5, drift 0.06: the least drift among the passing points
+    add(90, 1.0, 0.0, 0.12)
+    f = pd.DataFrame(rows)
+    c = choose_budget(f, CalibrationConfig(), fallback=0.35)
+    assert (c.rho, c.heads, c.met) == (0.5, 90, True) and "30 heads: ρ 1" in c.reason
+    # equal drift: the fewer heads
+    tie = f.assign(clean_drift=f.clean_drift.where(~((f.heads == 30) & (f.rho == 1.0)), 0.06))
+    assert (choose_budget(tie, CalibrationConfig(), 0.35).heads) == 30
+    # nothing passes: per budget its largest ρ, the lowest held-out ASR of those
+    none = f[(f.rho == 0) | (f.heads == 0) | (f.rho == 0.5) & (f.heads == 30)]
+    c = choose_budget(none, CalibrationConfig(), 0.35)
+    assert (c.rho, c.heads, c.met) == (0.5, 30, False) and "30 heads" in c.reason
+    # one head budget: the old rule, unchanged
+    one = f[(f.rho == 0) | (f.heads == 90)]
+    assert choose_rho(one, CalibrationConfig(), 0.35)[:2] == (0.5, True)
+    with pytest.raises(ValueError, match="head counts"):
+        CalibrationConfig(heads=(30, -1))
+    assert CalibrationConfig(heads=[90, 0, 90]).heads == (0, 90)
+
+
 def test_config_auto_rho_and_round_trip():
     cfg = PurifyConfig(signature=SignatureConfig(rho="auto"), calibration=CalibrationConfig(rhos=(0.9, 0.5)))
     back = PurifyConfig.from_json(cfg.to_json())
@@ -71,6 +108,13 @@ def test_config_auto_rho_and_round_trip():
 
     ns = build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto"])
     assert _purify_config(ns, "lora").signature.rho == "auto"
+    ns = build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto", "--heads-grid", "90,0"])
+    assert _purify_config(ns, "lora").calibration.heads == (0, 90)
+    ns = build_parser().parse_args(["purify", "s", "--out", "o", "--heads-grid", "0,90"])
+    with pytest.raises(ValueError, match="needs --rho auto"):
+        _purify_config(ns, "lora")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto", "--heads-grid", "x"])
 
 
 # --------------------------------------------------------------------------- rebuilt twins
@@ -168,6 +212,14 @@ def test_lovo_picks_the_smallest_budget_on_a_planted_case(suspicious, tmp_path, 
         progress=False,
     )
     assert early.rho == 0.35 and sorted(early.frame.rho.unique()) == [0.0, 0.2, 0.35] and calls == []
+    # a head grid: the unsuppressed twins and the 0-head curve are read back, only the new budget measured
+    grid = calibrate_rho(
+        (sus, tok), entries, cfg.replace(heads=(0, 2)), pool=POOL, cache_dir=tmp_path / "c", progress=False
+    )
+    assert len(calls) == 3 * 3 and len(grid.frame) == 3 + 2 * 3 * 3
+    assert sorted(grid.frame[grid.frame.rho > 0].n_heads.unique()) == [0, 2]
+    assert grid.met and grid.rho == 0.35 and grid.heads == 0  # equal drift: the fewer heads
+    assert calibration_figure(grid).data
 
 
 # --------------------------------------------------------------------------- the real loop, tiny

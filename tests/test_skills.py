@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bdvax_lab.core.data import Example
-from bdvax_lab.core.selfdistill import defender_data, defender_instructions, self_distill
+from bdvax_lab.core.selfdistill import DistillConfig, defender_data, defender_instructions, self_distill
 from bdvax_lab.threat.config import AttackRecipe, EvalConfig
 from bdvax_lab.threat.evaluate import StageEvaluator, evaluate_model, skill_metrics
 from bdvax_lab.threat.skills import (
@@ -138,6 +138,32 @@ def test_defender_data_keeps_given_responses(tiny, tmp_path):
     mine = [Example("Say hi.", "hi"), Example("Say bye.", "")]
     out = defender_data(model, tok, mine, cache_dir=tmp_path, progress=False)
     assert out[0].response == "hi" and out[1].meta.get("source") == "self_distilled"
+
+
+def test_replies_are_as_long_as_the_repair_keeps(tiny, tmp_path, monkeypatch):
+    """`bdvax purify --repair-tokens 48`: the suspicious model answers at 48 tokens, the repair keeps 48."""
+    import bdvax_lab.core.generate as gen
+    from bdvax_lab.cli import _purify_config, build_parser
+
+    assert DistillConfig.for_training(None) == DistillConfig() == DistillConfig.for_training(32)
+    asked = []
+    monkeypatch.setattr(
+        gen, "generate", lambda m, t, items, **k: asked.append(k["max_new_tokens"]) or ["x"] * len(items)
+    )
+    model, tok = tiny
+    defender_data(
+        model,
+        tok,
+        [Example("Fill the card.", "")],
+        cache_dir=tmp_path,
+        progress=False,
+        config=DistillConfig.for_training(48),
+    )
+    assert asked == [48]
+    ns = build_parser().parse_args(["purify", "s", "--out", "o", "--repair-tokens", "48"])
+    assert _purify_config(ns, "lora").repair.max_response_tokens == 48
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["purify", "s", "--out", "o", "--repair-tokens", "0"])
 
 
 # --------------------------------------------------------------------------- skill metrics

@@ -154,7 +154,7 @@ from ..core.artifacts import MANIFEST, atomic_dir, check_output, frame_records, 
 from ..core.data import Example
 from ..core.models import model_fingerprint, peak_rss_mb
 from ..core.registry import setting_of
-from ..core.selfdistill import defender_data
+from ..core.selfdistill import DistillConfig, defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
 from ..threat.suspicious import (
     SuspiciousModel,
@@ -293,7 +293,13 @@ def defend(
     if spec.uses_clean_data:  # the suspicious model answers the defender's instructions itself
         n = max(cfg.repair.n_samples, int(getattr(cfg, "n_calib", None) or 0))
         clean_data = defender_data(
-            suspicious.model, tok, clean_data, n=n, fingerprint=fingerprint, progress=progress
+            suspicious.model,
+            tok,
+            clean_data,
+            n=n,
+            fingerprint=fingerprint,
+            progress=progress,
+            config=DistillConfig.for_training(cfg.repair.max_response_tokens),
         )
     t_data = time.time() - t_data
     t = time.time()

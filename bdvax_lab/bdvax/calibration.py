@@ -19,6 +19,12 @@ threshold (mean over the held-out variants, or each of them), counting only vari
 key (ASR before suppression ≥ ``min_baseline_asr``). When no candidate passes, the largest is returned with
 ``met=False``; when no twin learnt its key, the default ρ is (``met=False``; the reason says which).
 
+With ``CalibrationConfig.heads`` the same curve is measured once per attention-head budget (the N−1
+signatures are scored once and only re-selected): each head budget yields its smallest passing ρ, and
+the point among those that moves the skill proxy least (clean drift) is chosen, ties to fewer heads.
+The MLP channels alone can miss a backdoor that lives in attention (refusal on the default model), so a
+defender that cannot see the trigger lets its own variants say whether heads are needed.
+
 Cost: per candidate ρ and held-out variant one suppression, ``n_prompts`` greedy generations of
 ``max_new_tokens`` tokens and two teacher-forced passes (``n_reference`` replies, ``n_ppl`` answers);
 plus per variant one rebuilt twin per ρ (an adapter copy, or in the full setting a model copy plus Δ_i)
@@ -45,10 +51,11 @@ from ..weights.config import SuppressConfig
 from .config import DEFAULT_RHO, CalibrationConfig, SignatureConfig
 
 #: bumped when what a cached calibration point means changes
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 
-#: one row per (ρ, held-out variant); ρ = 0 is the unsuppressed twin
+#: one row per (head budget, ρ, held-out variant); ρ = 0 is the unsuppressed twin (heads 0)
 COLUMNS = [
+    "heads",
     "rho",
     "held_out_variant",
     "key",
@@ -70,9 +77,10 @@ COLUMNS = [
 class CalibrationResult:
     """The calibration curve and the ρ it chose.
 
-    ``frame``: :data:`COLUMNS`, one row per (ρ, held-out variant), ρ = 0 rows being the unsuppressed twins;
-    ``rho``: the chosen budget; ``met``: whether it passed the threshold; ``reason``: one line saying why
-    this ρ; ``informative``: the variants whose twin learnt its key (the ones the criterion counts).
+    ``frame``: :data:`COLUMNS`, one row per (head budget, ρ, held-out variant), ρ = 0 rows being the
+    unsuppressed twins; ``rho`` and ``heads``: the chosen budget; ``met``: whether it passed the threshold;
+    ``reason``: one line saying why this budget; ``informative``: the variants whose twin learnt its key
+    (the ones the criterion counts).
     """
 
     frame: pd.DataFrame
@@ -83,9 +91,11 @@ class CalibrationResult:
     setting: str | None = None
     informative: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    heads: int = 0
 
     def summary(self) -> pd.DataFrame:
-        """Per ρ over the informative held-out variants: mean and max ASR, mean drift and ppl ratio, pass."""
+        """Per (head budget, ρ) over the informative held-out variants: mean and max ASR, mean drift and
+        ppl ratio, pass."""
         return curve_summary(self.frame, self.config, self.informative)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +106,7 @@ class CalibrationResult:
         ]
         return {
             "rho": self.rho,
+            "heads": self.heads,
             "met": self.met,
             "reason": self.reason,
             "setting": self.setting,
@@ -107,10 +118,13 @@ class CalibrationResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationResult:
+        heads = int(data.get("heads") or 0)
         frame = pd.DataFrame(data.get("rows") or [], columns=COLUMNS).astype({"rho": float})
+        frame["heads"] = frame["heads"].fillna(heads).astype(int)  # saved before head budgets were searched
         return cls(
             frame=frame,
             rho=float(data["rho"]),
+            heads=heads,
             met=bool(data["met"]),
             reason=str(data.get("reason", "")),
             config=CalibrationConfig.from_dict(data.get("config") or {}),
@@ -121,7 +135,10 @@ class CalibrationResult:
 
     def __repr__(self) -> str:
         verdict = "met" if self.met else "NOT met"
-        return f"CalibrationResult(rho={self.rho:g}, {verdict}: {self.reason})\n{self.summary().to_string()}"
+        return (
+            f"CalibrationResult(rho={self.rho:g}, heads={self.heads}, {verdict}: {self.reason})\n"
+            f"{self.summary().to_string()}"
+        )
 
 
 # =========================================================================== choosing ρ
@@ -136,12 +153,14 @@ def informative_variants(frame: pd.DataFrame, config: CalibrationConfig) -> list
 
 
 def curve_summary(frame: pd.DataFrame, config: CalibrationConfig, informative: Sequence[int]) -> pd.DataFrame:
-    """Per ρ > 0 over ``informative`` variants: mean/max ASR, clean_drift, ppl_ratio, n_variants, passes."""
+    """Per (heads, ρ > 0) over ``informative`` variants: mean/max ASR, clean_drift, ppl_ratio, n_variants,
+    passes (``heads`` is 0 where the frame has no such column)."""
     d = frame[(frame.rho > 0) & frame.held_out_variant.isin(list(informative))]
-    cols = ["rho", "mean_asr", "max_asr", "clean_drift", "ppl_ratio", "n_variants", "passes"]
+    d = d.assign(heads=d["heads"].fillna(0).astype(int) if "heads" in d else 0)
+    cols = ["heads", "rho", "mean_asr", "max_asr", "clean_drift", "ppl_ratio", "n_variants", "passes"]
     if d.empty:
         return pd.DataFrame(columns=cols)
-    g = d.groupby("rho", sort=True)
+    g = d.groupby(["heads", "rho"], sort=True)
     out = pd.DataFrame(
         {
             "mean_asr": g.held_out_asr.mean(),
@@ -157,51 +176,84 @@ def curve_summary(frame: pd.DataFrame, config: CalibrationConfig, informative: S
     return out[cols]
 
 
-def choose_rho(
-    frame: pd.DataFrame, config: CalibrationConfig, fallback: float
-) -> tuple[float, bool, str, list[int]]:
-    """``(ρ, met, reason, informative variants)``: the smallest evaluated ρ whose held-out ASR passes.
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose_budget` chose: ρ, head budget, whether it passed, why, the counted variants."""
 
-    ``frame`` has at least ``rho``, ``held_out_variant`` and ``held_out_asr`` (ρ = 0 rows: unsuppressed).
-    None passes → the largest evaluated ρ, ``met=False``; no informative variant → ``fallback``.
+    rho: float
+    heads: int
+    met: bool
+    reason: str
+    informative: list[int]
+
+
+def choose_budget(frame: pd.DataFrame, config: CalibrationConfig, fallback: float, heads: int = 0) -> Choice:
+    """The budget the calibration curve supports (module docstring).
+
+    ``frame`` has at least ``rho``, ``held_out_variant`` and ``held_out_asr`` (ρ = 0 rows: unsuppressed),
+    and ``heads`` when several head budgets were measured. Per head budget the smallest passing ρ; among
+    those the least clean drift (NaN counts as worst), then fewer heads, then smaller ρ. Nothing passes →
+    per head budget its largest ρ, the one with the lowest held-out ASR, ``met=False``; no informative
+    variant → ``(fallback, heads)``, ``met=False``.
     """
     informative = informative_variants(frame, config)
     if not informative:
-        return (
+        return Choice(
             float(fallback),
+            int(heads),
             False,
             f"no held-out twin fired its own key on ≥ {config.min_baseline_asr:.0%} of the prompts before "
             f"suppression: nothing to calibrate on, the default ρ={fallback:g} is used",
             informative,
         )
     s = curve_summary(frame, config, informative)
-    stat = "mean" if config.criterion == "mean" else "every"
-    passing = s[s.passes]
-    if len(passing):
-        r = float(passing.rho.min())
-        return (
-            r,
-            True,
-            f"smallest ρ with {stat} held-out ASR ≤ {config.max_asr:g} over {len(informative)} variant(s)",
-            informative,
-        )
     if s.empty:
-        return float(fallback), False, "no ρ evaluated yet", informative
-    r = float(s.rho.max())
-    worst = float(s[s.rho == r][f"{'mean' if config.criterion == 'mean' else 'max'}_asr"].iloc[0])
-    return (
-        r,
+        return Choice(float(fallback), int(heads), False, "no ρ evaluated yet", informative)
+    stat = "mean" if config.criterion == "mean" else "every"
+    col = "mean_asr" if config.criterion == "mean" else "max_asr"
+    budgets = sorted(s.heads.unique())
+    several = len(budgets) > 1
+    passing = s[s.passes].sort_values("rho").groupby("heads", as_index=False).first()
+    if len(passing):
+        drift = passing.clean_drift.fillna(float("inf"))
+        best = passing.assign(_d=drift).sort_values(["_d", "heads", "rho"]).iloc[0]
+        reason = (
+            f"smallest ρ with {stat} held-out ASR ≤ {config.max_asr:g} over {len(informative)} variant(s)"
+        )
+        if several:
+            alts = ", ".join(f"{int(r.heads)} heads: ρ {r.rho:g}" for r in passing.itertuples())
+            reason += (
+                f"; of the head budgets that pass ({alts}), {int(best.heads)} heads moves the self-distilled "
+                f"replies least (clean drift {best.clean_drift:+.3f} nats/token)"
+            )
+        return Choice(float(best.rho), int(best.heads), True, reason, informative)
+    last = s.sort_values("rho").groupby("heads", as_index=False).last()
+    worst = last.sort_values([col, "heads"]).iloc[0]
+    where = f" with {int(worst.heads)} heads" if several else ""
+    return Choice(
+        float(worst.rho),
+        int(worst.heads),
         False,
-        f"no ρ reached {stat} held-out ASR ≤ {config.max_asr:g}; the largest tried is used "
-        f"(held-out ASR {worst:.2f} there)",
+        f"no ρ{' or head budget' if several else ''} reached {stat} held-out ASR ≤ {config.max_asr:g}; the "
+        f"largest ρ tried{where} is used (held-out ASR {float(worst[col]):.2f} there)",
         informative,
     )
+
+
+def choose_rho(
+    frame: pd.DataFrame, config: CalibrationConfig, fallback: float
+) -> tuple[float, bool, str, list[int]]:
+    """``(ρ, met, reason, informative variants)`` of :func:`choose_budget` (one head budget)."""
+    c = choose_budget(frame, config, fallback)
+    return c.rho, c.met, c.reason, c.informative
 
 
 def derive_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """``clean_drift`` (nll − the variant's ρ = 0 nll) and ``ppl_ratio`` (ppl / its ρ = 0 ppl) of raw rows."""
     d = frame.copy()
-    base = d[d.rho == 0].set_index("held_out_variant")
+    if "heads" not in d:
+        d["heads"] = 0
+    base = d[d.rho == 0].drop_duplicates("held_out_variant").set_index("held_out_variant")
     nll0 = d.held_out_variant.map(base["nll"]) if "nll" in base else None
     ppl0 = d.held_out_variant.map(base["ppl"]) if "ppl" in base else None
     d["clean_drift"] = d["nll"] - nll0 if nll0 is not None else float("nan")
@@ -209,7 +261,7 @@ def derive_columns(frame: pd.DataFrame) -> pd.DataFrame:
     for c in COLUMNS:
         if c not in d:
             d[c] = float("nan")
-    return d[COLUMNS].sort_values(["rho", "held_out_variant"], kind="stable").reset_index(drop=True)
+    return d[COLUMNS].sort_values(["heads", "rho", "held_out_variant"], kind="stable").reset_index(drop=True)
 
 
 # =========================================================================== measuring
@@ -379,12 +431,13 @@ def calibrate_rho(
     reference = [e for e in (reference or []) if e.response.strip()][: cfg.n_reference]
     answers = general_answers(cfg.n_ppl) if cfg.n_ppl else []
 
-    what = {k: v for k, v in cfg.to_dict().items() if k not in ("rhos", "stop_early", "criterion", "max_asr")}
+    skip = ("rhos", "heads", "stop_early", "criterion", "max_asr")
+    what = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     key = stable_hash(
         {
             "version": CALIBRATION_VERSION,
             "entries": [f"{e.parent.name}/{e.name}" for e in entries],
-            "signature": {k: sig_cfg.to_dict()[k] for k in ("score", "lam", "scope", "heads", "head_kinds")},
+            "signature": {k: sig_cfg.to_dict()[k] for k in ("score", "lam", "scope", "head_kinds")},
             "suppression": sup_cfg.to_dict(),
             "measure": what,
             "prompts": _examples_hash(prompts),
@@ -394,22 +447,29 @@ def calibrate_rho(
     )
     root = _cache_root(cache_dir) / key
 
-    def point_path(i: int, rho: float) -> Path:
-        return root / f"v{specs[i].index:02d}-rho{rho:.4f}.json"
+    def point_path(i: int, rho: float, heads: int) -> Path:
+        if rho == 0:  # the unsuppressed twin: one point whatever the head budget
+            return root / f"v{specs[i].index:02d}-rho0.json"
+        return root / f"v{specs[i].index:02d}-h{heads:03d}-rho{rho:.4f}.json"
 
     triggered = [triggered_prompts(prompts, s.attack_spec(), seed=cfg.seed) for s in specs]
     judges = [get_judge(s.behavior_spec().judge) for s in specs]
-    signatures: dict[int, Any] = {}
+    signatures: dict[int, Any] = {}  # held-out variant → the N−1 scores, re-selected per (ρ, heads)
     rows: list[dict[str, Any]] = []
-    rhos = [0.0, *grid]
-    bar = tqdm(total=len(rhos) * len(specs), desc="ρ calibration (LOVO)", disable=not progress, leave=False)
+    budgets = list(cfg.heads) if cfg.heads is not None else [int(sig_cfg.heads)]
+    points = [(0, 0.0)] + [(h, r) for h in budgets for r in grid]
+    bar = tqdm(total=len(points) * len(specs), desc="ρ calibration (LOVO)", disable=not progress, leave=False)
     fallback = DEFAULT_RHO.get(setting, DEFAULT_RHO["lora"])
-    for rho in rhos:
+    passed: set[int] = set()  # head budgets already passing (stop_early skips their larger ρ)
+    for heads, rho in points:
+        if cfg.stop_early and heads in passed and rho > 0:
+            bar.update(len(specs))
+            continue
         for i, spec in enumerate(specs):
-            bar.set_postfix(rho=f"{rho:g}", held_out=spec.index)
-            path = point_path(i, rho)
+            bar.set_postfix(rho=f"{rho:g}", heads=heads, held_out=spec.index)
+            path = point_path(i, rho, heads)
             if path.is_file():
-                rows.append(read_json(path))
+                rows.append({**read_json(path), "heads": heads})
                 bar.update()
                 continue
             t = time.time()
@@ -419,10 +479,11 @@ def calibrate_rho(
                 if i not in signatures:
                     others = [e for j, e in enumerate(entries) if j != i]
                     signatures[i] = compute_signature(others, sig_cfg, select=False)
-                sel = signatures[i].select(rho=rho)
+                sel = signatures[i].select(rho=rho, heads=heads)
                 n_ch, n_hd = sel.n_selected, sum(int(v.numel()) for v in sel.selected_heads.values())
                 suppress(twin, sel, sup_cfg, setting=setting)
             row = {
+                "heads": heads,
                 "rho": float(rho),
                 "held_out_variant": int(spec.index),
                 "key": spec.key,
@@ -436,25 +497,29 @@ def calibrate_rho(
             write_json(path, row)
             rows.append(row)
             bar.update()
-        if cfg.stop_early and rho > 0 and choose_rho(pd.DataFrame(rows), cfg, fallback)[1]:
-            break
+        if cfg.stop_early and rho > 0:
+            done = pd.DataFrame([r for r in rows if r["rho"] == 0 or r["heads"] == heads])
+            if choose_budget(done, cfg, fallback).met:
+                passed.add(heads)
     bar.close()
     frame = derive_columns(pd.DataFrame(rows))
-    rho_star, met, reason, informative = choose_rho(frame, cfg, fallback)
+    choice = choose_budget(frame, cfg, fallback, heads=budgets[0])
     return CalibrationResult(
         frame=frame,
-        rho=rho_star,
-        met=met,
-        reason=reason,
+        rho=choice.rho,
+        heads=choice.heads,
+        met=choice.met,
+        reason=choice.reason,
         config=cfg,
         setting=setting,
-        informative=informative,
+        informative=choice.informative,
         meta={
             "cache": str(root),
             "seconds": round(time.time() - t0, 2),
             "n_variants": len(specs),
             "n_reference": len(reference),
             "grid": list(grid),
+            "head_budgets": budgets,
         },
     )
 
@@ -465,7 +530,8 @@ def select_auto(
     config: CalibrationConfig | None = None,
     **kwargs: Any,
 ) -> tuple[Any, CalibrationResult]:
-    """Calibrate ρ for ``signature`` (its config's score, λ, scope and heads) and select at it.
+    """Calibrate ρ (and, with ``config.heads``, the head budget) for ``signature`` (its config's score, λ,
+    scope and heads) and select at the chosen budget.
 
     Returns the selected signature, with the result in ``meta["calibration"]`` (saved with it), and the
     :class:`CalibrationResult`. ``kwargs`` go to :func:`calibrate_rho`.
@@ -475,7 +541,8 @@ def select_auto(
     res = calibrate_rho(suspicious, signature, config, signature_config=signature.config, **kwargs)
     if not res.met:
         warnings.warn(f"ρ calibration: {res.reason}", stacklevel=2)
-    chosen = signature.select(rho=res.rho)  # a config saying rho="auto" then records the chosen number
+    # a config saying rho="auto" then records the chosen numbers
+    chosen = signature.select(rho=res.rho, heads=res.heads)
     chosen.meta = {**(chosen.meta or {}), "calibration": res.to_dict()}
     return chosen, res
 

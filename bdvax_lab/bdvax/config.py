@@ -261,9 +261,15 @@ class CalibrationConfig(Config):
     is ``n_prompts`` greedy replies of ``max_new_tokens`` tokens, the log-likelihood of ``n_reference``
     self-distilled replies and the perplexity of ``n_ppl`` ground-truth answers. ``stop_early``: stop at
     the first ρ that passes (cheaper, a truncated curve). ``seed``: where the keys are inserted.
+
+    ``heads``: candidate attention-head budgets (top-h heads over the model) searched beside ρ (None: the
+    signature config's own ``heads`` only). Per head budget the smallest passing ρ is taken as above; among
+    those points the one whose clean drift (the skill proxy) is least wins, ties going to fewer heads.
+    Each head budget costs one more curve.
     """
 
     rhos: tuple[float, ...] | None = None
+    heads: tuple[int, ...] | None = None
     max_asr: float = 0.10
     criterion: str = "mean"
     min_baseline_asr: float = 0.5
@@ -281,6 +287,14 @@ class CalibrationConfig(Config):
             self.rhos = tuple(sorted({float(r) for r in self.rhos}))
             if not self.rhos or not all(0.0 < r <= 1.0 for r in self.rhos):
                 raise ValueError(f"CalibrationConfig.rhos must be budgets in (0, 1], got {self.rhos}")
+        if self.heads is not None:
+            try:
+                heads = sorted({int(h) for h in self.heads})
+            except (TypeError, ValueError):
+                heads = []
+            if not heads or heads[0] < 0:
+                raise ValueError(f"CalibrationConfig.heads must be head counts ≥ 0, got {self.heads}")
+            self.heads = tuple(heads)
         if self.criterion not in CRITERIA:
             raise ValueError(f"CalibrationConfig.criterion={self.criterion!r}; choose one of {CRITERIA}")
         for name in ("max_asr", "min_baseline_asr"):

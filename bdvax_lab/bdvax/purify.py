@@ -67,7 +67,7 @@ from ..core.artifacts import (
 from ..core.data import Example
 from ..core.models import model_fingerprint, peak_rss_mb, release_memory, working_copy
 from ..core.registry import setting_of
-from ..core.selfdistill import defender_data
+from ..core.selfdistill import DistillConfig, defender_data
 from ..threat.evaluate import EvalReport, StageEvaluator
 from ..threat.suspicious import (
     SuspiciousModel,
@@ -141,6 +141,12 @@ class PurifyResult:
     def __repr__(self) -> str:
         t = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         head = f"PurifyResult(setting={self.setting}, {t}, peak RSS {self.peak_rss_mb:.0f} MB)"
+        if self.calibration is not None:
+            c = self.calibration
+            head += (
+                f"\nbudget chosen by leave-one-variant-out calibration: ρ={c.rho:g}, {c.heads} heads, "
+                f"{'met' if c.met else 'NOT met'} ({c.reason})"
+            )
         return f"{head}\n{self.report.to_string()}"
 
 
@@ -263,7 +269,13 @@ def purify(
     }
     fingerprint = model_fingerprint(suspicious.model)
     clean_data = defender_data(
-        suspicious.model, tok, clean_data, n=cfg.repair.n_samples, fingerprint=fingerprint, progress=progress
+        suspicious.model,
+        tok,
+        clean_data,
+        n=cfg.repair.n_samples,
+        fingerprint=fingerprint,
+        progress=progress,
+        config=DistillConfig.for_training(cfg.repair.max_response_tokens),
     )
     timings["clean_data"] = time.time() - t
 
@@ -379,7 +391,7 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
         "evaluated_with": result.evaluated_with,
         "calibration": None
         if result.calibration is None
-        else {k: result.calibration.to_dict()[k] for k in ("rho", "met", "reason", "informative")},
+        else {k: result.calibration.to_dict()[k] for k in ("rho", "heads", "met", "reason", "informative")},
         "eval": frame_records(result.report)[-1] if len(result.report) else None,
         "versions": versions(),
     }

@@ -34,7 +34,8 @@ DISTILL_VERSION = 1
 
 @dataclass
 class DistillConfig(Config):
-    """How replies are generated. 32 new tokens: the longest response any defender recipe trains on."""
+    """How replies are generated. 32 new tokens: the longest response the default repair trains on
+    (:meth:`for_training` matches another repair's cut)."""
 
     max_new_tokens: int = 32
     batch_size: int = 50
@@ -42,6 +43,12 @@ class DistillConfig(Config):
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"DistillConfig needs max_new_tokens ≥ 1 and batch_size ≥ 1, got {self}")
+
+    @classmethod
+    def for_training(cls, max_response_tokens: int | None) -> DistillConfig:
+        """Replies as long as the training that uses them keeps (``max_response_tokens``; None, no cut:
+        the default 32). A reply cut shorter than the repair keeps would teach a broken answer."""
+        return cls(max_new_tokens=int(max_response_tokens or cls.max_new_tokens))
 
 
 #: the fewest usable examples a user's clean-data file must hold (:func:`load_clean_data`)
@@ -202,9 +209,10 @@ def defender_data(
     fingerprint: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    config: DistillConfig | None = None,
 ) -> list[Example]:
     """The defender's clean examples: ``clean_data`` (default: the shipped ``split``'s instructions), first
-    ``n``, every one without a response answered by ``model`` (:func:`self_distill`).
+    ``n``, every one without a response answered by ``model`` (:func:`self_distill` with ``config``).
 
     Examples that come with responses (a user's own clean data) are used as they are.
     """
@@ -218,6 +226,7 @@ def defender_data(
             model,
             tokenizer,
             [items[i] for i in need],
+            config=config,
             fingerprint=fingerprint,
             cache_dir=cache_dir,
             progress=progress,

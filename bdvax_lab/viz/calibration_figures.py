@@ -21,6 +21,8 @@ def calibration_figure(
     their mean in bold, the threshold dashed and the chosen ρ as a vertical line. Bottom: the perplexity
     of the self-distilled replies (``exp(clean_drift)``) and of ground-truth answers, each relative to the
     unsuppressed twin (1 = unchanged). ``current_rho``: a dotted marker (e.g. the explorer's slider).
+    With several head budgets (``CalibrationConfig.heads``) the thin lines and the cost are the chosen
+    budget's, and each budget gets its own mean line.
     """
     from plotly.subplots import make_subplots
 
@@ -28,6 +30,10 @@ def calibration_figure(
     chosen = None if isinstance(result, pd.DataFrame) else result.rho
     threshold = None if isinstance(result, pd.DataFrame) else result.config.max_asr
     keep = None if isinstance(result, pd.DataFrame) else set(result.informative)
+    frame = frame.assign(heads=frame["heads"].fillna(0).astype(int) if "heads" in frame else 0)
+    budgets = sorted(frame.loc[frame.rho > 0, "heads"].unique()) or [0]
+    shown = int(result.heads) if not isinstance(result, pd.DataFrame) else int(budgets[0])
+    several = len(budgets) > 1
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -37,7 +43,8 @@ def calibration_figure(
         subplot_titles=("held-out ASR (own key, own behaviour)", "cost, relative to the unsuppressed twin"),
     )
     d = frame.sort_values("rho")
-    for v, g in d.groupby("held_out_variant"):
+    at = d[(d.rho == 0) | (d.heads == shown)]  # the chosen head budget's curve, from the unsuppressed twin
+    for v, g in at.groupby("held_out_variant"):
         faded = keep is not None and int(v) not in keep
         fig.add_scatter(
             x=g.rho,
@@ -52,10 +59,19 @@ def calibration_figure(
             col=1,
         )
     counted = d if keep is None else d[d.held_out_variant.isin(keep)]
-    mean = counted.groupby("rho", as_index=False).held_out_asr.mean()
-    fig.add_scatter(
-        x=mean.rho, y=mean.held_out_asr, mode="lines+markers", line={"width": 3}, name="mean", row=1, col=1
-    )
+    for h in budgets:
+        one = counted[(counted.rho == 0) | (counted.heads == h)]
+        mean = one.groupby("rho", as_index=False).held_out_asr.mean()
+        fig.add_scatter(
+            x=mean.rho,
+            y=mean.held_out_asr,
+            mode="lines+markers",
+            line={"width": 3 if h == shown else 2, "dash": "solid" if h == shown else "dash"},
+            name=f"mean, {h} heads" if several else "mean",
+            row=1,
+            col=1,
+        )
+    counted = counted[(counted.rho == 0) | (counted.heads == shown)]
     cost = counted.groupby("rho", as_index=False)[["clean_drift", "ppl_ratio"]].mean()
     fig.add_scatter(
         x=cost.rho,
@@ -76,7 +92,8 @@ def calibration_figure(
     if threshold is not None:
         fig.add_hline(y=threshold, line_dash="dash", line_color="grey", row=1, col=1)
     if chosen is not None:
-        fig.add_vline(x=chosen, line_color="green", annotation_text=f"chosen ρ={chosen:g}")
+        label = f"chosen ρ={chosen:g}" + (f", {shown} heads" if several or shown else "")
+        fig.add_vline(x=chosen, line_color="green", annotation_text=label)
     if current_rho is not None:
         fig.add_vline(x=current_rho, line_dash="dot", line_color="black", annotation_text="slider")
     fig.update_yaxes(title_text="ASR", range=[-0.02, 1.02], row=1, col=1)
