@@ -206,6 +206,8 @@ def stage_table(stages: Sequence[tuple[str, dict]]) -> str:
             "false-trigger",
             "degenerate (triggered / clean)",
             "perplexity",
+            "text perplexity",
+            "skill (kept)",
             "MCQ",
             "agreement",
         ],
@@ -216,12 +218,21 @@ def stage_table(stages: Sequence[tuple[str, dict]]) -> str:
                 f(r.get("false_trigger")),
                 degenerate(r),
                 f(r.get("ppl"), 3),
+                f(r.get("ppl_text"), 3),
+                skill_cell(r),
                 f(r.get("mcq_acc"), 3),
                 f(r.get("agreement"), 3),
             ]
             for name, r in stages
         ),
     )
+
+
+def skill_cell(r: dict) -> str:
+    """``skill (skill kept)`` of a stage row, "—" where it was not measured."""
+    skill = f(r.get("skill"), 3)
+    kept = r.get("skill_kept")
+    return skill if num(kept) is None or skill == "—" else f"{skill} ({f(kept)})"
 
 
 # --------------------------------------------------------------------------- bench
