@@ -83,6 +83,11 @@ CAPTIONS = {
         "BadNets → refusal, full setting: the signature's 3 % zeroed instead of re-initialised"
     ),
     "purify-badnets-sentiment-full-rho0.01.csv": "BadNets → sentiment, full setting: ρ = 1 % instead of 3 %",
+    "purify-badnets-refusal-lora-format-seed1-auto-heads.csv": (
+        "BadNets → refusal, LoRA, format skill, implant seed 1 (a fresh model): `bdvax purify --rho auto "
+        "--heads-grid 0,30,90,270`, half the clean data the finetune's own task inputs; the calibration "
+        "chose ρ 0.9 and all 270 heads"
+    ),
 }
 
 
@@ -307,7 +312,8 @@ def section_lovo_heads() -> list[str]:
         out += [
             f"### ρ and attention heads, chosen without the trigger: {target}",
             "",
-            f"From {link(path)} (`python benchmarks/lovo_heads.py`): mean / max held-out ASR of the "
+            f"From {link(path)} (`python benchmarks/lovo_heads.py`, or the calibration of `bdvax purify "
+            "--rho auto --heads-grid`; the reading below says which): mean / max held-out ASR of the "
             "defender's own variants before repair, and the clean drift (nats/token; > 0: its "
             "self-distilled replies got less likely); ✓ passes (mean ≤ 0.10).",
             "",

@@ -211,7 +211,7 @@ def choose_budget(frame: pd.DataFrame, config: CalibrationConfig, fallback: floa
         return Choice(float(fallback), int(heads), False, "no ρ evaluated yet", informative)
     stat = "mean" if config.criterion == "mean" else "every"
     col = "mean_asr" if config.criterion == "mean" else "max_asr"
-    budgets = sorted(s.heads.unique())
+    budgets = sorted(int(h) for h in s.heads.unique())
     several = len(budgets) > 1
     passing = s[s.passes].sort_values("rho").groupby("heads", as_index=False).first()
     if len(passing):
@@ -220,7 +220,12 @@ def choose_budget(frame: pd.DataFrame, config: CalibrationConfig, fallback: floa
         reason = (
             f"smallest ρ with {stat} held-out ASR ≤ {config.max_asr:g} over {len(informative)} variant(s)"
         )
-        if several:
+        if several and len(passing) == 1:
+            reason += (
+                f"; {int(best.heads)} heads is the only head budget of {budgets} that passes (clean drift "
+                f"{best.clean_drift:+.3f} nats/token)"
+            )
+        elif several:
             alts = ", ".join(f"{int(r.heads)} heads: ρ {r.rho:g}" for r in passing.itertuples())
             reason += (
                 f"; of the head budgets that pass ({alts}), {int(best.heads)} heads moves the self-distilled "
