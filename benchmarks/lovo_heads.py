@@ -23,18 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad head budgets {text!r}: expected integers, e.g. 0,30,90"
-        ) from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"bad head budgets {text!r}: need at least one, each >= 0")
-    return out
-
-
 def _floats(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
@@ -46,11 +34,13 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bdvax_lab.cli import head_budgets
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:refusal:lora:format")
     ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
     ap.add_argument(
-        "--heads", type=_ints, default=[0, 30, 90, 270], help="head budgets (top-h over the model)"
+        "--heads", type=head_budgets, default=(0, 30, 90, 270), help="head budgets (top-h over the model)"
     )
     ap.add_argument(
         "--rhos", type=_floats, default=None, help="candidate ρ (default: the calibration's grid)"

@@ -943,6 +943,8 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from bdvax_lab.cli import head_budgets
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", help="comma list of attack:task:setting:skill to run now (default: all)")
     p.add_argument("--seeds", help="comma list of implant seeds to run now (default: the config's)")
@@ -953,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=0, help="attention heads BD-VAX also suppresses (default 0)")
     p.add_argument(
         "--heads-grid",
+        type=head_budgets,
         help="comma list of head budgets the bdvax_auto row's calibration also searches (e.g. 0,30,90,270)",
     )
     p.add_argument("--random-seeds", help="comma list of the random control's seeds to run now (default 0-4)")
@@ -977,12 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = ExecutorConfig(
         kind=ns.executor, address=ns.ray_address, num_cpus=ns.ray_cpus, num_gpus=ns.ray_gpus
     )
-    grid = None
-    if ns.heads_grid:
-        try:
-            grid = tuple(int(h) for h in ns.heads_grid.split(",") if h.strip())
-        except ValueError:
-            p.error(f"--heads-grid {ns.heads_grid!r}: expected head counts, e.g. 0,30,90")
+    grid = ns.heads_grid
     suffix = ("" if ns.rho is None else f"-rho{ns.rho:g}") + (f"-heads{ns.heads}" if ns.heads else "")
     suffix += f"-hgrid{'-'.join(map(str, grid))}" if grid else ""
     out = ns.out or (
