@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("reproduce.py", ["--preset", "nosuch"], "unknown preset 'nosuch'"),
         ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
         ("bench.py", ["--defences", "bdvax,nosuch"], "has unknown ['nosuch']"),
+        ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
@@ -48,3 +49,28 @@ def test_machine_speed_times_the_pipeline_path():
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(rec) == {"pipeline_step_s", "steps", "measured_in_s"} and rec["steps"] == 2
     assert 0 < rec["pipeline_step_s"] < rec["measured_in_s"]
+
+
+def test_twin_recipes_change_one_thing_each():
+    """benchmarks/twin_recipe.py: each recipe differs from the bench's signature recipe in its one field."""
+    import importlib.util
+
+    from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
+
+    spec = importlib.util.spec_from_file_location("twin_recipe", ROOT / "benchmarks" / "twin_recipe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = SignatureConfig(family="insult", rho=0.8, twin_train=default_twin_train("lora"))
+    assert mod.recipe_config(base, "default") == base
+    assert mod.recipe_config(base, "equal_steps").clean_steps == base.twin_train.steps == 60
+    assert mod.recipe_config(base, "lr_double").twin_train.lr == pytest.approx(2e-3)
+    assert mod.recipe_config(base, "steps_half").twin_train.steps == 30
+    assert mod.recipe_config(base, "n_clean_20").n_clean == 20
+    assert mod.recipe_config(base, "n_variants_3").n_variants == 3
+    changed = {
+        name: {k for k, v in mod.recipe_config(base, name).to_dict().items() if v != base.to_dict()[k]}
+        for name in mod.RECIPES
+    }
+    assert changed["default"] == set() and all(len(v) == 1 for k, v in changed.items() if k != "default")
+    with pytest.raises(ValueError, match="unknown recipe 'x'"):
+        mod.recipe_config(base, "x")

@@ -1,0 +1,163 @@
+"""How well does the signature find the backdoor's own channels, and how much does the twin recipe matter?
+
+For one bench target this computes, once, the oracle (attribution patching with the *true* trigger:
+evaluation only, the defence never sees it; :func:`bdvax_lab.analysis.probes.attribution.oracle_attribution`)
+and then, per twin recipe, the signature's precision@k and AUROC against the oracle's top set, beside
+``top_delta`` (the suspicious update's largest channels, no twins) and ``random`` (five seeds). MLP channels
+(top set: 1 % of them) and attention heads (top set: 10 %) are scored apart.
+
+The recipes vary one thing each against the bench's own (:meth:`experiments.bench.Bench._signature_config`):
+``equal_steps`` (the clean twin trains as many steps as the poisoned one, not the same epochs), the twins'
+``lr`` and ``steps`` halved or doubled, ``n_clean`` 20 per variant, and ``N`` 3 variants. Twins are cached
+per recipe, so a rerun resumes and the bench's own twins are reused by ``default``. This is a proxy: it
+says which recipe ranks the oracle's channels best, not which purifies best after repair.
+
+Writes results/twin_recipe-<target>-seed<k>.csv (one row per recipe × ranking × seed × k × unit).
+
+Usage: python benchmarks/twin_recipe.py [--target attack:task:setting:skill] [--seed 0]
+       [--recipes default,equal_steps,...] [--pairs 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: recipe name → what it changes against the bench's signature recipe (see :func:`recipe_config`)
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "equal_steps": {"equal_steps": True},
+    "lr_half": {"lr_scale": 0.5},
+    "lr_double": {"lr_scale": 2.0},
+    "steps_half": {"steps_scale": 0.5},
+    "steps_double": {"steps_scale": 2.0},
+    "n_clean_20": {"n_clean": 20},
+    "n_variants_3": {"n_variants": 3},
+}
+
+#: share of the units in the oracle's top set, per kind of unit
+TOP_SHARE = {"channel": 0.01, "head": 0.10}
+
+
+def recipe_config(base: Any, name: str) -> Any:
+    """The bench's :class:`SignatureConfig` ``base`` with recipe ``name``'s one change."""
+    from bdvax_lab.bdvax.config import default_twin_train
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+    change = RECIPES[name]
+    twin = base.twin_train or default_twin_train("lora")
+    cfg = base
+    if "lr_scale" in change:
+        cfg = cfg.replace(twin_train=twin.replace(lr=twin.lr * change["lr_scale"]))
+    if "steps_scale" in change:
+        steps = max(1, round(twin.steps * change["steps_scale"]))
+        cfg = cfg.replace(twin_train=twin.replace(steps=steps))
+    if change.get("equal_steps"):
+        cfg = cfg.replace(clean_steps=twin.steps)
+    if "n_clean" in change:
+        cfg = cfg.replace(n_clean=change["n_clean"])
+    if "n_variants" in change:
+        cfg = cfg.replace(n_variants=change["n_variants"])
+    return cfg
+
+
+def _recipes(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in RECIPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"bad recipes {bad or text!r}: choose from {','.join(RECIPES)}")
+    return names
+
+
+def _stack_heads(head_scores: dict[int, Any], shape: tuple[int, int]) -> Any:
+    """``{block: Tensor[n_heads]}`` → ``Tensor[L, n_heads]`` (blocks without scores are zero)."""
+    import torch
+
+    out = torch.zeros(shape, dtype=torch.float64)
+    for b, t in head_scores.items():
+        out[int(b)] = t.detach().double().reshape(-1)
+    return out
+
+
+def overlap(oracle: Any, rankings: dict[str, Any], unit: str, seeds: range) -> Any:
+    """:func:`ranking_overlap` with this script's top-set share for ``unit``; a ``unit`` column added."""
+    from bdvax_lab.analysis.ranking import ranking_overlap
+
+    n_top = max(1, round(oracle.numel() * TOP_SHARE[unit]))
+    df = ranking_overlap(oracle, rankings, n_top=n_top, random_seeds=seeds)
+    return df.assign(unit=unit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="badnets:sentiment:lora:format")
+    ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
+    ap.add_argument("--recipes", type=_recipes, default=list(RECIPES), help="comma list (default: all)")
+    ap.add_argument("--pairs", type=int, default=32, help="held-out prompt pairs for the oracle")
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from bdvax_lab.analysis.probes.attribution import oracle_attribution
+    from bdvax_lab.baselines.controls import delta_channel_scores, delta_head_scores
+    from bdvax_lab.bdvax.signature import extract_signature
+    from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
+    from bdvax_lab.threat.evaluate import eval_prompts
+    from experiments.bench import Bench, BenchConfig, parse_target
+
+    try:
+        attack, task, setting, _ = parse_target(args.target)
+    except ValueError as e:
+        ap.error(str(e))
+    bench = Bench(BenchConfig(targets=(args.target,)))
+    sm, _ = bench.suspicious(args.target, args.seed)
+    base_cfg = bench._signature_config(task, setting)
+
+    t0 = time.time()
+    clean = eval_prompts(task, args.pairs)
+    oracle = oracle_attribution(
+        sm.model, sm.tokenizer, clean, triggered_prompts(clean, attack, seed=0), resolve_task(task).targets[0]
+    )
+    mlp, heads = oracle.tensor, oracle.meta["heads"]
+    print(f"oracle: {time.time() - t0:.0f} s ({args.pairs} pairs, the true trigger; evaluation only)")
+    controls = {
+        "channel": {"top_delta": delta_channel_scores(sm.model)},
+        "head": {"top_delta": _stack_heads(delta_head_scores(sm.model), tuple(heads.shape))},
+    }
+    frames = [overlap(mlp, controls["channel"], "channel", range(5))]
+    frames.append(overlap(heads, controls["head"], "head", range(5)))
+    frames = [f.assign(recipe="(control)", seconds=None) for f in frames]
+
+    for name in args.recipes:
+        cfg = recipe_config(base_cfg, name)
+        t = time.time()
+        sig = extract_signature(sm, cfg)  # twins cached per recipe
+        secs = round(time.time() - t, 1)
+        sig_heads = _stack_heads(sig.head_scores, tuple(heads.shape))
+        got = [
+            overlap(mlp, {"signature": sig.scores}, "channel", range(0)),
+            overlap(heads, {"signature": sig_heads}, "head", range(0)),
+        ]
+        frames += [f.assign(recipe=name, seconds=secs) for f in got]
+        auc = {f.unit.iloc[0]: f.auroc.iloc[0] for f in got}
+        print(f"{name:>13}: AUROC channels {auc['channel']:.3f}, heads {auc['head']:.3f} ({secs:.0f} s)")
+
+    df = pd.concat(frames, ignore_index=True)
+    first = df[df.k == df.n_top]
+    table = first.groupby(["unit", "recipe", "ranking"])[["precision_at_k", "auroc"]].agg(["mean", "std"])
+    print(table.round(3).to_string())
+    out = ROOT / "results" / f"twin_recipe-{args.target.replace(':', '-')}-seed{args.seed}.csv"
+    df.to_csv(out, index=False)
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
