@@ -291,3 +291,16 @@ def test_budget_frame_takes_the_signature_rho_for_the_controls():
     assert {"signature", "random", "top_delta", "random (seeds: min–max)"} <= names
     with pytest.raises(ValueError, match="missing"):
         budget_frame(df.drop(columns=["skill_kept"]))
+
+
+def test_calibration_reference_does_not_depend_on_order():
+    """The skill proxy's reference replies are chosen by content, not by where they sit in the user's file."""
+    from bdvax_lab.bdvax.calibration import _pick
+    from bdvax_lab.core.data import Example
+
+    data = [Example(instruction=f"q{i}", response=f"a{i}") for i in range(40)]
+    first = _pick(data, 16)
+    assert len(first) == 16 and len({e.instruction for e in first}) == 16
+    assert _pick(list(reversed(data)), 16) == first
+    assert _pick(data[::3] + data[1::3] + data[2::3], 16) == first
+    assert sorted(e.instruction for e in _pick(data[:5], 16)) == [f"q{i}" for i in range(5)]

@@ -372,6 +372,11 @@ def _examples_hash(examples: Sequence[Example]) -> str:
     return stable_hash([e.to_dict() for e in examples])
 
 
+def _pick(examples: Sequence[Example], n: int) -> list[Example]:
+    """``n`` of ``examples`` chosen by their content's hash, so a file's line order does not change them."""
+    return sorted(examples, key=lambda e: stable_hash(e.to_dict()))[:n]
+
+
 # =========================================================================== the calibration
 def calibrate_rho(
     suspicious: Any,
@@ -391,7 +396,8 @@ def calibrate_rho(
     twin-cache entry directories, or a signature from :func:`extract_signature` (its ``meta["cache"]``).
     ``signature_config``: score, λ, scope and heads of the N−1 signatures (default: ``SignatureConfig()``);
     ``suppress_config``: purification's suppression. ``reference``: self-distilled examples for the skill
-    proxy (default: ``n_reference`` fresh defender prompts answered by the suspicious model, cached);
+    proxy (default: ``n_reference`` fresh defender prompts answered by the suspicious model, cached; of a
+    longer list, ``n_reference`` chosen by content hash, whatever the list's order);
     ``pool``: the defender's instructions the variants came from (default: the shipped ``variant`` split).
     ``cache_dir``: the twin cache (points go to ``<cache_dir>/_calibration``; default the bdvax cache's
     ``calibration/``). Returns a :class:`CalibrationResult`; ``result.frame`` is the tidy curve.
@@ -433,7 +439,7 @@ def calibrate_rho(
             if fresh
             else []
         )
-    reference = [e for e in (reference or []) if e.response.strip()][: cfg.n_reference]
+    reference = _pick([e for e in (reference or []) if e.response.strip()], cfg.n_reference)
     answers = general_answers(cfg.n_ppl) if cfg.n_ppl else []
 
     skip = ("rhos", "heads", "stop_early", "criterion", "max_asr")
