@@ -343,6 +343,10 @@ def section_bench_in_domain() -> list[str]:
         if cfg.get("heads"):
             flags += f" --heads {cfg['heads']}"
             title += f" and {cfg['heads']} heads"
+        if cfg.get("heads_grid"):
+            grid = ",".join(str(h) for h in cfg["heads_grid"])
+            flags += f" --heads-grid {grid}"
+            title += f"; `bdvax_auto` searches head budgets {grid}"
         links = ", ".join(link(p) for p in sorted(d.glob("*.csv")))
         out += [
             f"### Repair data with the finetune's own task inputs ({title})",
