@@ -289,7 +289,7 @@ def section_bench() -> list[str]:
             out += [f"{link(path)}:", generic_table(path)]
     name = "bench" if (READINGS / "bench.md").is_file() else None
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
-    return out + section_lovo_heads() + section_bench_in_domain() + section_implants()
+    return out + section_lovo_heads() + section_bench_in_domain() + section_twin_recipe() + section_implants()
 
 
 def section_lovo_heads() -> list[str]:
@@ -324,6 +324,43 @@ def section_lovo_heads() -> list[str]:
             "",
         ]
     return [*out, reading("lovo-heads")] if out else []
+
+
+def section_twin_recipe() -> list[str]:
+    """benchmarks/twin_recipe.py: precision@k and AUROC against the trigger oracle, per twin recipe."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("twin_recipe-*.csv")):
+        rows = [r for r in read_csv(path) if r["k"] == r["n_top"]]
+        groups: dict[tuple[str, str, str], list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["unit"], r["recipe"], r["ranking"]), []).append(r)
+
+        def cell(rs: list[dict], col: str) -> str:
+            vals = [float(r[col]) for r in rs]
+            mean = sum(vals) / len(vals)
+            if len(vals) == 1:
+                return f"{mean:.3f}"
+            sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+            return f"{mean:.3f} ± {sd:.3f} ({len(vals)} seeds)"
+
+        target = path.stem.removeprefix("twin_recipe-")
+        out += [
+            f"### Which channels does a ranking find? The trigger oracle, per twin recipe: {target}",
+            "",
+            f"From {link(path)} (`python benchmarks/twin_recipe.py`): precision at k = the oracle's top set "
+            "(1 % of the MLP channels, 10 % of the heads, by attribution patching with the true trigger; "
+            "evaluation only) and AUROC against that set.",
+            "",
+            table(
+                ["unit", "twin recipe", "ranking", "precision@k", "AUROC"],
+                [
+                    [u, rec, rk, cell(rs, "precision_at_k"), cell(rs, "auroc")]
+                    for (u, rec, rk), rs in sorted(groups.items())
+                ],
+            ),
+            "",
+        ]
+    return [*out, reading("twin-recipe")] if out else []
 
 
 def section_bench_in_domain() -> list[str]:
