@@ -53,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.bench import Bench, BenchConfig, parse_target
 
     try:
-        _, task, setting, _ = parse_target(args.target)
+        parse_target(args.target)
     except ValueError as e:
         ap.error(str(e))
-    bench = Bench(BenchConfig(targets=(args.target,)))
-    sm, _ = bench.suspicious(args.target, args.seed)
-    sig_cfg = bench._signature_config(task, setting)
+    sm, sig_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
     sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row)
     cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None, heads=tuple(args.heads))
     t0 = time.time()

@@ -113,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.bench import Bench, BenchConfig, parse_target
 
     try:
-        attack, task, setting, _ = parse_target(args.target)
+        attack, task, _, _ = parse_target(args.target)
     except ValueError as e:
         ap.error(str(e))
-    bench = Bench(BenchConfig(targets=(args.target,)))
-    sm, _ = bench.suspicious(args.target, args.seed)
-    base_cfg = bench._signature_config(task, setting)
+    sm, base_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
 
     t0 = time.time()
     clean = eval_prompts(task, args.pairs)

@@ -351,6 +351,13 @@ class Bench:
             items[i] = e
         return items
 
+    def target_model(self, target: str, seed: int) -> tuple[Any, Any]:
+        """``(suspicious model, the bench's signature config)`` of one target and implant seed (what the
+        scripts that study one bench model start from)."""
+        _, task, setting, _ = parse_target(target)
+        sm, _ = self.suspicious(target, seed)
+        return sm, self._signature_config(task, setting)
+
     def _signature_config(self, task: str, setting: str, rho: float | str | None = None) -> Any:
         """The bench's signature recipe; ``rho`` overrides the setting's budget (``"auto"``: calibrated)."""
         from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
