@@ -479,7 +479,8 @@ class Bench:
 
         pcfg = PurifyConfig(
             signature=self._signature_config(task, setting, rho),
-            calibration=CalibrationConfig(heads=self.config.heads_grid),
+            # no grid: the bench's own head budget only (the rows measured before the default grid existed)
+            calibration=CalibrationConfig(heads=self.config.heads_grid or (self.config.heads,)),
             repair=self.config.repair_config(),
             eval=self.config.eval_config(),
             evaluate=("purified",),

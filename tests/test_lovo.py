@@ -11,7 +11,13 @@ import torch
 
 import bdvax_lab.bdvax.calibration as cal
 from bdvax_lab.bdvax.calibration import COLUMNS, calibrate_rho, choose_budget, choose_rho
-from bdvax_lab.bdvax.config import CalibrationConfig, PurifyConfig, SignatureConfig
+from bdvax_lab.bdvax.config import (
+    DEFAULT_PURIFY_RHO,
+    CalibrationConfig,
+    PurifyConfig,
+    SignatureConfig,
+    default_head_grid,
+)
 from bdvax_lab.bdvax.twin_models import poisoned_twin
 from bdvax_lab.bdvax.variants import make_variants
 from bdvax_lab.core.data import Example
@@ -110,9 +116,20 @@ def test_config_auto_rho_and_round_trip():
     assert _purify_config(ns, "lora").signature.rho == "auto"
     ns = build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto", "--heads-grid", "90,0"])
     assert _purify_config(ns, "lora").calibration.heads == (0, 90)
+    # no --rho: purify calibrates (config.DEFAULT_PURIFY_RHO); a grid with a fixed ρ is an error
     ns = build_parser().parse_args(["purify", "s", "--out", "o", "--heads-grid", "0,90"])
+    assert _purify_config(ns, "lora").signature.rho == DEFAULT_PURIFY_RHO == "auto"
+    ns = build_parser().parse_args(["purify", "s", "--out", "o"])
+    cfg = _purify_config(ns, "lora")
+    assert cfg.signature.rho == "auto" and cfg.calibration.heads is None  # None: the model's default grid
+    ns = build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "0.5", "--heads-grid", "0,90"])
     with pytest.raises(ValueError, match="needs --rho auto"):
         _purify_config(ns, "lora")
+    from bdvax_lab.bdvax.purify import _signature_config
+
+    assert _signature_config(PurifyConfig()).rho == "auto"
+    assert _signature_config(PurifyConfig(signature=SignatureConfig())).rho is None  # DEFAULT_RHO, fixed
+    assert default_head_grid(270) == (0, 30, 90, 270) and default_head_grid(0) == (0,)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto", "--heads-grid", "x"])
 
@@ -192,7 +209,7 @@ def test_lovo_picks_the_smallest_budget_on_a_planted_case(suspicious, tmp_path, 
         return {"held_out_asr": asr, "hits": 0, "n_prompts": 1, "degenerate": 0, "nll": 1 - asr, "ppl": 2.0}
 
     monkeypatch.setattr(cal, "_measure", fake_measure)
-    cfg = CalibrationConfig(rhos=(0.2, 0.35, 0.5), n_reference=0, n_ppl=0)
+    cfg = CalibrationConfig(rhos=(0.2, 0.35, 0.5), heads=(0,), n_reference=0, n_ppl=0)
     res = calibrate_rho((sus, tok), entries, cfg, pool=POOL, cache_dir=tmp_path / "c", progress=False)
     assert (res.rho, res.met, res.informative) == (0.35, True, [0, 1, 2])
     f = res.frame
@@ -237,7 +254,10 @@ def test_lovo_end_to_end_on_the_tiny_model_resumes_and_purifies(suspicious, tmp_
     assert sig.selected is None  # rho="auto": nothing selected before the calibration
     cfg = CalibrationConfig(rhos=(1.0,), n_prompts=2, max_new_tokens=2, n_reference=0, n_ppl=2)
     res = calibrate_rho((sus, tok), sig, cfg, signature_config=sig_cfg, pool=POOL, cache_dir=tmp_path)
-    assert list(res.frame.columns) == COLUMNS and len(res.frame) == 4
+    # no head budgets given: 0, 1/9, 1/3 and all of the tiny model's 16 heads (config.DEFAULT_HEAD_SHARES)
+    assert list(res.frame.columns) == COLUMNS and len(res.frame) == 2 + 2 * 4
+    assert sorted(res.frame[res.frame.rho > 0].n_heads.unique()) == [0, 2, 5, 16]
+    assert res.heads in (0, 2, 5, 16)
     assert sorted(res.frame.rho.unique()) == [0.0, 1.0] and res.frame.n_prompts.eq(2).all()
     assert res.frame.ppl.gt(0).all() and res.frame[res.frame.rho == 0].ppl_ratio.eq(1.0).all()
     assert calibration_figure(res).data  # the plotly curve (viz.calibration_figures)

@@ -734,7 +734,7 @@ SIG = ["--n-variants", "2", "--twin-steps", "2"]
 COMMANDS = {
     "variants": lambda r, c: ["variants", "sus", "--cache-dir", str(c), *SIG],
     "purify": lambda r, c: [
-        "purify", "sus", "--out", "pur", "--cache-dir", str(c), *SIG,
+        "purify", "sus", "--out", "pur", "--cache-dir", str(c), *SIG, "--rho", "0.35",
         "--repair-samples", "8", "--repair-epochs", "0.5", "--stages", "none", "--overwrite",
     ],
     "attack": lambda r, c: [

@@ -45,10 +45,10 @@ import pandas as pd
 
 from ..core.artifacts import read_json, stable_hash, write_json
 from ..core.data import Example
-from ..core.registry import setting_of
+from ..core.registry import layout_of, setting_of
 from ..threat.suspicious import as_suspicious
 from ..weights.config import SuppressConfig
-from .config import DEFAULT_RHO, CalibrationConfig, SignatureConfig
+from .config import DEFAULT_RHO, CalibrationConfig, SignatureConfig, default_head_grid
 
 #: bumped when what a cached calibration point means changes
 CALIBRATION_VERSION = 2
@@ -372,6 +372,15 @@ def _examples_hash(examples: Sequence[Example]) -> str:
     return stable_hash([e.to_dict() for e in examples])
 
 
+def _default_budgets(model: Any, sig_cfg: SignatureConfig) -> list[int]:
+    """Head budgets searched when ``CalibrationConfig.heads`` is None: :data:`DEFAULT_HEAD_SHARES` of the
+    model's attention heads when heads are scored, else only the signature config's own budget."""
+    if not sig_cfg.head_kinds:
+        return [int(sig_cfg.heads)]
+    layout = layout_of(model)
+    return sorted(set(default_head_grid(layout.n_blocks * layout.n_heads)) | {int(sig_cfg.heads)})
+
+
 def _pick(examples: Sequence[Example], n: int) -> list[Example]:
     """``n`` of ``examples`` chosen by their content's hash, so a file's line order does not change them."""
     return sorted(examples, key=lambda e: stable_hash(e.to_dict()))[:n]
@@ -467,7 +476,7 @@ def calibrate_rho(
     judges = [get_judge(s.behavior_spec().judge) for s in specs]
     signatures: dict[int, Any] = {}  # held-out variant → the N−1 scores, re-selected per (ρ, heads)
     rows: list[dict[str, Any]] = []
-    budgets = list(cfg.heads) if cfg.heads is not None else [int(sig_cfg.heads)]
+    budgets = list(cfg.heads) if cfg.heads is not None else _default_budgets(model, sig_cfg)
     points = [(0, 0.0)] + [(h, r) for h in budgets for r in grid]
     bar = tqdm(total=len(points) * len(specs), desc="ρ calibration (LOVO)", disable=not progress, leave=False)
     fallback = DEFAULT_RHO.get(setting, DEFAULT_RHO["lora"])

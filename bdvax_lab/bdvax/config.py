@@ -26,8 +26,8 @@ STAGES = ("suspicious", "suppressed", "purified")
 class PurifyConfig(Config):
     """Everything that determines a purification run.
 
-    ``signature`` is a ``bdvax_lab.signature.SignatureConfig`` (None → its
-    defaults); it is typed loosely so this module imports without it.
+    ``signature`` is a :class:`SignatureConfig` (None → its defaults with ``rho``
+    :data:`DEFAULT_PURIFY_RHO`: ρ and the head budget calibrated on the defender's own variants).
     ``setting="auto"`` takes it from the model (PeftModel → "lora").
     ``evaluate`` lists the stages to evaluate; ``inplace=False`` suppresses and
     repairs a deep copy (the suspicious model stays usable; costs one model copy).
@@ -94,6 +94,26 @@ DEFAULT_RHO: dict[str, float] = dict(PAPER_RHO)
 #: ``SignatureConfig.rho`` / ``bdvax purify --rho`` value that asks for the leave-one-variant-out calibration
 #: (:mod:`bdvax_lab.bdvax.calibration`) to choose ρ from the defender's own variants
 AUTO_RHO = "auto"
+
+#: ρ of ``bdvax purify`` and ``purify()`` when nothing sets it (no ``--rho``, no ``rho`` in a config file,
+#: ``PurifyConfig.signature=None``): calibrate it, and the attention-head budget, on the defender's own
+#: variants. Why: on the bench no fixed ρ over MLP channels removes the refusal backdoor, and the
+#: calibrated budget did (results/readings/lovo-heads.md). It costs a calibration (~20 min on 2 CPU cores).
+#: :data:`DEFAULT_RHO` stays the budget of a signature selected without calibration (``bdvax signature``,
+#: ``SignatureConfig()``, the pruning baselines).
+DEFAULT_PURIFY_RHO = AUTO_RHO
+
+#: head budgets that calibration searches by default, as shares of the model's attention heads (SmolLM2's
+#: 270 heads: 0, 30, 90, 270); :func:`default_head_grid` turns them into counts
+DEFAULT_HEAD_SHARES: tuple[float, ...] = (0.0, 1 / 9, 1 / 3, 1.0)
+
+
+def default_head_grid(n_heads: int) -> tuple[int, ...]:
+    """:data:`DEFAULT_HEAD_SHARES` of a model with ``n_heads`` attention heads in all, as head counts."""
+    if int(n_heads) < 0:
+        raise ValueError(f"n_heads must be ≥ 0, got {n_heads}")
+    return tuple(sorted({round(share * int(n_heads)) for share in DEFAULT_HEAD_SHARES}))
+
 
 #: candidate budgets the calibration tries per setting, ascending (``CalibrationConfig.rhos=None``); they
 #: bracket :data:`DEFAULT_RHO` and end at a budget that removes a lot, so the smallest that suffices is found
@@ -262,8 +282,9 @@ class CalibrationConfig(Config):
     self-distilled replies and the perplexity of ``n_ppl`` ground-truth answers. ``stop_early``: stop at
     the first ρ that passes (cheaper, a truncated curve). ``seed``: where the keys are inserted.
 
-    ``heads``: candidate attention-head budgets (top-h heads over the model) searched beside ρ (None: the
-    signature config's own ``heads`` only). Per head budget the smallest passing ρ is taken as above; among
+    ``heads``: candidate attention-head budgets (top-h heads over the model) searched beside ρ (None:
+    :func:`default_head_grid` of the model's heads, or only the signature config's own ``heads`` when no
+    head kinds are scored). Per head budget the smallest passing ρ is taken as above; among
     those points the one whose clean drift (the skill proxy) is least wins, ties going to fewer heads.
     Each head budget costs one more curve.
     """

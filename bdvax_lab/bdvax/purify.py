@@ -80,7 +80,7 @@ from ..threat.suspicious import (
 )
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
-from .config import AUTO_RHO, STAGES, PurifyConfig
+from .config import AUTO_RHO, DEFAULT_PURIFY_RHO, STAGES, PurifyConfig
 
 #: the manifest ``kind`` of a purified artifact directory
 PURIFIED_KIND = "bdvax.purified"
@@ -191,7 +191,9 @@ def _signature_config(config: PurifyConfig, custom_extractor: bool = False) -> A
         return config.signature
     from .config import SignatureConfig
 
-    return SignatureConfig.from_dict(dict(config.signature)) if config.signature else SignatureConfig()
+    if config.signature:
+        return SignatureConfig.from_dict(dict(config.signature))
+    return SignatureConfig(rho=DEFAULT_PURIFY_RHO)  # nothing set: calibrate the budget (config.py says why)
 
 
 def purify(
