@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bdvax_lab.bdvax.config import SignatureConfig
 from bdvax_lab.bdvax.plan import (
     SMOLLM2_135M,
     Hardware,
@@ -69,6 +70,14 @@ def test_workload_follows_the_pipeline_configs():
     )
     assert (w.repair_samples, w.repair_epochs, w.repair_batch, w.lora_r) == (200, 5.0, 8, 8)
     assert (w.eval_prompts, w.eval_new_tokens, w.eval_batch) == (50, 32, 50)
+    # bdvax purify's default budget is calibrated: 6 × (1 + 7 ρ × 4 head budgets) = 174 points, the count
+    # the calibration measured on SmolLM2 (results/purify-badnets-refusal-lora-format-seed1-auto-heads.csv)
+    assert w.calibration_curve == 29 and w.n_variants * w.calibration_curve == 174
+    fixed = PlanConfig.from_pipeline("lora", signature=SignatureConfig(rho=0.8))
+    assert fixed.calibration_curve == 0
+    df, _ = plan(SMOLLM2_135M, w)
+    assert "calibration" in set(df.stage) and "calibration" not in set(plan(SMOLLM2_135M, fixed)[0].stage)
+    assert df.set_index("stage").loc["calibration", "jobs"] == 174
 
 
 def test_full_costs_more_than_lora_and_checkpointing_trades_flops_for_memory():

@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.registry import ALL_KINDS, MLP_KINDS, SETTINGS
-from .config import SignatureConfig, default_twin_train
+from .config import (
+    AUTO_RHO,
+    DEFAULT_HEAD_SHARES,
+    DEFAULT_PURIFY_RHO,
+    CalibrationConfig,
+    SignatureConfig,
+    default_twin_train,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -255,6 +262,13 @@ class PlanConfig:
     text_tokens: int = 128
     n_mcq: int = 200
     n_skill: int = 200
+    #: leave-one-variant-out points per held-out variant (``rho="auto"``): 1 + |ρ grid| × |head budgets|;
+    #: 0 = a fixed ρ, no calibration
+    calibration_curve: int = 0
+    calibration_prompts: int = 16  #: triggered replies a point generates
+    calibration_new_tokens: int = 12
+    calibration_forwards: int = 32  #: teacher-forced sequences a point scores (reference replies + answers)
+    calibration_tokens: int = 48
     dtype_bytes: int = 2
     gradient_checkpointing: bool = False
     labelled_logits_only: bool = True
@@ -272,13 +286,18 @@ class PlanConfig:
         signature: SignatureConfig | None = None,
         repair: RepairConfig | None = None,
         eval: EvalConfig | None = None,
+        calibration: CalibrationConfig | None = None,
         **overrides: Any,
     ) -> PlanConfig:
-        """The numbers of the real configs (their defaults when None), then ``overrides``."""
+        """The numbers of the real configs (their defaults when None, as ``bdvax purify`` has them: a
+        calibrated budget), then ``overrides``."""
         from ..threat.config import N_GENERAL_TEXT, TEXT_PPL_TOKENS, EvalConfig
         from ..training.config import RepairConfig
 
-        sig = signature or SignatureConfig()
+        sig = signature or SignatureConfig(rho=DEFAULT_PURIFY_RHO)
+        cal = calibration or CalibrationConfig()
+        budgets = len(cal.heads) if cal.heads is not None else len(DEFAULT_HEAD_SHARES)
+        curve = 1 + len(cal.grid(setting)) * budgets if sig.rho == AUTO_RHO else 0
         rep, ev = repair or RepairConfig(), eval or EvalConfig()
         twin = sig.twin_train or default_twin_train(setting)
         steps = twin.steps or 60
@@ -309,6 +328,11 @@ class PlanConfig:
             text_tokens=TEXT_PPL_TOKENS,
             n_mcq=(ev.mcq_limit or 375) if "mcq" in utility else 0,
             n_skill=(ev.n_skill or 200) if "skill" in utility else 0,
+            calibration_curve=curve,
+            calibration_prompts=cal.n_prompts,
+            calibration_new_tokens=cal.max_new_tokens,
+            calibration_forwards=cal.n_reference + cal.n_ppl,
+            calibration_tokens=cal.ppl_max_tokens,
         )
         values.update(overrides)
         return cls(**values)
@@ -503,6 +527,27 @@ def plan(
     gram = max(m.d_ff, m.hidden) * n * n * 8 / GB
     nothing = {"weights_gb": 0.0, "lora_gb": 0.0, "grads_gb": 0.0, "optimizer_gb": 0.0, **zero}
     add("scores", 1, score_flops, {**nothing, "activations_gb": biggest + gram}, hw.train_mfu, 1)
+    # calibration (rho="auto"): per point, the held-out twin's triggered replies and teacher-forced passes
+    points = w.n_variants * w.calibration_curve
+    if points:
+        per_point = w.calibration_prompts * generate_flops(
+            m, w, w.prompt_tokens, w.calibration_new_tokens
+        ) + w.calibration_forwards * _forward_flops(
+            m, w, w.prompt_tokens + w.calibration_tokens, w.calibration_tokens
+        )
+        kv = (
+            2 * m.n_layers * m.kv_dim * w.calibration_prompts
+            * (w.prompt_tokens + w.calibration_new_tokens) * w.dtype_bytes / GB
+        )  # fmt: skip
+        add(
+            "calibration",
+            points,
+            points * per_point,
+            {**_state_parts(m, w, False), "activations_gb": w.calibration_prompts * m.vocab * 4 / GB,
+             "kv_cache_gb": kv},
+            hw.gen_mfu,
+            points,
+        )  # fmt: skip
     # repair: one finetune of n_samples × epochs sample passes
     rsamples = math.ceil(w.repair_samples * w.repair_epochs / w.repair_batch) * w.repair_batch
     act = _activation_bytes(m, w, w.repair_batch, w.repair_response_tokens) / GB
