@@ -80,10 +80,11 @@ PAPER_RHO: dict[str, float] = {"lora": 0.35, "full": 0.03}
 
 
 # The defaults a user gets when nothing says otherwise (``SignatureConfig()``, ``bdvax purify``, and the
-# pruning baselines' ratio, which follows the signature's). They are the realistic bench's to decide
-# (experiments/bench.py): TODO(bench owner) set them to what the bench shows works. Until then: the
-# behaviour family of ``bdvax attack``'s default task (refusal), so that ``bdvax attack`` then ``bdvax
-# purify`` with no flags fear the same family, and the paper's ρ.
+# pruning baselines' ratio, which follows the signature's), decided on the realistic bench
+# (experiments/bench.py): the behaviour family of ``bdvax attack``'s default task (refusal), so that
+# ``bdvax attack`` then ``bdvax purify`` with no flags fear the same family; for a purification, a budget
+# calibrated on the defender's own variants (:data:`DEFAULT_PURIFY_RHO`); for a signature selected
+# without calibration, the paper's ρ.
 
 #: behaviour family the defender fears by default (see above)
 DEFAULT_FAMILY = "refusal"
@@ -97,8 +98,9 @@ AUTO_RHO = "auto"
 
 #: ρ of ``bdvax purify`` and ``purify()`` when nothing sets it (no ``--rho``, no ``rho`` in a config file,
 #: ``PurifyConfig.signature=None``): calibrate it, and the attention-head budget, on the defender's own
-#: variants. Why: on the bench no fixed ρ over MLP channels removes the refusal backdoor, and the
-#: calibrated budget did (results/readings/lovo-heads.md). It costs a calibration (~20 min on 2 CPU cores).
+#: variants. Why: on the bench no fixed ρ over MLP channels removes the refusal backdoor, the calibrated
+#: budget did, and on the sentiment target it chose the best fixed ρ (results/readings/lovo-heads.md,
+#: bench-in-domain.md). It costs a calibration (about 17 min for SmolLM2-135M on 2 CPU cores).
 #: :data:`DEFAULT_RHO` stays the budget of a signature selected without calibration (``bdvax signature``,
 #: ``SignatureConfig()``, the pruning baselines).
 DEFAULT_PURIFY_RHO = AUTO_RHO
