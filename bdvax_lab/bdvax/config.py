@@ -99,7 +99,7 @@ AUTO_RHO = "auto"
 #: ρ of ``bdvax purify`` and ``purify()`` when nothing sets it (no ``--rho``, no ``rho`` in a config file,
 #: ``PurifyConfig.signature=None``): calibrate it, and the attention-head budget, on the defender's own
 #: variants. Why: on the bench no fixed ρ over MLP channels removes the refusal backdoor, the calibrated
-#: budget did, and on the sentiment target it chose the best fixed ρ (results/readings/lovo-heads.md,
+#: budget did, and on the sentiment target it chose the bench's fixed ρ 0.8 (results/readings/lovo-heads.md,
 #: bench-in-domain.md). It costs a calibration (about 17 min for SmolLM2-135M on 2 CPU cores).
 #: :data:`DEFAULT_RHO` stays the budget of a signature selected without calibration (``bdvax signature``,
 #: ``SignatureConfig()``, the pruning baselines).
