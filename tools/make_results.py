@@ -88,6 +88,10 @@ CAPTIONS = {
         "--heads-grid 0,30,90,270`, half the clean data the finetune's own task inputs; the calibration "
         "chose ρ 0.9 and all 270 heads"
     ),
+    "purify-badnets-refusal-lora-format-seed1-default.csv": (
+        "The same model, `bdvax purify`'s default budget (calibrated over the head budgets 0, 30, 90, 270) "
+        "and the shipped generic clean data only: the calibration chose ρ 0.9 and 90 heads"
+    ),
 }
 
 
