@@ -1,8 +1,11 @@
 """How well does the signature find the backdoor's own channels, and how much does the twin recipe matter?
 
-For one bench target this computes, once, the oracle (attribution patching with the *true* trigger:
-evaluation only, the defence never sees it; :func:`bdvax_lab.analysis.probes.attribution.oracle_attribution`)
-and then, per twin recipe, the signature's precision@k and AUROC against the oracle's top set, beside
+For one bench target this computes, once, two oracles with the *true* trigger (evaluation only, the
+defence never sees them): attribution patching of activations
+(:func:`bdvax_lab.analysis.probes.attribution.oracle_attribution`) and, in the adapter setting, the
+first-order effect of zeroing each adapter slice
+(:func:`bdvax_lab.analysis.probes.lora_oracle.lora_oracle`; column ``oracle``). Then, per twin recipe, the
+signature's precision@k and AUROC against each oracle's top set, beside
 ``top_delta`` (the suspicious update's largest channels, no twins) and ``random`` (five seeds). MLP channels
 (top set: 1 % of them) and attention heads (top set: 10 %) are scored apart.
 
@@ -12,7 +15,7 @@ The recipes vary one thing each against the bench's own (:meth:`experiments.benc
 per recipe, so a rerun resumes and the bench's own twins are reused by ``default``. This is a proxy: it
 says which recipe ranks the oracle's channels best, not which purifies best after repair.
 
-Writes results/twin_recipe-<target>-seed<k>.csv (one row per recipe × ranking × seed × k × unit).
+Writes results/twin_recipe-<target>-seed<k>.csv (one row per oracle × recipe × ranking × seed × k × unit).
 
 Usage: python benchmarks/twin_recipe.py [--target attack:task:setting:skill] [--seed 0]
        [--recipes default,equal_steps,...] [--pairs 32]
@@ -76,16 +79,6 @@ def _recipes(text: str) -> list[str]:
     return names
 
 
-def _stack_heads(head_scores: dict[int, Any], shape: tuple[int, int]) -> Any:
-    """``{block: Tensor[n_heads]}`` → ``Tensor[L, n_heads]`` (blocks without scores are zero)."""
-    import torch
-
-    out = torch.zeros(shape, dtype=torch.float64)
-    for b, t in head_scores.items():
-        out[int(b)] = t.detach().double().reshape(-1)
-    return out
-
-
 def overlap(oracle: Any, rankings: dict[str, Any], unit: str, seeds: range) -> Any:
     """:func:`ranking_overlap` with this script's top-set share for ``unit``; a ``unit`` column added."""
     from bdvax_lab.analysis.ranking import ranking_overlap
@@ -106,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from bdvax_lab.analysis.probes.attribution import oracle_attribution
+    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
+    from bdvax_lab.analysis.ranking import head_matrix
     from bdvax_lab.baselines.controls import delta_channel_scores, delta_head_scores
     from bdvax_lab.bdvax.signature import extract_signature
     from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
@@ -120,36 +115,47 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     clean = eval_prompts(task, args.pairs)
-    oracle = oracle_attribution(
-        sm.model, sm.tokenizer, clean, triggered_prompts(clean, attack, seed=0), resolve_task(task).targets[0]
-    )
-    mlp, heads = oracle.tensor, oracle.meta["heads"]
-    print(f"oracle: {time.time() - t0:.0f} s ({args.pairs} pairs, the true trigger; evaluation only)")
+    trig, target = triggered_prompts(clean, attack, seed=0), resolve_task(task).targets[0]
+    act = oracle_attribution(sm.model, sm.tokenizer, clean, trig, target)
+    oracles = {"activation": (act.tensor, act.meta["heads"])}
+    if sm.setting == "lora":
+        wgt = lora_oracle(sm.model, sm.tokenizer, trig, target)
+        oracles["weight"] = (wgt.tensor, wgt.meta["heads"])
+    print(f"oracles: {time.time() - t0:.0f} s ({args.pairs} pairs, the true trigger; evaluation only)")
+    shape = tuple(act.meta["heads"].shape)
     controls = {
         "channel": {"top_delta": delta_channel_scores(sm.model)},
-        "head": {"top_delta": _stack_heads(delta_head_scores(sm.model), tuple(heads.shape))},
+        "head": {"top_delta": head_matrix(delta_head_scores(sm.model), shape)},
     }
-    frames = [overlap(mlp, controls["channel"], "channel", range(5))]
-    frames.append(overlap(heads, controls["head"], "head", range(5)))
-    frames = [f.assign(recipe="(control)", seconds=None) for f in frames]
+    frames = []
+    for oname, (mlp, heads) in oracles.items():
+        got = [overlap(mlp, controls["channel"], "channel", range(5))]
+        got.append(overlap(heads, controls["head"], "head", range(5)))
+        frames += [f.assign(recipe="(control)", seconds=None, oracle=oname) for f in got]
 
     for name in args.recipes:
         cfg = recipe_config(base_cfg, name)
         t = time.time()
         sig = extract_signature(sm, cfg)  # twins cached per recipe
         secs = round(time.time() - t, 1)
-        sig_heads = _stack_heads(sig.head_scores, tuple(heads.shape))
-        got = [
-            overlap(mlp, {"signature": sig.scores}, "channel", range(0)),
-            overlap(heads, {"signature": sig_heads}, "head", range(0)),
-        ]
-        frames += [f.assign(recipe=name, seconds=secs) for f in got]
-        auc = {f.unit.iloc[0]: f.auroc.iloc[0] for f in got}
-        print(f"{name:>13}: AUROC channels {auc['channel']:.3f}, heads {auc['head']:.3f} ({secs:.0f} s)")
+        sig_heads = head_matrix(sig.head_scores, shape)
+        for oname, (mlp, heads) in oracles.items():
+            got = [
+                overlap(mlp, {"signature": sig.scores}, "channel", range(0)),
+                overlap(heads, {"signature": sig_heads}, "head", range(0)),
+            ]
+            frames += [f.assign(recipe=name, seconds=secs, oracle=oname) for f in got]
+            auc = {f.unit.iloc[0]: f.auroc.iloc[0] for f in got}
+            print(
+                f"{name:>13} vs {oname} oracle: AUROC channels {auc['channel']:.3f}, heads {auc['head']:.3f}"
+                f" ({secs:.0f} s)"
+            )
 
     df = pd.concat(frames, ignore_index=True)
     first = df[df.k == df.n_top]
-    table = first.groupby(["unit", "recipe", "ranking"])[["precision_at_k", "auroc"]].agg(["mean", "std"])
+    table = first.groupby(["oracle", "unit", "recipe", "ranking"])[["precision_at_k", "auroc"]].agg(
+        ["mean", "std"]
+    )
     print(table.round(3).to_string())
     out = ROOT / "results" / f"twin_recipe-{args.target.replace(':', '-')}-seed{args.seed}.csv"
     df.to_csv(out, index=False)

@@ -189,3 +189,129 @@ def test_oracle_checks_its_pairs(tiny_pair):
         oracle_attribution(model, tok, ["a"], ["a", "b"], "x")
     with pytest.raises(ValueError, match="key_positions"):
         oracle_attribution(model, tok, ["a"], ["b"], "x", key_positions="all")
+
+
+def _target_logprob(model, tok, prompts, target_ids) -> float:
+    """Mean over prompts of Σ log p(target tokens), teacher-forced after each chat-templated prompt."""
+    from bdvax_lab.core.data import format_prompt
+
+    total = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] + target_ids
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -len(target_ids) - 1 : -1]
+            lp = torch.log_softmax(logits.double(), -1)
+            total += float(lp[torch.arange(len(target_ids)), torch.tensor(target_ids)].sum())
+    return total / len(prompts)
+
+
+def test_lora_oracle_predicts_what_zeroing_a_slice_does(tiny):
+    """The weight oracle's score of a channel / head is the first-order change of the behaviour's
+    log-probability when suppression zeroes that adapter slice: checked against the real change on a
+    small random adapter (where first order is nearly exact), for the top unit and a random one of each
+    kind, under GQA."""
+    from peft import LoraConfig, get_peft_model
+
+    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
+    from bdvax_lab.weights.suppression import zero_lora_channels
+
+    base, tok = tiny
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(0)
+    for n, p in peft.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.05 if "lora_A" in n else 0.002)
+    trig = triggered_prompts([Example(f"Name a colour, number {i}.") for i in range(4)], "badnets", seed=0)
+    before = {n: p.requires_grad for n, p in peft.named_parameters()}
+    res = lora_oracle(peft, tok, trig, "stupid idea", n_target_tokens=2, batch_size=3)
+    assert {n: p.requires_grad for n, p in peft.named_parameters()} == before
+    assert all(p.grad is None for p in peft.parameters())
+    lay = layout_of(peft)
+    assert res.tensor.shape == (lay.n_blocks, lay.d_ff) and res.meta["heads"].shape == (
+        lay.n_blocks,
+        lay.n_heads,
+    )
+    tgt = res.meta["target_ids"]
+    m0 = _target_logprob(peft, tok, trig, tgt)
+    state = {n: p.detach().clone() for n, p in peft.named_parameters() if "lora_" in n}
+    g = torch.Generator().manual_seed(1)
+    for kind, scores in (("mlp", res.tensor), ("head", res.meta["heads"])):
+        top = int(scores.abs().reshape(-1).argmax())
+        other = int(torch.randint(scores.numel(), (1,), generator=g))
+        for flat in (top, other):
+            b, u = divmod(flat, scores.shape[1])
+            if kind == "mlp":
+                zero_lora_channels(peft, {(b, k): [u] for k in ("gate", "up", "down")})
+            else:  # a whole GQA group, so k/v are zeroed too: compare with the group's summed score
+                group = lay.n_heads // lay.n_kv_heads
+                members = list(range(u // group * group, (u // group + 1) * group))
+                zero_lora_channels(peft, {}, {b: members})
+            drop = m0 - _target_logprob(peft, tok, trig, tgt)
+            want = float(scores[b, u]) if kind == "mlp" else float(scores[b, members].sum())
+            assert drop == pytest.approx(want, rel=0.1, abs=1e-5), (kind, b, u)
+            with torch.no_grad():
+                for n, p in peft.named_parameters():
+                    if n in state:
+                        p.copy_(state[n])
+    assert abs(float(res.tensor.abs().max())) > 1e-5  # the check above was not vacuous
+    with pytest.raises(TypeError, match="PeftModel"):
+        lora_oracle(base, tok, trig, "x")
+
+
+def test_ablate_rankings_zeroes_each_rankings_top_units_and_restores_the_adapter(tiny, monkeypatch):
+    """The backdoor measurement is replaced by a reading of one planted adapter slice (ASR 1 while block
+    1's channel 5 / head 2 carry LoRA weight): a ranking that puts them first must read 0, the adapter
+    must be whole again for every next row, and random rankings read the chance level."""
+    from peft import LoraConfig, get_peft_model
+
+    import bdvax_lab.threat.evaluate as ev
+    from bdvax_lab.analysis.unit_ablation import ABLATION_COLUMNS, ablate_rankings, top_units
+
+    base, tok = tiny
+    peft = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj", "o_proj"]),
+    )
+    for n, p in peft.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    lay = layout_of(peft)
+    hf = peft.base_model.model
+    gate = hf.model.layers[1].mlp.gate_proj.lora_B["default"].weight
+    q = hf.model.layers[1].self_attn.q_proj.lora_B["default"].weight
+    hd = lay.head_dim
+
+    def fake(model, tokenizer, attack, task, prompts, **kw):
+        live = {"channel": bool(gate[5].abs().sum() > 0), "head": bool(q[2 * hd : 3 * hd].abs().sum() > 0)}
+        return {"asr": float(live["channel"] and live["head"]), "n_prompts": len(prompts)}, None
+
+    monkeypatch.setattr(ev, "backdoor_metrics", fake)
+    planted_c = torch.zeros(lay.n_blocks, lay.d_ff)
+    planted_c[1, 5] = 1.0
+    planted_h = torch.zeros(lay.n_blocks, lay.n_heads)
+    planted_h[1, 2] = 1.0
+    rankings = {"oracle": {"channel": planted_c, "head": planted_h}, "anti": {"channel": -planted_c}}
+    df = ablate_rankings(
+        peft,
+        tok,
+        rankings,
+        {"channel": 1, "head": 1},
+        attack="badnets",
+        task="insult",
+        prompts=[Example("hi")],
+        random_seeds=(0, 1),
+        progress=False,
+    )
+    assert list(df.columns) == ABLATION_COLUMNS
+    asr = {(r.ranking, r.unit, r.seed if r.seed == r.seed else None): r.asr for r in df.itertuples()}
+    assert asr[("none", "-", None)] == 1.0
+    assert asr[("oracle", "channel", None)] == 0.0 and asr[("oracle", "head", None)] == 0.0
+    assert asr[("anti", "channel", None)] == 1.0  # the restored adapter: the slice is live again
+    assert df[df.ranking == "random"].asr.eq(1.0).all()  # 1 of 16 heads / 1 of many channels: misses here
+    assert gate[5].abs().sum() > 0 and q[2 * hd : 3 * hd].abs().sum() > 0
+    assert {b: t.tolist() for b, t in top_units(planted_h, 1).items()} == {1: [2]}
+    with pytest.raises(ValueError, match="unknown unit"):
+        ablate_rankings(peft, tok, rankings, {"neuron": 1}, attack="badnets", task="insult", prompts=[])
+    with pytest.raises(TypeError, match="PeftModel"):
+        ablate_rankings(base, tok, rankings, {"head": 1}, attack="badnets", task="insult", prompts=[])

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
         ("bench.py", ["--defences", "bdvax,nosuch"], "has unknown ['nosuch']"),
         ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
+        ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "bad shares '0.01,2'"),
+        ("oracle_ablation.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):

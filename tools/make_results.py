@@ -293,7 +293,8 @@ def section_bench() -> list[str]:
             out += [f"{link(path)}:", generic_table(path)]
     name = "bench" if (READINGS / "bench.md").is_file() else None
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
-    return out + section_lovo_heads() + section_bench_in_domain() + section_twin_recipe() + section_implants()
+    extra = (section_lovo_heads, section_bench_in_domain, section_twin_recipe, section_oracle_ablation)
+    return out + [line for section in extra for line in section()] + section_implants()
 
 
 def section_lovo_heads() -> list[str]:
@@ -330,41 +331,77 @@ def section_lovo_heads() -> list[str]:
     return [*out, reading("lovo-heads")] if out else []
 
 
+def _mean_sd(vals: list[float], digits: int = 3) -> str:
+    """``mean`` for one value, ``mean ± sd (n seeds)`` for several."""
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(vals)} seeds)"
+
+
 def section_twin_recipe() -> list[str]:
-    """benchmarks/twin_recipe.py: precision@k and AUROC against the trigger oracle, per twin recipe."""
+    """benchmarks/twin_recipe.py: precision@k and AUROC against the trigger oracles, per twin recipe."""
     out: list[str] = []
     for path in sorted(RESULTS.glob("twin_recipe-*.csv")):
         rows = [r for r in read_csv(path) if r["k"] == r["n_top"]]
-        groups: dict[tuple[str, str, str], list[dict]] = {}
+        groups: dict[tuple[str, str, str, str], list[dict]] = {}
         for r in rows:
-            groups.setdefault((r["unit"], r["recipe"], r["ranking"]), []).append(r)
-
-        def cell(rs: list[dict], col: str) -> str:
-            vals = [float(r[col]) for r in rs]
-            mean = sum(vals) / len(vals)
-            if len(vals) == 1:
-                return f"{mean:.3f}"
-            sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-            return f"{mean:.3f} ± {sd:.3f} ({len(vals)} seeds)"
-
+            key = (r.get("oracle") or "activation", r["unit"], r["recipe"], r["ranking"])
+            groups.setdefault(key, []).append(r)
         target = path.stem.removeprefix("twin_recipe-")
         out += [
-            f"### Which channels does a ranking find? The trigger oracle, per twin recipe: {target}",
+            f"### Which channels does a ranking find? The trigger oracles, per twin recipe: {target}",
             "",
             f"From {link(path)} (`python benchmarks/twin_recipe.py`): precision at k = the oracle's top set "
-            "(1 % of the MLP channels, 10 % of the heads, by attribution patching with the true trigger; "
-            "evaluation only) and AUROC against that set.",
+            "(1 % of the MLP channels, 10 % of the heads; evaluation only, with the true trigger) and AUROC "
+            "against that set. Oracle `activation`: attribution patching of activations; `weight`: the "
+            "first-order effect of zeroing each adapter slice.",
             "",
             table(
-                ["unit", "twin recipe", "ranking", "precision@k", "AUROC"],
+                ["oracle", "unit", "twin recipe", "ranking", "precision@k", "AUROC"],
                 [
-                    [u, rec, rk, cell(rs, "precision_at_k"), cell(rs, "auroc")]
-                    for (u, rec, rk), rs in sorted(groups.items())
+                    [
+                        o,
+                        u,
+                        rec,
+                        rk,
+                        _mean_sd([float(r["precision_at_k"]) for r in rs]),
+                        _mean_sd([float(r["auroc"]) for r in rs]),
+                    ]
+                    for (o, u, rec, rk), rs in sorted(groups.items())
                 ],
             ),
             "",
         ]
     return [*out, reading("twin-recipe")] if out else []
+
+
+def section_oracle_ablation() -> list[str]:
+    """benchmarks/oracle_ablation.py: ASR after zeroing each ranking's top adapter units (no repair)."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("oracle_ablation-*.csv")):
+        groups: dict[tuple[str, int, str], list[dict]] = {}
+        for r in read_csv(path):
+            groups.setdefault((r["unit"], int(float(r["n_units"] or 0)), r["ranking"]), []).append(r)
+        target = path.stem.removeprefix("oracle_ablation-")
+        rows = []
+        for (unit, n, rk), rs in sorted(groups.items()):
+            asr = _mean_sd([float(r["asr"]) for r in rs], 2)
+            if len(rs) == 1:
+                asr += f" [{float(rs[0]['asr_lo']):.2f}, {float(rs[0]['asr_hi']):.2f}]"
+            rows.append([unit, n, rk, asr, _mean_sd([float(r["false_trigger"]) for r in rs], 2)])
+        out += [
+            f"### Do the oracles point at what matters? Zeroing each ranking's top units: {target}",
+            "",
+            f"From {link(path)} (`python benchmarks/oracle_ablation.py`): the adapter slices of each "
+            f"ranking's top units zeroed, no repair, ASR and false-trigger on {rs[0]['n_prompts']} held-out "
+            "prompts (95 % Wilson interval for single rows); evaluation only.",
+            "",
+            table(["unit", "zeroed", "ranking", "ASR", "false-trigger"], rows),
+            "",
+        ]
+    return [*out, reading("oracle-ablation")] if out else []
 
 
 def section_bench_in_domain() -> list[str]:

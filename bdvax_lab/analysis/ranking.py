@@ -39,6 +39,15 @@ def neuron_scores(scores: Mapping[Any, torch.Tensor], n_blocks: int, aggregate: 
     return out
 
 
+def head_matrix(head_scores: Mapping[int, torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """``{block: [n_heads]}`` (a signature's ``head_scores``) → ``[L, n_heads]``; blocks without scores are
+    zero, so a head ranking can be compared with an oracle's head tensor."""
+    out = torch.zeros(tuple(shape), dtype=torch.float64)
+    for b, t in head_scores.items():
+        out[int(b)] = t.detach().double().reshape(-1)
+    return out
+
+
 def top_set(values: torch.Tensor, n_top: int) -> torch.Tensor:
     """Boolean mask (same shape) of the ``n_top`` largest values (ties: lower flat index first)."""
     flat = values.reshape(-1).double()

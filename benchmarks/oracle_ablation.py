@@ -1,0 +1,132 @@
+"""Does zeroing a ranking's top adapter units remove the real backdoor? The oracles' own causal check.
+
+Evaluation only (uses the true trigger). On one bench model (``--target``, implant ``--seed``), four
+rankings are compared at the same counts, with no repair:
+
+- ``activation_oracle``: attribution patching of activations (:func:`~bdvax_lab.analysis.probes.
+  attribution.oracle_attribution`, the oracle of ``benchmarks/twin_recipe.py``);
+- ``weight_oracle``: the first-order effect of zeroing each adapter slice (:func:`~bdvax_lab.analysis.
+  probes.lora_oracle.lora_oracle`);
+- ``signature``: BD-VAX's scores with the bench's recipe (cached twins);
+- ``top_delta``: ‖ΔW‖ per channel / head of the suspicious update;
+- ``random`` (``--random-seeds``): the chance level.
+
+The oracles read ``--pairs`` held-out prompts; ASR is measured on the next ``--prompts`` ones (disjoint).
+Writes results/oracle_ablation-<target>-seed<k>.csv (:data:`~bdvax_lab.analysis.unit_ablation.
+ABLATION_COLUMNS`).
+
+    python benchmarks/oracle_ablation.py [--target badnets:sentiment:lora:format] [--seed 0]
+       [--channel-shares 0.01,0.05] [--head-shares 0.1] [--prompts 100] [--random-seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _shares(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad shares {text!r}: give comma-separated numbers in (0, 1]"
+        ) from None
+    if not all(0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"bad shares {text!r}: each must be in (0, 1]")
+    return vals
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: give comma-separated integers") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="badnets:sentiment:lora:format")
+    ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
+    ap.add_argument("--channel-shares", type=_shares, default=[0.01, 0.05], help="shares of MLP channels")
+    ap.add_argument("--head-shares", type=_shares, default=[0.1], help="shares of attention heads")
+    ap.add_argument("--pairs", type=int, default=32, help="held-out prompt pairs the oracles read")
+    ap.add_argument("--prompts", type=int, default=100, help="held-out prompts for ASR (after the pairs)")
+    ap.add_argument("--random-seeds", type=_ints, default=[0, 1, 2])
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from bdvax_lab.analysis.probes.attribution import oracle_attribution
+    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
+    from bdvax_lab.analysis.ranking import head_matrix
+    from bdvax_lab.analysis.unit_ablation import ablate_rankings
+    from bdvax_lab.baselines.controls import delta_channel_scores, delta_head_scores
+    from bdvax_lab.bdvax.signature import extract_signature
+    from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
+    from bdvax_lab.threat.evaluate import eval_prompts
+    from experiments.bench import Bench, BenchConfig, parse_target
+
+    try:
+        attack, task, setting, _ = parse_target(args.target)
+    except ValueError as e:
+        ap.error(str(e))
+    if setting != "lora":
+        ap.error(f"--target {args.target}: the ablation zeroes adapter slices; give a lora target")
+    sm, cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
+    held = eval_prompts(task, args.pairs + args.prompts)
+    if len(held) < args.pairs + args.prompts:
+        ap.error(f"--pairs {args.pairs} + --prompts {args.prompts}: only {len(held)} held-out prompts")
+    pairs, asr_prompts = held[: args.pairs], held[args.pairs :]
+    trig = triggered_prompts(pairs, attack, seed=0)
+    target = resolve_task(task).targets[0]
+
+    t0 = time.time()
+    act = oracle_attribution(sm.model, sm.tokenizer, pairs, trig, target)
+    wgt = lora_oracle(sm.model, sm.tokenizer, trig, target)
+    sig = extract_signature(sm, cfg)  # twins cached with the bench's recipe
+    shape = tuple(act.meta["heads"].shape)
+    rankings = {
+        "activation_oracle": {"channel": act.tensor, "head": act.meta["heads"]},
+        "weight_oracle": {"channel": wgt.tensor, "head": wgt.meta["heads"]},
+        "signature": {"channel": sig.scores, "head": head_matrix(sig.head_scores, shape)},
+        "top_delta": {
+            "channel": delta_channel_scores(sm.model),
+            "head": head_matrix(delta_head_scores(sm.model), shape),
+        },
+    }
+    print(f"rankings: {time.time() - t0:.0f} s")
+    n_ch, n_hd = act.tensor.numel(), act.meta["heads"].numel()
+    frames = []
+    budgets = [("channel", round(s * n_ch)) for s in args.channel_shares] + [
+        ("head", round(s * n_hd)) for s in args.head_shares
+    ]
+    for i, (unit, n) in enumerate(budgets):
+        df = ablate_rankings(
+            sm.model,
+            sm.tokenizer,
+            rankings,
+            {unit: n},
+            attack=attack,
+            task=task,
+            prompts=asr_prompts,
+            random_seeds=args.random_seeds,
+        )
+        frames.append(df if i == 0 else df[df.ranking != "none"])
+        print(
+            df[["ranking", "seed", "unit", "n_units", "asr", "asr_lo", "asr_hi", "false_trigger"]].to_string()
+        )
+    out_df = pd.concat(frames, ignore_index=True).assign(target=args.target, implant_seed=args.seed)
+    out = ROOT / "results" / f"oracle_ablation-{args.target.replace(':', '-')}-seed{args.seed}.csv"
+    out_df.to_csv(out, index=False)
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
