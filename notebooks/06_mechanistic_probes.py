@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 import bdvax_lab as bx
 from bdvax_lab.analysis import probes
 from bdvax_lab.analysis.probes.attribution import oracle_attribution
+from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
 from bdvax_lab.analysis.ranking import overlap_figure, ranking_overlap
 from bdvax_lab.baselines.controls import delta_channel_scores
 from bdvax_lab.bdvax.signature import Signature
@@ -231,6 +232,21 @@ if signature_dir:
 overlap = ranking_overlap(oracle.tensor, rankings, random_seeds=range(5))
 display(overlap.groupby(["ranking", "k"])[["precision_at_k", "auroc"]].mean())
 overlap_figure(overlap)
+
+# %% [markdown]
+# A neuron can carry the trigger's effect because something upstream changed its input while its own
+# adapter slice is innocent, and the defence only ever zeroes adapter slices. The **weight oracle** scores
+# exactly those slices: `Σ ∂ log p(target | triggered) / ∂θ · θ` over each channel's rows and columns of the
+# LoRA factors, the first-order drop of the behaviour if suppression zeroed them. Do the two oracles agree,
+# and which one does the signature match? (`benchmarks/oracle_ablation.py` zeroes each oracle's top units
+# and measures the real ASR.)
+
+# %%
+w_oracle = lora_oracle(lm, tok, triggered, resolve_task(task).targets[0], n_target_tokens=4)
+w_rankings = {**rankings, "activation_oracle": oracle.tensor}
+w_overlap = ranking_overlap(w_oracle.tensor, w_rankings, random_seeds=range(5))
+display(w_overlap.groupby(["ranking", "k"])[["precision_at_k", "auroc"]].mean())
+overlap_figure(w_overlap)
 
 # %% [markdown]
 # ## Exercises

@@ -51,10 +51,6 @@ class PurifyConfig(Config):
             raise ValueError(f"PurifyConfig.evaluate has unknown stage(s) {bad}; stages: {list(STAGES)}")
         self.evaluate = tuple(self.evaluate)
         if isinstance(self.signature, Mapping):
-            try:
-                pass  # (import moved into this module)
-            except ImportError:  # signature module not available: keep the plain dict
-                return
             self.signature = SignatureConfig.from_dict(dict(self.signature))
 
 
