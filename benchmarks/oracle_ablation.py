@@ -13,7 +13,7 @@ rankings are compared at the same counts, with no repair:
 
 The oracles read ``--pairs`` held-out prompts; ASR is measured on the next ``--prompts`` ones (disjoint).
 Writes results/oracle_ablation-<target>-seed<k>.csv (:data:`~bdvax_lab.analysis.unit_ablation.
-ABLATION_COLUMNS`).
+ABLATION_COLUMNS`); a rerun with other budgets adds its rows and replaces those of the same budgets.
 
     python benchmarks/oracle_ablation.py [--target badnets:sentiment:lora:format] [--seed 0]
        [--channel-shares 0.01,0.05] [--head-shares 0.1] [--prompts 100] [--random-seeds 0,1,2]
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     out_df = pd.concat(frames, ignore_index=True).assign(target=args.target, implant_seed=args.seed)
     out = ROOT / "results" / f"oracle_ablation-{args.target.replace(':', '-')}-seed{args.seed}.csv"
+    if out.is_file():  # keep an earlier run's other budgets (same model and rankings: cached, seeded)
+        old = pd.read_csv(out)
+        done = set(zip(out_df.unit, out_df.n_units))
+        keep = [(u, n) not in done for u, n in zip(old.unit, old.n_units)]
+        out_df = pd.concat([old[keep], out_df], ignore_index=True)
     out_df.to_csv(out, index=False)
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
