@@ -561,13 +561,7 @@ class Bench:
         """Every unit (or those of ``targets`` at implant ``seeds``), then the tables; returns the frame."""
         from bdvax_lab.core.executor import make_executor
 
-        wanted = set(targets) if targets is not None else None
-        at = set(seeds) if seeds is not None else None
-        units = [
-            (t, s)
-            for t, s in self.config.units()
-            if (wanted is None or t in wanted) and (at is None or s in at)
-        ]
+        units = self._units(targets, seeds)
         ex = make_executor(self.executor)
         try:
             if ex.remote and units:
@@ -599,11 +593,24 @@ class Bench:
         ):
             self.log(f"{labels[i]}: {n} rows")
 
-    def plan(self) -> pd.DataFrame:
-        """Every row the bench needs and whether it is cached (runs nothing)."""
+    def _units(
+        self, targets: Iterable[str] | None = None, seeds: Iterable[int] | None = None
+    ) -> list[tuple[str, int]]:
+        """The config's (target, implant seed) units, only those of ``targets`` at ``seeds`` when given."""
+        wanted = set(targets) if targets is not None else None
+        at = set(seeds) if seeds is not None else None
+        return [
+            (t, s)
+            for t, s in self.config.units()
+            if (wanted is None or t in wanted) and (at is None or s in at)
+        ]
+
+    def plan(self, targets: Iterable[str] | None = None, seeds: Iterable[int] | None = None) -> pd.DataFrame:
+        """Every row the bench needs (of ``targets`` at implant ``seeds``, as :meth:`run`) and whether it is
+        cached (runs nothing)."""
         self._plan = []
         try:
-            for target, seed in self.config.units():
+            for target, seed in self._units(targets, seeds):
                 self.run_unit(target, seed)
         finally:
             plan, self._plan = pd.DataFrame(self._plan), None
@@ -1018,14 +1025,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--random-seeds {ns.random_seeds!r}: expected a comma list of integers")
     bench = Bench(cfg, executor=executor)
-    if ns.plan:
-        plan = bench.plan()
-        print(plan.to_string(index=False))
-        print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
-        return 0
-    if ns.tables:
-        bench.tables()
-        return 0
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     for t in targets or []:
         parse_target(t)
@@ -1035,5 +1034,13 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(x) for x in ns.seeds.split(",")]
         except ValueError:
             p.error(f"--seeds {ns.seeds!r}: expected a comma list of integers")
+    if ns.plan:
+        plan = bench.plan(targets, seeds)
+        print(plan.to_string(index=False))
+        print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
+        return 0
+    if ns.tables:
+        bench.tables()
+        return 0
     bench.run(targets, seeds)
     return 0

@@ -45,6 +45,7 @@ def test_bench_runs_caches_and_tables(tiny_pair, tmp_path, monkeypatch):
     cfg = cfg.replace(defences=(*cfg.defences, "bdvax_auto", "mb_faithful"))
     bench = Bench(cfg, base=tiny_pair, progress=False, log=lambda _: None)
     assert not bench.plan().cached.any()
+    assert bench.plan(seeds=[1]).empty and len(bench.plan(["badnets:refusal:lora:knowledge"], [0]))
     df = bench.run()
     got = set(zip(df.defence, df.control_seed.fillna(-1).astype(int)))
     want = {
