@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             task=task,
             prompts=asr_prompts,
             random_seeds=args.random_seeds,
+            baseline=i == 0,
         )
-        frames.append(df if i == 0 else df[df.ranking != "none"])
+        frames.append(df)
         print(
             df[["ranking", "seed", "unit", "n_units", "asr", "asr_lo", "asr_hi", "false_trigger"]].to_string()
         )

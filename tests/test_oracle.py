@@ -311,6 +311,19 @@ def test_ablate_rankings_zeroes_each_rankings_top_units_and_restores_the_adapter
     assert df[df.ranking == "random"].asr.eq(1.0).all()  # 1 of 16 heads / 1 of many channels: misses here
     assert gate[5].abs().sum() > 0 and q[2 * hd : 3 * hd].abs().sum() > 0
     assert {b: t.tolist() for b, t in top_units(planted_h, 1).items()} == {1: [2]}
+    only = ablate_rankings(
+        peft,
+        tok,
+        {"oracle": {"head": planted_h}},
+        {"head": 1},
+        attack="badnets",
+        task="insult",
+        prompts=[Example("hi")],
+        random_seeds=(),
+        baseline=False,
+        progress=False,
+    )
+    assert only.ranking.tolist() == ["oracle"] and only.asr.tolist() == [0.0]
     with pytest.raises(ValueError, match="unknown unit"):
         ablate_rankings(peft, tok, rankings, {"neuron": 1}, attack="badnets", task="insult", prompts=[])
     with pytest.raises(TypeError, match="PeftModel"):

@@ -72,11 +72,12 @@ def ablate_rankings(
     task: Any,
     prompts: Sequence[Example],
     random_seeds: Sequence[int] = (0, 1, 2),
+    baseline: bool = True,
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
     """ASR after zeroing each ranking's top units, one row per (ranking, seed, unit); columns
-    :data:`ABLATION_COLUMNS`, plus a ``none`` row (nothing zeroed).
+    :data:`ABLATION_COLUMNS`, plus a ``none`` row (nothing zeroed) unless ``baseline=False``.
 
     ``rankings``: name → ``{"channel": [L, d_ff] scores or a per-module dict, "head": [L, n_heads]}``
     (either may be missing); ``budgets``: unit → how many to zero (``{"channel": 461, "head": 27}``);
@@ -91,7 +92,9 @@ def ablate_rankings(
         raise ValueError(f"budgets has unknown unit(s) {bad}; units: {list(UNITS)}")
     lay = layout_of(model)
     shapes = {"channel": (lay.n_blocks, lay.d_ff), "head": (lay.n_blocks, lay.n_heads)}
-    jobs: list[tuple[str, int | None, str, torch.Tensor | None]] = [("none", None, "-", None)]
+    jobs: list[tuple[str, int | None, str, torch.Tensor | None]] = (
+        [("none", None, "-", None)] if baseline else []
+    )
     for unit in budgets:
         for name, per_unit in rankings.items():
             s = per_unit.get(unit)
