@@ -27,6 +27,7 @@ import pandas as pd
 from bdvax_lab.baselines.registry import BUILTIN_DEFENCES
 from bdvax_lab.core.artifacts import atomic_write_text, read_json, stable_hash, write_json
 from bdvax_lab.core.config import Config
+from bdvax_lab.threat.evaluate import BACKDOOR_COLUMNS
 from bdvax_lab.viz.report import REPORT_FILE, report_html, save_report
 
 SKILLS = ("knowledge", "format")
@@ -46,12 +47,7 @@ DEFENCES = (*METHODS, *BUILTIN_DEFENCES)
 UNTREATED_MB = "none_mb"
 #: Figures every row keeps (the evaluation summary's).
 METRICS = (
-    "asr",
-    "asr_lo",
-    "asr_hi",
-    "false_trigger",
-    "degenerate_triggered",
-    "degenerate_clean",
+    *BACKDOOR_COLUMNS,
     "n_prompts",
     "skill",
     "skill_lo",

@@ -38,6 +38,7 @@ import pandas as pd
 
 from bdvax_lab.core.artifacts import atomic_write_text, read_json, write_json
 from bdvax_lab.core.config import Config
+from bdvax_lab.threat.evaluate import BACKDOOR_COLUMNS
 from bdvax_lab.viz.results_figures import pareto_figure, variants_figure  # noqa: F401 (re-exported)
 
 METHODS = (
@@ -55,12 +56,7 @@ TABLES = ("table2_asr", "table3_utility", "table4_score", "fig2_variants", "tabl
 
 
 KEEP = [
-    "asr",
-    "asr_lo",
-    "asr_hi",
-    "false_trigger",
-    "degenerate_triggered",
-    "degenerate_clean",
+    *BACKDOOR_COLUMNS,
     "n_prompts",
     "ppl",
     "mcq_acc",

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.registry import MLP_KINDS, is_peft, layout_of
+from ..threat.evaluate import BACKDOOR_COLUMNS
 from ..weights.selection import top_indices
 from ..weights.suppression import zero_lora_channels
 from .ranking import neuron_scores, random_scores
@@ -37,12 +38,7 @@ ABLATION_COLUMNS = [
     "unit",
     "n_units",
     "n_total",
-    "asr",
-    "asr_lo",
-    "asr_hi",
-    "false_trigger",
-    "degenerate_triggered",
-    "degenerate_clean",
+    *BACKDOOR_COLUMNS,
     "n_prompts",
     "seconds",
 ]

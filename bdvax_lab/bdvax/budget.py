@@ -12,15 +12,11 @@ from typing import Any
 
 import pandas as pd
 
+from ..threat.evaluate import BACKDOOR_COLUMNS
 from ..threat.suspicious import as_suspicious
 
 STAGE_COLUMNS = [
-    "asr",
-    "asr_lo",
-    "asr_hi",
-    "false_trigger",
-    "degenerate_triggered",
-    "degenerate_clean",
+    *BACKDOOR_COLUMNS,
     "ppl",
     "mcq_acc",
     "skill",

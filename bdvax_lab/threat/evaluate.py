@@ -70,6 +70,17 @@ def eval_prompts(task: Any = None, n: int | None = None) -> list[Example]:
 
 
 # --------------------------------------------------------------------------- backdoor metrics
+#: the backdoor figures of :func:`backdoor_metrics`'s summary that every table keeps, in table order
+BACKDOOR_COLUMNS: tuple[str, ...] = (
+    "asr",
+    "asr_lo",
+    "asr_hi",
+    "false_trigger",
+    "degenerate_triggered",
+    "degenerate_clean",
+)
+
+
 def backdoor_metrics(
     model: Model,
     tokenizer: PreTrainedTokenizerBase,

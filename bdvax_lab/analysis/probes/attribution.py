@@ -75,6 +75,14 @@ def _target_ids(tokenizer: Any, target: str, n: int) -> list[int]:
     return [int(i) for i in ids]
 
 
+def target_logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Σ log p(target tokens) over a left-padded batch whose last ``k`` tokens are the target:
+    ``logits`` ``[B, T, V]``, ``target_ids`` ``[k]`` → a scalar (the oracles' metric)."""
+    k = target_ids.numel()
+    lp = torch.log_softmax(logits[:, -k - 1 : -1].float(), -1)
+    return lp.gather(-1, target_ids.to(lp.device).expand(lp.shape[0], k)[..., None]).sum()
+
+
 def _unit_sum(x: torch.Tensor, kind: str, head_dim: int) -> torch.Tensor:
     """[..., C] → [..., units]: heads sum their ``head_dim`` slice, channels stay."""
     if kind == "head":
@@ -148,7 +156,6 @@ def oracle_attribution(
     layout = layout_of(hf)
     L, hd = layout.n_blocks, layout.head_dim
     tgt = _target_ids(tokenizer, target, n_target_tokens)
-    k = len(tgt)
     cs = [s + tgt for s in encode_prompts(tokenizer, clean)]
     ts = [s + tgt for s in encode_prompts(tokenizer, trig)]
     pad = pad_token(tokenizer)
@@ -160,9 +167,7 @@ def oracle_attribution(
     tgt_t = torch.tensor(tgt)
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
-        # the last k tokens of every (left-padded) row are the target, predicted from the k positions before
-        lp = torch.log_softmax(logits[:, -k - 1 : -1].float(), -1)
-        return lp.gather(-1, tgt_t.to(lp.device).expand(lp.shape[0], k)[..., None]).sum()
+        return target_logprob(logits, tgt_t)
 
     w = nnsight_model(model, tokenizer)
     embed = layout.spec.embed

@@ -28,7 +28,7 @@ import torch
 from ...core.batching import pad_token
 from ...core.data import Example
 from ...core.registry import MLP_KINDS, is_peft, layout_of, unwrap
-from .attribution import _target_ids, oracle_frame
+from .attribution import _target_ids, oracle_frame, target_logprob
 from .common import ProbeResult, _as_prompts, _chunks, _left_pad, encode_prompts
 
 if TYPE_CHECKING:
@@ -89,7 +89,6 @@ def lora_oracle(
     L, hd, nh = layout.n_blocks, layout.head_dim, layout.n_heads
     group = max(1, nh // max(1, layout.n_kv_heads))
     tgt = _target_ids(tokenizer, target, n_target_tokens)
-    k = len(tgt)
     seqs = [s + tgt for s in encode_prompts(tokenizer, trig)]
     kinds = [kd for kd in (*MLP_KINDS, *HEAD_PARTS) if kd in layout.spec.modules]
     factors = {(b, kd): _factors(hf, layout, b, kd) for b in range(L) for kd in kinds}
@@ -111,8 +110,7 @@ def lora_oracle(
             b = _left_pad([seqs[i] for i in idx], int(pad_token(tokenizer)))
             with torch.enable_grad():
                 logits = hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
-                lp = torch.log_softmax(logits[:, -k - 1 : -1].float(), -1)
-                lp.gather(-1, tgt_t.expand(lp.shape[0], k)[..., None]).sum().backward()
+                target_logprob(logits, tgt_t).backward()
         mlp = torch.zeros(L, layout.d_ff, dtype=torch.float64)
         heads = torch.zeros(L, nh, dtype=torch.float64)
         for (blk, kd), fs in factors.items():
