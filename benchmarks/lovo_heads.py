@@ -5,11 +5,11 @@ The MLP-only calibration on the refusal target passes at no ρ (results/log/lovo
 This runs the calibration with a head grid (``CalibrationConfig.heads``: the bench's twins and signature
 recipe, no trigger) and prints the curve per (heads, ρ): mean and max held-out ASR of the defender's
 variants, the skill proxy (clean drift, nats/token) and the perplexity ratio, then the budget the
-calibration chooses. Points are cached by the calibration, so a rerun resumes. Writes
-results/lovo_heads-<target>.csv.
+calibration chooses. Points are cached by the calibration, so a rerun resumes; a rerun with other budgets
+adds its points to the CSV. Writes results/lovo_heads-<target>[-seed<k>].csv (or --out).
 
 Usage: python benchmarks/lovo_heads.py [--target attack:task:setting:skill] [--heads 0,30,90,270]
-       [--rhos 0.35,0.6,0.8,1.0] [--seed 0]
+       [--rhos 0.35,0.6,0.8,1.0] [--seed 0] [--out CSV]
 """
 
 from __future__ import annotations
@@ -23,18 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad budgets {text!r}: expected numbers, e.g. 0.35,0.8") from None
-    if not out or not all(0 < r <= 1 for r in out):
-        raise argparse.ArgumentTypeError(f"bad budgets {text!r}: each ρ in (0, 1]")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    from bdvax_lab.cli import head_budgets
+    from bdvax_lab.cli import head_budgets, number_list, rate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:refusal:lora:format")
@@ -43,9 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         "--heads", type=head_budgets, default=(0, 30, 90, 270), help="head budgets (top-h over the model)"
     )
     ap.add_argument(
-        "--rhos", type=_floats, default=None, help="candidate ρ (default: the calibration's grid)"
+        "--rhos",
+        type=number_list(rate, "0.01,0.35,0.8"),
+        default=None,
+        help="candidate ρ (default: the calibration's grid)",
+    )
+    ap.add_argument(
+        "--out", type=Path, help="CSV to write (default results/lovo_heads-<target>[-seed<k>].csv)"
     )
     args = ap.parse_args(argv)
+
+    import pandas as pd
 
     from bdvax_lab.bdvax.calibration import calibrate_rho
     from bdvax_lab.bdvax.config import CalibrationConfig
@@ -64,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     out = res.summary()
     print(out.to_string(index=False), flush=True)
     print(f"chosen: ρ={res.rho:g}, {res.heads} heads, met={res.met} ({res.reason}); {time.time() - t0:.0f} s")
-    path = ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}.csv"
+    print(f"points cached in {res.meta['cache']}")
+    suffix = f"-seed{args.seed}" if args.seed else ""
+    path = args.out or ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}{suffix}.csv"
+    if path.is_file():  # a rerun with other budgets adds its points to the curve; the new ones win
+        old = pd.read_csv(path)
+        keep = ~old.set_index(["heads", "rho"]).index.isin(out.set_index(["heads", "rho"]).index)
+        out = pd.concat([old[keep], out]).sort_values(["heads", "rho"]).reset_index(drop=True)
     out.to_csv(path, index=False)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
     return 0
 
 

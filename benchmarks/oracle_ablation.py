@@ -30,34 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _shares(text: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad shares {text!r}: give comma-separated numbers in (0, 1]"
-        ) from None
-    if not all(0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"bad shares {text!r}: each must be in (0, 1]")
-    return vals
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: give comma-separated integers") from None
-
-
 def main(argv: list[str] | None = None) -> int:
+    from bdvax_lab.cli import nonneg_int, number_list, rate
+
+    shares = number_list(rate, "0.01,0.05", empty=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:sentiment:lora:format")
     ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
-    ap.add_argument("--channel-shares", type=_shares, default=[0.01, 0.05], help="shares of MLP channels")
-    ap.add_argument("--head-shares", type=_shares, default=[0.1], help="shares of attention heads")
+    ap.add_argument("--channel-shares", type=shares, default=[0.01, 0.05], help="shares of MLP channels")
+    ap.add_argument("--head-shares", type=shares, default=[0.1], help="shares of attention heads")
     ap.add_argument("--pairs", type=int, default=32, help="held-out prompt pairs the oracles read")
     ap.add_argument("--prompts", type=int, default=100, help="held-out prompts for ASR (after the pairs)")
-    ap.add_argument("--random-seeds", type=_ints, default=[0, 1, 2])
+    ap.add_argument("--random-seeds", type=number_list(nonneg_int, "0,1,2"), default=[0, 1, 2])
     args = ap.parse_args(argv)
 
     import pandas as pd

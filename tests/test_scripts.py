@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
         ("bench.py", ["--defences", "bdvax,nosuch"], "has unknown ['nosuch']"),
         ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
-        ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "bad shares '0.01,2'"),
+        ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "'0.01,2': item '2': must be in (0, 1]"),
+        ("lovo_heads.py", ["--rhos", "0.5,x"], "'0.5,x': item 'x': expected float"),
+        ("lovo_heads.py", ["--heads", "0,-3"], "item '-3': must be ≥ 0"),
         ("oracle_ablation.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
     ],
 )
