@@ -111,6 +111,7 @@ def write_results(
     import pandas as pd
 
     from bdvax_lab.core.artifacts import atomic_write_text
+    from bdvax_lab.threat.evaluate import BACKDOOR_COLUMNS
     from bdvax_lab.viz.tables import markdown_table
 
     df = pd.DataFrame(
@@ -120,12 +121,7 @@ def write_results(
         "attack",
         "task",
         "setting",
-        "asr",
-        "asr_lo",
-        "asr_hi",
-        "false_trigger",
-        "degenerate_triggered",
-        "degenerate_clean",
+        *BACKDOOR_COLUMNS,
         "ppl",
         "mcq_acc",
         "mcq_acc_norm",

@@ -103,6 +103,7 @@ def run_demo(
         return 0
     from bdvax_lab.bdvax.config import PurifyConfig
     from bdvax_lab.bdvax.purify import purify
+    from bdvax_lab.threat.evaluate import BACKDOOR_COLUMNS
     from bdvax_lab.training.config import RepairConfig
 
     print(
@@ -127,12 +128,7 @@ def run_demo(
     cols = [
         c
         for c in (
-            "asr",
-            "asr_lo",
-            "asr_hi",
-            "false_trigger",
-            "degenerate_triggered",
-            "degenerate_clean",
+            *BACKDOOR_COLUMNS,
             "skill",
             "skill_kept",
             "ppl",
