@@ -6,10 +6,10 @@ This runs the calibration with a head grid (``CalibrationConfig.heads``: the ben
 recipe, no trigger) and prints the curve per (heads, ρ): mean and max held-out ASR of the defender's
 variants, the skill proxy (clean drift, nats/token) and the perplexity ratio, then the budget the
 calibration chooses. Points are cached by the calibration, so a rerun resumes; a rerun with other budgets
-adds its points to the CSV. Writes results/lovo_heads-<target>[-seed<k>].csv (or --out).
+adds its points to the CSV. Writes results/lovo_heads-<target>[-seed<k>][-<recipe>].csv (or --out).
 
 Usage: python benchmarks/lovo_heads.py [--target attack:task:setting:skill] [--heads 0,30,90,270]
-       [--rhos 0.35,0.6,0.8,1.0] [--seed 0] [--out CSV]
+       [--rhos 0.35,0.6,0.8,1.0] [--seed 0] [--recipe default] [--out CSV]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.cli import head_budgets, number_list, rate
+    from experiments.twin_recipes import RECIPES, recipe_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:refusal:lora:format")
@@ -39,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         help="candidate ρ (default: the calibration's grid)",
     )
     ap.add_argument(
-        "--out", type=Path, help="CSV to write (default results/lovo_heads-<target>[-seed<k>].csv)"
+        "--recipe",
+        default="default",
+        choices=sorted(RECIPES),
+        help="twin recipe of the signature and the held-out twins (experiments/twin_recipes.py)",
+    )
+    ap.add_argument(
+        "--out", type=Path, help="CSV to write (default results/lovo_heads-<target>[-seed<k>][-<recipe>].csv)"
     )
     args = ap.parse_args(argv)
 
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     sm, sig_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
-    sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row)
+    sig_cfg = recipe_config(sig_cfg, args.recipe)
+    sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row, or twin_recipe.py)
     cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None, heads=tuple(args.heads))
     t0 = time.time()
     res = calibrate_rho(sm, sig, cal_cfg, signature_config=sig_cfg)
@@ -63,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(out.to_string(index=False), flush=True)
     print(f"chosen: ρ={res.rho:g}, {res.heads} heads, met={res.met} ({res.reason}); {time.time() - t0:.0f} s")
     print(f"points cached in {res.meta['cache']}")
-    suffix = f"-seed{args.seed}" if args.seed else ""
+    suffix = (f"-seed{args.seed}" if args.seed else "") + (
+        "" if args.recipe == "default" else f"-{args.recipe}"
+    )
     path = args.out or ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}{suffix}.csv"
     if path.is_file():  # a rerun with other budgets adds its points to the curve; the new ones win
         old = pd.read_csv(path)

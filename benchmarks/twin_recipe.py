@@ -32,46 +32,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: recipe name → what it changes against the bench's signature recipe (see :func:`recipe_config`)
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "equal_steps": {"equal_steps": True},
-    "lr_half": {"lr_scale": 0.5},
-    "lr_double": {"lr_scale": 2.0},
-    "steps_half": {"steps_scale": 0.5},
-    "steps_double": {"steps_scale": 2.0},
-    "n_clean_20": {"n_clean": 20},
-    "n_variants_3": {"n_variants": 3},
-}
-
 #: share of the units in the oracle's top set, per kind of unit
 TOP_SHARE = {"channel": 0.01, "head": 0.10}
 
 
-def recipe_config(base: Any, name: str) -> Any:
-    """The bench's :class:`SignatureConfig` ``base`` with recipe ``name``'s one change."""
-    from bdvax_lab.bdvax.config import default_twin_train
-
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
-    change = RECIPES[name]
-    twin = base.twin_train or default_twin_train("lora")
-    cfg = base
-    if "lr_scale" in change:
-        cfg = cfg.replace(twin_train=twin.replace(lr=twin.lr * change["lr_scale"]))
-    if "steps_scale" in change:
-        steps = max(1, round(twin.steps * change["steps_scale"]))
-        cfg = cfg.replace(twin_train=twin.replace(steps=steps))
-    if change.get("equal_steps"):
-        cfg = cfg.replace(clean_steps=twin.steps)
-    if "n_clean" in change:
-        cfg = cfg.replace(n_clean=change["n_clean"])
-    if "n_variants" in change:
-        cfg = cfg.replace(n_variants=change["n_variants"])
-    return cfg
-
-
 def _recipes(text: str) -> list[str]:
+    from experiments.twin_recipes import RECIPES
+
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in RECIPES]
     if not names or bad:
@@ -89,6 +56,8 @@ def overlap(oracle: Any, rankings: dict[str, Any], unit: str, seeds: range) -> A
 
 
 def main(argv: list[str] | None = None) -> int:
+    from experiments.twin_recipes import RECIPES, recipe_config
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:sentiment:lora:format")
     ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")

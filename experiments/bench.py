@@ -1030,8 +1030,18 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(x) for x in ns.seeds.split(",")]
         except ValueError:
             p.error(f"--seeds {ns.seeds!r}: expected a comma list of integers")
+        # asked for by name: these targets get these implant seeds even where the config gives them one
+        named = tuple(targets or cfg.targets)
+        cfg = cfg.replace(
+            implant_seeds=tuple(dict.fromkeys([*cfg.implant_seeds, *seeds])),
+            headline=tuple(dict.fromkeys([*cfg.headline, *named])),
+        )
+        bench = Bench(cfg, executor=executor)
     if ns.plan:
         plan = bench.plan(targets, seeds)
+        if plan.empty:
+            print("no rows: no target of the bench at these implant seeds")
+            return 0
         print(plan.to_string(index=False))
         print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
         return 0

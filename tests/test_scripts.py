@@ -56,14 +56,10 @@ def test_machine_speed_times_the_pipeline_path():
 
 
 def test_twin_recipes_change_one_thing_each():
-    """benchmarks/twin_recipe.py: each recipe differs from the bench's signature recipe in its one field."""
-    import importlib.util
-
+    """experiments/twin_recipes.py: each recipe differs from the bench's signature recipe in its one field."""
     from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
+    from experiments import twin_recipes as mod
 
-    spec = importlib.util.spec_from_file_location("twin_recipe", ROOT / "benchmarks" / "twin_recipe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     base = SignatureConfig(family="insult", rho=0.8, twin_train=default_twin_train("lora"))
     assert mod.recipe_config(base, "default") == base
     assert mod.recipe_config(base, "equal_steps").clean_steps == base.twin_train.steps == 60
@@ -78,3 +74,36 @@ def test_twin_recipes_change_one_thing_each():
     assert changed["default"] == set() and all(len(v) == 1 for k, v in changed.items() if k != "default")
     with pytest.raises(ValueError, match="unknown recipe 'x'"):
         mod.recipe_config(base, "x")
+
+
+def test_bench_plan_runs_a_target_at_the_seed_asked_for(tmp_path):
+    """``--targets T --seeds 1`` plans T at implant seed 1 even where the config gives T only seed 0."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--targets", "badnets:refusal:lora:format"]
+        + [
+            "--seeds",
+            "1",
+            "--defences",
+            "top_delta",
+            "--random-seeds",
+            "0",
+            "--plan",
+            "--runs",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [
+        line.split() for line in out.stdout.splitlines() if line.startswith("badnets:refusal:lora:format")
+    ]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("1", "none"),
+        ("1", "bdvax"),
+        ("1", "top_delta"),
+        ("1", "random-seed0"),
+    ]
+    assert "0 of 4 rows cached" in out.stdout
