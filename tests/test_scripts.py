@@ -84,7 +84,7 @@ def test_bench_plan_runs_a_target_at_the_seed_asked_for(tmp_path):
             "--seeds",
             "1",
             "--defences",
-            "top_delta",
+            "top_delta,random",
             "--random-seeds",
             "0",
             "--plan",
