@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+#: the columns that name one point of the curve
+KEY = ["heads", "rho"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.cli import head_budgets, number_list, rate
     from experiments.twin_recipes import RECIPES, recipe_config
@@ -55,12 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.bdvax.calibration import calibrate_rho
     from bdvax_lab.bdvax.config import CalibrationConfig
     from bdvax_lab.bdvax.signature import extract_signature
+    from bdvax_lab.core.artifacts import atomic_write_text
     from experiments.bench import Bench, BenchConfig, parse_target
 
     try:
         parse_target(args.target)
     except ValueError as e:
         ap.error(str(e))
+    suffix = (f"-seed{args.seed}" if args.seed else "") + (
+        "" if args.recipe == "default" else f"-{args.recipe}"
+    )
+    path = args.out or ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}{suffix}.csv"
+    old = None
+    if path.exists():  # checked before the calibration runs: only a curve of this script is merged into
+        try:
+            old = pd.read_csv(path)
+        except Exception as e:
+            ap.error(f"--out {path}: exists and is not a CSV ({type(e).__name__}); give another path")
+        if not {*KEY, "mean_asr"} <= set(old.columns):
+            ap.error(f"--out {path}: exists and is not a lovo_heads curve; give another path")
     sm, sig_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
     sig_cfg = recipe_config(sig_cfg, args.recipe)
     sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row, or twin_recipe.py)
@@ -71,15 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(out.to_string(index=False), flush=True)
     print(f"chosen: ρ={res.rho:g}, {res.heads} heads, met={res.met} ({res.reason}); {time.time() - t0:.0f} s")
     print(f"points cached in {res.meta['cache']}")
-    suffix = (f"-seed{args.seed}" if args.seed else "") + (
-        "" if args.recipe == "default" else f"-{args.recipe}"
-    )
-    path = args.out or ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}{suffix}.csv"
-    if path.is_file():  # a rerun with other budgets adds its points to the curve; the new ones win
-        old = pd.read_csv(path)
-        keep = ~old.set_index(["heads", "rho"]).index.isin(out.set_index(["heads", "rho"]).index)
-        out = pd.concat([old[keep], out]).sort_values(["heads", "rho"]).reset_index(drop=True)
-    out.to_csv(path, index=False)
+    if old is not None:  # a rerun with other budgets adds its points to the curve; the new ones win
+        keep = ~old.set_index(KEY).index.isin(out.set_index(KEY).index)
+        out = pd.concat([old[keep], out]).sort_values(KEY).reset_index(drop=True)
+    atomic_write_text(path, out.to_csv(index=False))
     print(f"wrote {path}")
     return 0
 

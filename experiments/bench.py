@@ -1020,7 +1020,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(random_seeds=tuple(int(x) for x in ns.random_seeds.split(",")))
         except ValueError:
             p.error(f"--random-seeds {ns.random_seeds!r}: expected a comma list of integers")
-    bench = Bench(cfg, executor=executor)
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     for t in targets or []:
         parse_target(t)
@@ -1036,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             implant_seeds=tuple(dict.fromkeys([*cfg.implant_seeds, *seeds])),
             headline=tuple(dict.fromkeys([*cfg.headline, *named])),
         )
-        bench = Bench(cfg, executor=executor)
+    bench = Bench(cfg, executor=executor)
     if ns.plan:
         plan = bench.plan(targets, seeds)
         if plan.empty:

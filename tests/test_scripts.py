@@ -107,3 +107,18 @@ def test_bench_plan_runs_a_target_at_the_seed_asked_for(tmp_path):
         ("1", "random-seed0"),
     ]
     assert "0 of 4 rows cached" in out.stdout
+
+
+def test_lovo_heads_refuses_an_existing_out_that_is_not_its_curve(tmp_path):
+    """An existing ``--out`` that is not a lovo_heads curve: a one-line error before any work, file kept."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text("a,b\n1,2\n")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lovo_heads.py"), "--out", str(notes)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "exists and is not a lovo_heads curve" in out.stderr, out.stderr[-2000:]
+    assert notes.read_text() == "a,b\n1,2\n"
