@@ -29,7 +29,7 @@ KEY = ["heads", "rho"]
 
 def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.cli import head_budgets, number_list, rate
-    from experiments.twin_recipes import RECIPES, recipe_config
+    from experiments.twin_recipes import RECIPES, recipe_config, recipe_start
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:refusal:lora:format")
@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--out {path}: exists and is not a lovo_heads curve; give another path")
     sm, sig_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
     sig_cfg = recipe_config(sig_cfg, args.recipe)
-    sig = extract_signature(sm, sig_cfg)  # the bench's twins (cached by its bdvax row, or twin_recipe.py)
+    start, pool = recipe_start(sm, args.recipe, sig_cfg.family)
+    # the bench's twins (cached by its bdvax row, or twin_recipe.py)
+    sig = extract_signature(start, sig_cfg, pool=pool)
     cal_cfg = CalibrationConfig(rhos=tuple(args.rhos) if args.rhos else None, heads=tuple(args.heads))
     t0 = time.time()
-    res = calibrate_rho(sm, sig, cal_cfg, signature_config=sig_cfg)
+    res = calibrate_rho(start, sig, cal_cfg, signature_config=sig_cfg, pool=pool)
     out = res.summary()
     print(out.to_string(index=False), flush=True)
     print(f"chosen: ρ={res.rho:g}, {res.heads} heads, met={res.met} ({res.reason}); {time.time() - t0:.0f} s")

@@ -7,7 +7,8 @@ rankings are compared at the same counts, with no repair:
   attribution.oracle_attribution`, the oracle of ``benchmarks/twin_recipe.py``);
 - ``weight_oracle``: the first-order effect of zeroing each adapter slice (:func:`~bdvax_lab.analysis.
   probes.lora_oracle.lora_oracle`);
-- ``signature``: BD-VAX's scores with the bench's recipe (cached twins);
+- ``signature``: BD-VAX's scores with the bench's recipe (cached twins); ``--recipes default,attn_only``
+  adds ``signature_<recipe>`` for each other twin recipe of ``experiments/twin_recipes.py``;
 - ``top_delta``: ‖ΔW‖ per channel / head of the suspicious update;
 - ``random`` (``--random-seeds``): the chance level.
 
@@ -17,6 +18,7 @@ ABLATION_COLUMNS`); a rerun with other budgets adds its rows and replaces those 
 
     python benchmarks/oracle_ablation.py [--target badnets:sentiment:lora:format] [--seed 0]
        [--channel-shares 0.01,0.05] [--head-shares 0.1] [--prompts 100] [--random-seeds 0,1,2]
+       [--recipes default]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.cli import nonneg_int, number_list, rate
+    from experiments.twin_recipes import recipe_config, recipe_list, recipe_start
 
     shares = number_list(rate, "0.01,0.05", empty=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=32, help="held-out prompt pairs the oracles read")
     ap.add_argument("--prompts", type=int, default=100, help="held-out prompts for ASR (after the pairs)")
     ap.add_argument("--random-seeds", type=number_list(nonneg_int, "0,1,2"), default=[0, 1, 2])
+    ap.add_argument(
+        "--recipes",
+        type=recipe_list,
+        default=["default"],
+        help="twin recipes whose signatures are ranked (experiments/twin_recipes.py)",
+    )
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -73,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     act = oracle_attribution(sm.model, sm.tokenizer, pairs, trig, target)
     wgt = lora_oracle(sm.model, sm.tokenizer, trig, target)
-    sig = extract_signature(sm, cfg)  # twins cached with the bench's recipe
     shape = tuple(act.meta["heads"].shape)
     rankings = {
         "activation_oracle": {"channel": act.tensor, "head": act.meta["heads"]},
         "weight_oracle": {"channel": wgt.tensor, "head": wgt.meta["heads"]},
-        "signature": {"channel": sig.scores, "head": head_matrix(sig.head_scores, shape)},
+    }
+    for recipe in args.recipes:  # twins cached with the bench's recipe (or trained now for another one)
+        start, pool = recipe_start(sm, recipe, cfg.family)
+        sig = extract_signature(start, recipe_config(cfg, recipe), pool=pool)
+        name = "signature" if recipe == "default" else f"signature_{recipe}"
+        rankings[name] = {"channel": sig.scores, "head": head_matrix(sig.head_scores, shape)}
+    rankings |= {
         "top_delta": {
             "channel": delta_channel_scores(sm.model),
             "head": head_matrix(delta_head_scores(sm.model), shape),

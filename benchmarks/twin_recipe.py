@@ -36,16 +36,6 @@ sys.path.insert(0, str(ROOT))
 TOP_SHARE = {"channel": 0.01, "head": 0.10}
 
 
-def _recipes(text: str) -> list[str]:
-    from experiments.twin_recipes import RECIPES
-
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in RECIPES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"bad recipes {bad or text!r}: choose from {','.join(RECIPES)}")
-    return names
-
-
 def overlap(oracle: Any, rankings: dict[str, Any], unit: str, seeds: range) -> Any:
     """:func:`ranking_overlap` with this script's top-set share for ``unit``; a ``unit`` column added."""
     from bdvax_lab.analysis.ranking import ranking_overlap
@@ -56,12 +46,12 @@ def overlap(oracle: Any, rankings: dict[str, Any], unit: str, seeds: range) -> A
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.twin_recipes import RECIPES, recipe_config
+    from experiments.twin_recipes import RECIPES, recipe_config, recipe_list, recipe_start
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:sentiment:lora:format")
     ap.add_argument("--seed", type=int, default=0, help="implant seed of the bench target")
-    ap.add_argument("--recipes", type=_recipes, default=list(RECIPES), help="comma list (default: all)")
+    ap.add_argument("--recipes", type=recipe_list, default=list(RECIPES), help="comma list (default: all)")
     ap.add_argument("--pairs", type=int, default=32, help="held-out prompt pairs for the oracle")
     args = ap.parse_args(argv)
 
@@ -105,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.recipes:
         cfg = recipe_config(base_cfg, name)
         t = time.time()
-        sig = extract_signature(sm, cfg)  # twins cached per recipe
+        start, pool = recipe_start(sm, name, cfg.family)
+        sig = extract_signature(start, cfg, pool=pool)  # twins cached per recipe
         secs = round(time.time() - t, 1)
         sig_heads = head_matrix(sig.head_scores, shape)
         for oname, (mlp, heads) in oracles.items():

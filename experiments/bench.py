@@ -954,11 +954,15 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from bdvax_lab.cli import head_budgets
+    from bdvax_lab.cli import head_budgets, nonneg_int, number_list
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", help="comma list of attack:task:setting:skill to run now (default: all)")
-    p.add_argument("--seeds", help="comma list of implant seeds to run now (default: the config's)")
+    p.add_argument(
+        "--seeds",
+        type=number_list(nonneg_int, "0,1"),
+        help="comma list of implant seeds to run now (default: the config's)",
+    )
     p.add_argument(
         "--defences", help="comma list of defences to run now (default: all; cached rows are kept)"
     )
@@ -969,7 +973,11 @@ def main(argv: list[str] | None = None) -> int:
         type=head_budgets,
         help="comma list of head budgets the bdvax_auto row's calibration also searches (e.g. 0,30,90,270)",
     )
-    p.add_argument("--random-seeds", help="comma list of the random control's seeds to run now (default 0-4)")
+    p.add_argument(
+        "--random-seeds",
+        type=number_list(nonneg_int, "0,1,2"),
+        help="comma list of the random control's seeds to run now (default 0-4)",
+    )
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
     p.add_argument("--runs", default="runs")
@@ -1016,19 +1024,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--defences {ns.defences!r}: {e}")
     if ns.random_seeds:
-        try:
-            cfg = cfg.replace(random_seeds=tuple(int(x) for x in ns.random_seeds.split(",")))
-        except ValueError:
-            p.error(f"--random-seeds {ns.random_seeds!r}: expected a comma list of integers")
+        cfg = cfg.replace(random_seeds=tuple(ns.random_seeds))
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     for t in targets or []:
         parse_target(t)
-    seeds = None
-    if ns.seeds:
-        try:
-            seeds = [int(x) for x in ns.seeds.split(",")]
-        except ValueError:
-            p.error(f"--seeds {ns.seeds!r}: expected a comma list of integers")
+    missing = [t for t in targets or [] if t not in cfg.targets]
+    if missing:
+        p.error(f"--targets: {missing} not among the bench's targets ({', '.join(cfg.targets)})")
+    seeds = ns.seeds
+    if seeds:
         # asked for by name: these targets get these implant seeds even where the config gives them one
         named = tuple(targets or cfg.targets)
         cfg = cfg.replace(

@@ -17,9 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
     ("script", "args", "expect"),
     [
         ("reproduce.py", ["--preset", "nosuch"], "unknown preset 'nosuch'"),
-        ("bench.py", ["--seeds", "one"], "--seeds 'one': expected a comma list of integers"),
+        ("bench.py", ["--seeds", "one"], "--seeds: 'one': item 'one': expected int"),
+        ("bench.py", ["--random-seeds", "0,-1"], "--random-seeds: '0,-1': item '-1': must be ≥ 0"),
         ("bench.py", ["--defences", "bdvax,nosuch"], "has unknown ['nosuch']"),
+        (
+            "bench.py",
+            ["--targets", "badnets:refusal:full:format"],
+            "['badnets:refusal:full:format'] not among the bench's targets",
+        ),
         ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
+        ("oracle_ablation.py", ["--recipes", "attn_only,x"], "bad recipes ['x']"),
         ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "'0.01,2': item '2': must be in (0, 1]"),
         ("lovo_heads.py", ["--rhos", "0.5,x"], "'0.5,x': item 'x': expected float"),
         ("lovo_heads.py", ["--heads", "0,-3"], "item '-3': must be ≥ 0"),
@@ -67,11 +74,16 @@ def test_twin_recipes_change_one_thing_each():
     assert mod.recipe_config(base, "steps_half").twin_train.steps == 30
     assert mod.recipe_config(base, "n_clean_20").n_clean == 20
     assert mod.recipe_config(base, "n_variants_3").n_variants == 3
+    assert mod.recipe_config(base, "attn_only").twin_train.target_kinds == ("q", "k", "v", "o")
     changed = {
         name: {k for k, v in mod.recipe_config(base, name).to_dict().items() if v != base.to_dict()[k]}
         for name in mod.RECIPES
     }
-    assert changed["default"] == set() and all(len(v) == 1 for k, v in changed.items() if k != "default")
+    assert changed["dilute"] == {"n_clean", "poison_ratio", "twin_train"}
+    assert mod.recipe_config(base, "dilute").twin_train.steps == 180
+    assert changed["default"] == set()
+    assert changed["fresh"] == set()  # it changes the model the twins start from (recipe_start)
+    assert all(len(v) == 1 for k, v in changed.items() if k not in ("default", "dilute", "fresh"))
     with pytest.raises(ValueError, match="unknown recipe 'x'"):
         mod.recipe_config(base, "x")
 
@@ -122,3 +134,43 @@ def test_lovo_heads_refuses_an_existing_out_that_is_not_its_curve(tmp_path):
     )
     assert out.returncode == 2 and "exists and is not a lovo_heads curve" in out.stderr, out.stderr[-2000:]
     assert notes.read_text() == "a,b\n1,2\n"
+
+
+def test_fresh_recipe_starts_twins_from_the_base_on_the_suspicious_models_replies(
+    tiny, toy_examples, monkeypatch
+):
+    """``recipe_start(..., "fresh")``: a re-initialised adapter (the base model's logits), the suspicious
+    model untouched, and the pool answered by the suspicious model (not by the fresh start)."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from bdvax_lab.core import selfdistill
+    from bdvax_lab.training.config import TrainConfig
+    from bdvax_lab.training.loop import finetune
+    from experiments import twin_recipes as mod
+
+    base, tok = tiny
+    suspicious = finetune(
+        copy.deepcopy(base), tok, toy_examples, TrainConfig(mode="lora", steps=3, lr=1e-2), progress=False
+    ).model
+    seen = []
+    monkeypatch.setattr(
+        selfdistill, "defender_data", lambda model, *a, **k: seen.append(model) or toy_examples[:3]
+    )
+    sm = SimpleNamespace(model=suspicious, tokenizer=tok)
+    assert mod.recipe_start(sm, "lr_half", "refusal") == (sm, None)
+    before = {n: p.detach().clone() for n, p in suspicious.named_parameters()}
+    (start, start_tok), pool = mod.recipe_start(sm, "fresh", "refusal")
+    assert start_tok is tok and pool == toy_examples[:3] and seen == [suspicious]
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        same = torch.allclose(start(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+        moved = not torch.allclose(suspicious(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+    assert same and moved
+    assert all(torch.equal(p, before[n]) for n, p in suspicious.named_parameters())
+    fresh_a = {n: p for n, p in start.named_parameters() if "lora_A" in n}
+    assert fresh_a and all(not torch.equal(p, before[n]) for n, p in fresh_a.items())
+    with pytest.raises(ValueError, match="unknown recipe"):
+        mod.recipe_start(sm, "nosuch", "refusal")

@@ -64,6 +64,40 @@ def test_lora_continues_existing_adapter(tiny_pair, toy_examples):
     assert sum(1 for n, _ in second.named_parameters() if "lora_" in n) == n_before
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_continued_adapter_trains_only_the_kinds_asked(tiny_pair, toy_examples, together):
+    """A twin recipe with ``target_kinds`` = attention trains only the attention part of the suspicious
+    adapter, alone and co-trained; the MLP part stays bit-identical."""
+    from bdvax_lab.core.models import working_copy
+    from bdvax_lab.core.registry import ATTN_KINDS, layout_of
+    from bdvax_lab.training.loop import finetune_together
+
+    model, tok = tiny_pair
+    suspicious = finetune(
+        copy.deepcopy(model), tok, toy_examples, TrainConfig(mode="lora", steps=2, seed=9), progress=False
+    ).model
+    cfg = TrainConfig(mode="lora", steps=3, lr=1e-2, target_kinds=ATTN_KINDS)
+    before = {n: p.detach().clone() for n, p in suspicious.named_parameters() if "lora_" in n}
+    twins = [working_copy(suspicious, share_frozen_base=True) for _ in range(2 if together else 1)]
+    if together:
+        finetune_together(twins, tok, [toy_examples[:12], toy_examples[12:]], [cfg, cfg], progress=False)
+    else:
+        finetune(twins[0], tok, toy_examples, cfg, progress=False)
+    layout = layout_of(suspicious)
+    for twin in twins:
+        moved = {n for n, p in twin.named_parameters() if n in before and not torch.equal(p, before[n])}
+        kinds = {layout.parse(n)[1] for n in moved}
+        assert kinds == set(ATTN_KINDS), kinds  # every attention kind moved, no MLP kind did
+    with pytest.raises(ValueError, match="target_kinds"):
+        finetune(
+            working_copy(suspicious, share_frozen_base=True),
+            tok,
+            toy_examples,
+            TrainConfig(mode="lora", steps=1, target_kinds=()),
+            progress=False,
+        )
+
+
 def test_config_roundtrip(tmp_path):
     cfg = TrainConfig(mode="full", lr=1e-5, steps=None, epochs=5, target_kinds=("gate", "up", "down"))
     assert TrainConfig.from_json(cfg.to_json()) == cfg

@@ -25,7 +25,7 @@ from ..core.batching import collate, length_grouped_batches, pad_token
 from ..core.data import IGNORE_INDEX, Example, encode_example
 from ..core.fused_lora import fused_lora
 from ..core.models import use_all_cores
-from ..core.registry import ArchSpec, is_peft, layout_of, unwrap
+from ..core.registry import ALL_KINDS, ArchSpec, is_peft, layout_of, unwrap
 from ..core.scoring import reduce_nll, sequence_nll
 from ..core.shared_prefix import enabled as shared_prefix_enabled
 from .config import TrainConfig
@@ -75,12 +75,25 @@ def prepare_model(model: Model, config: TrainConfig) -> Model:
     """Make the right parameters trainable; wrap in a LoRA adapter if needed.
 
     A model that already is a ``PeftModel`` keeps its adapter and continues
-    training it (how variant twins continue from a suspicious adapter).
+    training it (how variant twins continue from a suspicious adapter); then
+    ``config.target_kinds`` picks which modules' adapter parts train (the rest
+    stay frozen), e.g. only the attention part.
     """
     if config.mode == "lora":
         if is_peft(model):
+            layout = layout_of(model)
+            every = set(config.target_kinds) == set(ALL_KINDS)
+            n = 0
             for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name)
+                site = layout.parse(name) if "lora_" in name else None
+                on = "lora_" in name and (every or (site is not None and site[1] in config.target_kinds))
+                p.requires_grad_(on)
+                n += on
+            if not n:
+                raise ValueError(
+                    f"TrainConfig.target_kinds={list(config.target_kinds)}: the model's adapter has no "
+                    "module of these kinds to train"
+                )
             return model
         from peft import LoraConfig, get_peft_model
 
