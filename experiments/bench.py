@@ -90,6 +90,9 @@ class BenchConfig(Config):
     #: share of the repair samples that are inputs of the finetune's own task (unlabelled, answered by
     #: the suspicious model like the rest); 0 = generic instructions only. Every row gets the same data.
     repair_in_domain: float = 0.0
+    #: False: no defence repairs (BD-VAX and the selection controls are suppression only); the defences
+    #: that are nothing without training are left out (:meth:`applies`)
+    repair: bool = True
     n_prompts: int = 200
     max_new_tokens: int = 32
     n_skill: int | None = 200
@@ -171,11 +174,16 @@ class BenchConfig(Config):
     def applies(self, defence: str, setting: str) -> bool:
         """Whether ``defence`` runs in ``setting``: BD-VAX and the controls everywhere, a baseline where the
         paper evaluates it; fine-pruning not with adapters, where it is the random control with one seed."""
+        from dataclasses import fields
+
         from bdvax_lab.baselines.registry import defences
 
         if defence in METHODS:
             return True
         spec = defences()[defence]
+        skippable = "finetune" in {f.name for f in fields(spec.config_cls)}
+        if not self.repair and spec.uses_clean_data and not skippable:
+            return False  # without repair: only what trains nothing or can skip its repair (``finetune``)
         if defence == "fine_prune":
             return setting == "full"
         return spec.kind == "control" or setting in spec.paper_settings
@@ -226,8 +234,9 @@ class Bench:
             "implant_seeds",
         ):
             cfg.pop(where, None)
-        for late in ("repair_in_domain", "heads_grid"):  # added later: benches without them keep their rows
-            if not cfg.get(late):
+        # added later: a bench at their defaults keeps the rows measured before they existed
+        for late, default in (("repair_in_domain", 0.0), ("heads_grid", None), ("repair", True)):
+            if cfg.get(late) == default:
                 cfg.pop(late, None)
         return Path(self.config.runs_dir) / "bench" / stable_hash(cfg, 8) / "rows"
 
@@ -478,6 +487,7 @@ class Bench:
             # no grid: the bench's own head budget only (the rows measured before the default grid existed)
             calibration=CalibrationConfig(heads=self.config.heads_grid or (self.config.heads,)),
             repair=self.config.repair_config(),
+            finetune=self.config.repair,
             eval=self.config.eval_config(),
             evaluate=("purified",),
         )
@@ -501,8 +511,8 @@ class Bench:
             "n_channels": sig.n_selected,
             "n_heads": sum(heads.values()),
             "rho": (sig.selection or {}).get("rho"),
-            "lr": res.repair.lr,
-            "repair_steps": res.repair.steps,
+            "lr": res.repair.lr if res.repair is not None else None,
+            "repair_steps": res.repair.steps if res.repair is not None else 0,
             "reference": False,
             "seconds": {k: round(v, 1) for k, v in res.timings.items() if k != "total"},
         }
@@ -510,6 +520,8 @@ class Bench:
     def _defend(
         self, sm: Any, name: str, attack: str, task: str, skill: str, bd: dict[str, Any], cseed: int | None
     ) -> dict[str, Any]:
+        from dataclasses import fields
+
         from bdvax_lab.baselines.defend import defend
         from bdvax_lab.baselines.registry import baseline_config, get_defence, knowledge
 
@@ -520,6 +532,8 @@ class Bench:
             "evaluate": ("defended",),
             **knowledge(name, attack, task),  # the family (as BD-VAX), or the oracle arms' target / trigger
         }
+        if not self.config.repair and "finetune" in {f.name for f in fields(spec.config_cls)}:
+            over["finetune"] = False
         if name in ("random", "top_delta"):
             over |= {"counts": bd["counts"], "head_counts": bd.get("head_counts") or None}
             if cseed is not None:
@@ -612,10 +626,22 @@ class Bench:
             plan, self._plan = pd.DataFrame(self._plan), None
         return plan
 
+    def _cached_units(self) -> list[tuple[str, int]]:
+        """The config's units, then any other (target, implant seed) of its targets with cached rows (run
+        with ``--seeds``), so that ``--tables`` alone tables everything measured."""
+        known = {t.replace(":", "-"): t for t in self.config.targets}
+        units = list(self.config.units())
+        if self.rows_dir.is_dir():
+            for d in sorted(self.rows_dir.iterdir()):
+                stem, _, seed = d.name.rpartition("-seed")
+                if stem in known and seed.isdigit() and (known[stem], int(seed)) not in units:
+                    units.append((known[stem], int(seed)))
+        return units
+
     def frame(self) -> pd.DataFrame:
         """Every cached row, tidy, with ``skill_kept`` against the untreated model of the same unit."""
         rows = []
-        for target, seed in self.config.units():
+        for target, seed in self._cached_units():
             for path in sorted((self.rows_dir / f"{target.replace(':', '-')}-seed{seed}").glob("*.json")):
                 name = path.stem
                 defence, _, cs = name.partition("-seed")
@@ -981,7 +1007,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--out", help="tables' directory (default results/bench, or results/bench-in-domain-F)")
+    p.add_argument(
+        "--out",
+        help="tables' directory (default results/bench, results/bench-in-domain-F, results/bench-no-repair)",
+    )
+    p.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="no defence repairs: BD-VAX and the selection controls suppress only (BenchConfig.repair)",
+    )
     p.add_argument(
         "--repair-in-domain",
         type=float,
@@ -1002,16 +1036,17 @@ def main(argv: list[str] | None = None) -> int:
     grid = ns.heads_grid
     suffix = ("" if ns.rho is None else f"-rho{ns.rho:g}") + (f"-heads{ns.heads}" if ns.heads else "")
     suffix += f"-hgrid{'-'.join(map(str, grid))}" if grid else ""
-    out = ns.out or (
-        ("results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}")
-        + suffix
-    )
+    if ns.no_repair and ns.repair_in_domain:
+        p.error("--repair-in-domain needs a repair: drop --no-repair")
+    name = "results/bench" if not ns.repair_in_domain else f"results/bench-in-domain-{ns.repair_in_domain:g}"
+    out = ns.out or ("results/bench-no-repair" if ns.no_repair else name) + suffix
     extra = {} if ns.rho is None else {"rho_lora": ns.rho}
     try:
         cfg = BenchConfig(
             runs_dir=ns.runs,
             out_dir=out,
             repair_in_domain=ns.repair_in_domain,
+            repair=not ns.no_repair,
             heads=ns.heads,
             heads_grid=grid,
             **extra,
@@ -1027,7 +1062,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(random_seeds=tuple(ns.random_seeds))
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     for t in targets or []:
-        parse_target(t)
+        try:
+            parse_target(t)
+        except ValueError as e:
+            p.error(f"--targets: {e}")
     missing = [t for t in targets or [] if t not in cfg.targets]
     if missing:
         p.error(f"--targets: {missing} not among the bench's targets ({', '.join(cfg.targets)})")

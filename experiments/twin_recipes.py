@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bdvax_lab.core.registry import ATTN_KINDS
+
 #: recipe name → what it changes against the bench's signature recipe (see :func:`recipe_config`)
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -18,7 +20,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "steps_double": {"steps_scale": 2.0},
     "n_clean_20": {"n_clean": 20},
     "n_variants_3": {"n_variants": 3},
-    "attn_only": {"target_kinds": ("q", "k", "v", "o")},
+    "attn_only": {"target_kinds": ATTN_KINDS},
     # nearer the implant's dose than the twins' 50 %: 15 % poison over three times the steps, with 80 clean
     # samples per variant (6 × 80 is what the bench's defender pool holds) so the 14 poisoned ones are not
     # memorised; the one recipe that changes three fields together

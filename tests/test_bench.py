@@ -229,3 +229,25 @@ def test_heads_grid_reaches_the_calibration_and_keeps_older_rows():
     assert cfg.heads_grid == (0, 90) and Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir
     with pytest.raises(ValueError, match="head counts"):
         BenchConfig(heads_grid=(-3,))
+
+
+def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monkeypatch):
+    """``repair=False``: BD-VAX and the selection controls skip the repair; training-only defences go."""
+    assert Bench(BenchConfig(repair=True)).rows_dir == Bench(BenchConfig()).rows_dir  # older rows kept
+    assert Bench(BenchConfig(repair=False)).rows_dir != Bench(BenchConfig()).rows_dir
+    monkeypatch.setenv("BDVAX_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, repair=False).replace(random_seeds=(0,))
+    assert [d for d in cfg.defences if cfg.applies(d, "lora")] == ["bdvax", "discard", "random", "top_delta"]
+    df = Bench(cfg, base=tiny_pair, progress=False, log=lambda _: None).run()
+    assert set(df.defence) == {"none", "bdvax", "discard", "random", "top_delta"}
+    for name in ("bdvax", "random", "top_delta"):
+        row = df[df.defence == name].iloc[0]
+        assert row.repair_steps == 0 and pd.isna(row.lr), name
+    # rows of another implant seed (run with --seeds) are tabled by a bench whose config lacks that seed
+    import shutil
+
+    rows = Bench(cfg).rows_dir
+    shutil.copytree(
+        rows / "badnets-refusal-lora-knowledge-seed0", rows / "badnets-refusal-lora-knowledge-seed3"
+    )
+    assert set(Bench(cfg, log=lambda _: None).tables().implant_seed) == {0, 3}

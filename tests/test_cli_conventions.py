@@ -172,6 +172,8 @@ def test_flags_override_a_purify_config_file(tmp_path):
     assert (got.repair.n_samples, got.repair.epochs) == (80, 3.0)
     assert (got.eval.n_prompts, got.eval.batch_size) == (7, 9)
     assert got.evaluate == () and got.signature.family == "refusal" and got.signature.rho == 0.2
+    assert got.finetune is True
+    assert _purify_config(_ns(argv + ["--no-repair"]), "lora").finetune is False
 
 
 def test_a_bad_config_value_names_the_file(tmp_path, capsys):

@@ -377,6 +377,26 @@ def test_purify_accepts_precomputed_signature_and_checks_setting(suspicious_mode
         purify(sm, toy_examples, _cfg(setting="full"), signature=sig, progress=False)
 
 
+def test_purify_without_repair_keeps_every_unsuppressed_weight(suspicious_models, toy_examples, tmp_path):
+    """``finetune=False``: the suppressed model is the result; only the selected adapter rows change."""
+    sm = suspicious_models["lora"]
+    sig = FakeSignature({(0, "gate"): [0]})
+    before = _lora_params(sm.model)
+    res = purify(
+        sm, toy_examples, _cfg(evaluate=(), finetune=False), signature=sig, out=tmp_path / "p", progress=False
+    )
+    after = _lora_params(res.model)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all("layers.0." in k and "gate_proj" in k for k in changed), changed
+    assert res.repair is None and res.timings["repair"] == 0.0
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["repair"] is None and PurifyConfig.from_dict(manifest["config"]).finetune is False
+    assert not (tmp_path / "p" / "repair_history.csv").exists()
+    # with the repair, the other adapter weights move too
+    repaired = _lora_params(purify(sm, toy_examples, _cfg(evaluate=()), signature=sig, progress=False).model)
+    assert any(not torch.equal(before[k], repaired[k]) for k in before if k not in changed)
+
+
 @pytest.mark.parametrize(
     "flags, message", [(["--heads", "-3"], "heads must be ≥ 0"), (["--rho", "1.5"], "rho must be in (0, 1]")]
 )

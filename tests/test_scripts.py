@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
             ["--targets", "badnets:refusal:full:format"],
             "['badnets:refusal:full:format'] not among the bench's targets",
         ),
+        ("bench.py", ["--targets", "nonsense"], "--targets: bench target 'nonsense': expected"),
+        ("bench.py", ["--no-repair", "--repair-in-domain", "0.1"], "--repair-in-domain needs a repair"),
         ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
         ("oracle_ablation.py", ["--recipes", "attn_only,x"], "bad recipes ['x']"),
         ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "'0.01,2': item '2': must be in (0, 1]"),

@@ -293,7 +293,13 @@ def section_bench() -> list[str]:
             out += [f"{link(path)}:", generic_table(path)]
     name = "bench" if (READINGS / "bench.md").is_file() else None
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
-    extra = (section_lovo_heads, section_bench_in_domain, section_twin_recipe, section_oracle_ablation)
+    extra = (
+        section_lovo_heads,
+        section_bench_in_domain,
+        section_bench_no_repair,
+        section_twin_recipe,
+        section_oracle_ablation,
+    )
     return out + [line for section in extra for line in section()] + section_implants()
 
 
@@ -404,30 +410,36 @@ def section_oracle_ablation() -> list[str]:
     return [*out, reading("oracle-ablation")] if out else []
 
 
-def section_bench_in_domain() -> list[str]:
-    """The benches whose repair data mix in the finetune's own task inputs (``--repair-in-domain F``)."""
+def _bench_budget(cfg: dict) -> tuple[str, str]:
+    """(bench.py flags, title words) of a bench config's BD-VAX budget: ρ, heads and the head grid."""
+    flags, title = "", ""
+    if cfg.get("rho_lora") not in (None, 0.8):
+        flags += f" --rho {cfg['rho_lora']:g}"
+        title += f", BD-VAX at ρ {cfg['rho_lora']:g}"
+    if cfg.get("heads"):
+        flags += f" --heads {cfg['heads']}"
+        title += f" and {cfg['heads']} heads"
+    if cfg.get("heads_grid"):
+        grid = ",".join(str(h) for h in cfg["heads_grid"])
+        flags += f" --heads-grid {grid}"
+        title += f"; `bdvax_auto` searches head budgets {grid}"
+    return flags, title
+
+
+def _bench_sections(pattern: str, heading: Callable[[dict, str], tuple[str, str]], name: str) -> list[str]:
+    """One section per bench directory matching ``pattern`` (its table, one level down), then the reading
+    ``name``; ``heading(config, directory name)`` gives (bench.py flags, heading)."""
     out: list[str] = []
-    for d in sorted(RESULTS.glob("bench-in-domain-*")):
+    natural = lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", d.name)]
+    for d in sorted(RESULTS.glob(pattern), key=natural):  # heads27 before heads90 before heads270
         table = d / "table.md"
         if not table.is_file():
             continue
         cfg = read_json(d / "config.json")["config"] if (d / "config.json").is_file() else {}
-        share = cfg.get("repair_in_domain", d.name.removeprefix("bench-in-domain-"))
-        flags = f"--repair-in-domain {share:g}" if isinstance(share, float) else f"--repair-in-domain {share}"
-        title = f"share {share:g}" if isinstance(share, float) else f"share {share}"
-        if cfg.get("rho_lora") not in (None, 0.8):
-            flags += f" --rho {cfg['rho_lora']:g}"
-            title += f", BD-VAX at ρ {cfg['rho_lora']:g}"
-        if cfg.get("heads"):
-            flags += f" --heads {cfg['heads']}"
-            title += f" and {cfg['heads']} heads"
-        if cfg.get("heads_grid"):
-            grid = ",".join(str(h) for h in cfg["heads_grid"])
-            flags += f" --heads-grid {grid}"
-            title += f"; `bdvax_auto` searches head budgets {grid}"
+        flags, title = heading(cfg, d.name)
         links = ", ".join(link(p) for p in sorted(d.glob("*.csv")))
         out += [
-            f"### Repair data with the finetune's own task inputs ({title})",
+            f"### {title}",
             "",
             f"From {link(table)} (`python benchmarks/bench.py {flags} --tables`; beside it: {links}).",
             "",
@@ -435,7 +447,31 @@ def section_bench_in_domain() -> list[str]:
             re.sub(r"(?m)^### ", "#### ", Path(SRC.add(table)).read_text(encoding="utf-8").strip()),
             "",
         ]
-    return [*out, reading("bench-in-domain")] if out else []
+    return [*out, reading(name)] if out else []
+
+
+def section_bench_in_domain() -> list[str]:
+    """The benches whose repair data mix in the finetune's own task inputs (``--repair-in-domain F``)."""
+
+    def heading(cfg: dict, name: str) -> tuple[str, str]:
+        share = cfg.get("repair_in_domain", name.removeprefix("bench-in-domain-"))
+        share = f"{share:g}" if isinstance(share, float) else str(share)
+        flags, title = _bench_budget(cfg)
+        return f"--repair-in-domain {share}{flags}", (
+            f"Repair data with the finetune's own task inputs (share {share}{title})"
+        )
+
+    return _bench_sections("bench-in-domain-*", heading, "bench-in-domain")
+
+
+def section_bench_no_repair() -> list[str]:
+    """The benches where no defence repairs (``--no-repair``): suppression alone, beside its controls."""
+
+    def heading(cfg: dict, name: str) -> tuple[str, str]:
+        flags, title = _bench_budget(cfg)
+        return f"--no-repair{flags}", f"No repair: suppression alone{title}"
+
+    return _bench_sections("bench-no-repair*", heading, "bench-no-repair")
 
 
 # --------------------------------------------------------------------------- reproduction: Table 2 and co.

@@ -31,6 +31,8 @@ class PurifyConfig(Config):
     ``setting="auto"`` takes it from the model (PeftModel → "lora").
     ``evaluate`` lists the stages to evaluate; ``inplace=False`` suppresses and
     repairs a deep copy (the suspicious model stays usable; costs one model copy).
+    ``finetune=False`` skips the repair: the suppressed model is the result (``repair`` then only sizes the
+    defender's clean data, which the calibration still uses), as the controls' ``finetune`` does.
     """
 
     setting: str = "auto"
@@ -40,6 +42,7 @@ class PurifyConfig(Config):
     eval: EvalConfig = field(default_factory=EvalConfig)
     evaluate: tuple[str, ...] = STAGES
     inplace: bool = False
+    finetune: bool = True
     #: how ``signature.rho == "auto"`` is resolved (leave-one-variant-out; unused for a numeric ρ)
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig())
 

@@ -107,7 +107,7 @@ class PurifyResult:
     setting: str
     config: PurifyConfig
     suppression: SuppressionReport
-    repair: RepairResult
+    repair: RepairResult | None  #: None: ``PurifyConfig.finetune`` was False
     evals: dict[str, EvalReport] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
     calibration: Any = None  #: the :class:`~bdvax_lab.bdvax.calibration.CalibrationResult` of ``rho="auto"``
@@ -128,7 +128,7 @@ class PurifyResult:
                 "counts": self.suppression.counts,
                 "n_heads": self.suppression.n_heads,
             },
-            "repair": self.repair.summary(),
+            "repair": self.repair.summary() if self.repair is not None else None,
             "evaluated_with": self.evaluated_with,
         }
 
@@ -329,13 +329,15 @@ def purify(
     # the evaluations' freed KV caches and logits: a lower RSS going into the repair (its peak is its own)
     release_memory()
 
-    # -- 3. repair
-    t = time.time()
-    rep = repair(model, tok, clean_data, cfg.repair, progress=progress)
-    model = rep.model
-    timings["repair"] = time.time() - t
-    rss["repair"] = round(peak_rss_mb(), 1)
-    release_memory()  # measured: eval → 30-step repair → eval peaks at 3.60 GB with this, 3.83 GB without
+    # -- 3. repair (unless finetune=False: then the suppressed model is the result)
+    rep = None
+    if cfg.finetune:
+        t = time.time()
+        rep = repair(model, tok, clean_data, cfg.repair, progress=progress)
+        model = rep.model
+        timings["repair"] = time.time() - t
+        rss["repair"] = round(peak_rss_mb(), 1)
+        release_memory()  # measured: eval → 30-step repair → eval peaks at 3.60 GB with this, 3.83 without
     run_eval("purified", model)
     timings["evaluation"] = sum(evaluator.seconds.values())
     timings["total"] = time.time() - t_start
@@ -387,7 +389,7 @@ def _manifest(result: PurifyResult, suspicious: SuspiciousModel) -> dict[str, An
             "n_heads": result.suppression.n_heads,
             **{k: v for k, v in result.suppression.meta.items() if k != "modules_without_lora"},
         },
-        "repair": result.repair.summary(),
+        "repair": result.repair.summary() if result.repair is not None else None,
         "timings": result.timings,
         "peak_rss_mb": round(result.peak_rss_mb, 1),
         "evaluated_with": result.evaluated_with,
@@ -407,7 +409,7 @@ def save_purified(
     LoRA: ``adapter/`` + ``tokenizer/``; full: ``model/`` (with its tokenizer).
     Plus ``signature/`` (when the signature has ``save``), ``report.csv``,
     ``report.json``, ``eval_replies.csv`` (every evaluated stage's replies, column ``stage``),
-    ``repair_history.csv``, ``suppression.csv`` and ``manifest.json``.
+    ``repair_history.csv`` (when it repaired), ``suppression.csv`` and ``manifest.json``.
     ``overwrite``/``inputs``: :func:`bdvax_lab.core.artifacts.atomic_dir`'s output policy.
     """
     out = Path(out)
@@ -425,7 +427,8 @@ def save_purified(
         replies = stage_replies(result.evals)
         if len(replies):
             replies.to_csv(tmp / "eval_replies.csv", index=False)
-        result.repair.history.to_csv(tmp / "repair_history.csv", index=False)
+        if result.repair is not None:
+            result.repair.history.to_csv(tmp / "repair_history.csv", index=False)
         result.suppression.frame().to_csv(tmp / "suppression.csv", index=False)
         write_json(tmp / MANIFEST, result.manifest)
     return out

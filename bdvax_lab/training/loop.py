@@ -85,7 +85,7 @@ def prepare_model(model: Model, config: TrainConfig) -> Model:
             every = set(config.target_kinds) == set(ALL_KINDS)
             n = 0
             for name, p in model.named_parameters():
-                site = layout.parse(name) if "lora_" in name else None
+                site = layout.parse(name) if "lora_" in name and not every else None
                 on = "lora_" in name and (every or (site is not None and site[1] in config.target_kinds))
                 p.requires_grad_(on)
                 n += on
