@@ -392,6 +392,11 @@ def test_purify_without_repair_keeps_every_unsuppressed_weight(suspicious_models
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["repair"] is None and PurifyConfig.from_dict(manifest["config"]).finetune is False
     assert not (tmp_path / "p" / "repair_history.csv").exists()
+    # with every stage asked for, the suppressed model is evaluated once and reported as purified too
+    both = purify(sm, toy_examples, _cfg(finetune=False), signature=sig, progress=False)
+    assert list(both.report.index) == ["suspicious", "suppressed", "purified"]
+    assert both.evals["purified"] is both.evals["suppressed"]
+    assert both.report.loc["purified"].equals(both.report.loc["suppressed"])
     # with the repair, the other adapter weights move too
     repaired = _lora_params(purify(sm, toy_examples, _cfg(evaluate=()), signature=sig, progress=False).model)
     assert any(not torch.equal(before[k], repaired[k]) for k in before if k not in changed)

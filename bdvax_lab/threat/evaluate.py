@@ -462,6 +462,13 @@ class StageEvaluator:
         )
         self.seconds[stage] = time.time() - t
 
+    def same_as(self, stage: str, source: str) -> None:
+        """Record ``stage`` as the model already evaluated at ``source`` (the same model: measured once).
+        Evaluates nothing; a ``stage`` not in ``stages`` or a ``source`` not evaluated is skipped."""
+        if stage in self.stages and source in self.evals:
+            self.evals[stage] = self.evals[source]
+            self.seconds[stage] = 0.0
+
     def frame(self, order: Sequence[str], extra: Any = None) -> pd.DataFrame:
         """Rows ``stage`` (index) + the summary figures; ``extra(stage)`` adds columns in front of them."""
         rows = []
