@@ -174,15 +174,12 @@ class BenchConfig(Config):
     def applies(self, defence: str, setting: str) -> bool:
         """Whether ``defence`` runs in ``setting``: BD-VAX and the controls everywhere, a baseline where the
         paper evaluates it; fine-pruning not with adapters, where it is the random control with one seed."""
-        from dataclasses import fields
-
         from bdvax_lab.baselines.registry import defences
 
         if defence in METHODS:
             return True
         spec = defences()[defence]
-        skippable = "finetune" in {f.name for f in fields(spec.config_cls)}
-        if not self.repair and spec.uses_clean_data and not skippable:
+        if not self.repair and spec.uses_clean_data and not spec.repair_optional:
             return False  # without repair: only what trains nothing or can skip its repair (``finetune``)
         if defence == "fine_prune":
             return setting == "full"
@@ -520,8 +517,6 @@ class Bench:
     def _defend(
         self, sm: Any, name: str, attack: str, task: str, skill: str, bd: dict[str, Any], cseed: int | None
     ) -> dict[str, Any]:
-        from dataclasses import fields
-
         from bdvax_lab.baselines.defend import defend
         from bdvax_lab.baselines.registry import baseline_config, get_defence, knowledge
 
@@ -532,7 +527,7 @@ class Bench:
             "evaluate": ("defended",),
             **knowledge(name, attack, task),  # the family (as BD-VAX), or the oracle arms' target / trigger
         }
-        if not self.config.repair and "finetune" in {f.name for f in fields(spec.config_cls)}:
+        if not self.config.repair and spec.repair_optional:
             over["finetune"] = False
         if name in ("random", "top_delta"):
             over |= {"counts": bd["counts"], "head_counts": bd.get("head_counts") or None}

@@ -77,6 +77,14 @@ class Defence:
     #: "repair": trains at BD-VAX's repair budget (data, steps, lr); "own": its own recorded budget
     budget: str = "repair"
 
+    @property
+    def repair_optional(self) -> bool:
+        """Whether its config can skip the repair (a ``finetune`` field, as the pruning and selection
+        defences have)."""
+        from dataclasses import fields
+
+        return "finetune" in {f.name for f in fields(self.config_cls)}
+
 
 _DEFENCES: dict[str, Defence] = {}
 
