@@ -172,8 +172,9 @@ class BenchConfig(Config):
         return items
 
     def applies(self, defence: str, setting: str) -> bool:
-        """Whether ``defence`` runs in ``setting``: BD-VAX and the controls everywhere, a baseline where the
-        paper evaluates it; fine-pruning not with adapters, where it is the random control with one seed."""
+        """Whether ``defence`` runs in ``setting``: BD-VAX everywhere, a control where it can (every setting
+        but ``drop_attention``'s), a baseline where the paper evaluates it; fine-pruning not with adapters,
+        where it is the random control with one seed."""
         from bdvax_lab.baselines.registry import defences
 
         if defence in METHODS:
@@ -183,7 +184,7 @@ class BenchConfig(Config):
             return False  # without repair: only what trains nothing or can skip its repair (``finetune``)
         if defence == "fine_prune":
             return setting == "full"
-        return spec.kind == "control" or setting in spec.paper_settings
+        return setting in spec.paper_settings
 
 
 def _calibration_fields(cal: Any) -> dict[str, Any]:
@@ -719,7 +720,7 @@ def _num(x: float, sd: float | None = None) -> str:
 
 
 #: Row order of the tables: the untreated model, the method, the controls, then the other defences.
-ORDER = ("none", UNTREATED_MB, *METHODS, "discard", "retrain", "random", "top_delta")
+ORDER = ("none", UNTREATED_MB, *METHODS, "discard", "retrain", "random", "top_delta", "drop_attention")
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -756,8 +757,21 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+#: The controls every verdict compares BD-VAX with; ``drop_attention`` only in benches that ran it (it
+#: came later, and the earlier benches' verdict tables keep their columns).
+VERDICT_CONTROLS = ("random", "top_delta", "drop_attention", "discard")
+OPTIONAL_CONTROLS = ("drop_attention",)
+
+
+def verdict_controls(df: pd.DataFrame) -> tuple[str, ...]:
+    """The :data:`VERDICT_CONTROLS` a bench frame's verdicts cover."""
+    ran = set(df.defence) if "defence" in df else set()
+    return tuple(o for o in VERDICT_CONTROLS if o not in OPTIONAL_CONTROLS or o in ran)
+
+
 def verdict_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Per target × implant seed: does BD-VAX beat ``random`` (every seed), ``top_delta`` and ``discard``?
+    """Per target × implant seed: does BD-VAX beat ``random`` (every seed), ``top_delta``, ``discard`` (and
+    ``drop_attention`` where it ran)?
 
     "Beats" on ASR: BD-VAX's 95 % Wilson interval lies wholly below the other's (below every random seed's).
     On skill kept: BD-VAX's interval lies wholly above. Anything else is "no" (overlap is not a win).
@@ -769,7 +783,7 @@ def verdict_frame(df: pd.DataFrame) -> pd.DataFrame:
             continue
         b = bd.iloc[0]
         row = {"target": target, "implant_seed": seed, "bdvax_asr": b.asr, "bdvax_skill_kept": b.skill_kept}
-        for other in ("random", "top_delta", "discard"):
+        for other in verdict_controls(df):
             o = g[g.defence == other]
             if o.empty:
                 row[f"asr_below_{other}"] = row[f"skill_above_{other}"] = None
@@ -806,7 +820,7 @@ def bench_report(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) 
         + ", ".join(
             f"{o} on ASR {'yes' if v.get(f'asr_below_{o}') else 'no'}, "
             f"on skill kept {'yes' if v.get(f'skill_above_{o}') else 'no'}"
-            for o in ("random", "top_delta", "discard")
+            for o in verdict_controls(df)
         )
         for v in verdicts.to_dict("records")
     ] or ["No BD-VAX row yet: no verdicts."]

@@ -505,6 +505,8 @@ def test_cli_score_applies_to_fine_prune_only(capsys):
 
     assert main(["defend", "no-such-dir", "--method", "crow", "--score", "channel"]) == 2
     assert "--score applies to fine_prune only" in capsys.readouterr().err
+    assert main(["defend", "no-such-dir", "--method", "retrain", "--no-repair"]) == 2
+    assert "retrain is its training and cannot skip it" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- controls
@@ -547,6 +549,24 @@ def test_random_control_keeps_the_counts_and_varies_with_the_seed(models, toy_ex
     assert picks[0] == picks[1] and picks[0] != picks[2]  # seeded: the same seed, the same channels
     with pytest.raises(ValueError, match="counts"):
         defences()["random"].fn(ms["lora"], tok, toy_examples, ControlConfig(repair=RC))
+
+
+def test_drop_attention_zeroes_every_attention_slice_and_keeps_the_mlp(models, toy_examples):
+    ms, tok = models
+    cfg = ControlConfig(repair=RC, finetune=False)
+    model, info = defences()["drop_attention"].fn(ms["lora"], tok, toy_examples, cfg)
+    layout = layout_of(model)
+    assert info["intervention"]["n_heads"] == layout.n_blocks * layout.n_heads
+    assert info["intervention"]["n_channels"] == 0 and info["steps"] == 0
+    after, before = WeightDelta.from_lora(model), WeightDelta.from_lora(ms["lora"])
+    for (b, kind), w in after.tensors.items():
+        if kind in ("q", "k", "v", "o"):
+            assert float(w.norm()) == 0, (b, kind)
+        else:
+            assert torch.equal(w, before.tensors[(b, kind)]), (b, kind)  # the MLP part untouched
+    assert any(kind == "q" and float(w.norm()) > 0 for (b, kind), w in before.tensors.items())
+    with pytest.raises(ValueError, match="no adapter to split"):
+        defences()["drop_attention"].fn(ms["full"], tok, toy_examples, cfg)
 
 
 def test_top_delta_picks_the_channels_the_update_moved_most(models, toy_examples):

@@ -156,6 +156,10 @@ def test_verdicts_need_non_overlapping_intervals():
     assert not v.asr_below_random  # one random seed's interval overlaps BD-VAX's
     assert not v.skill_above_random and v.skill_above_discard and not v.asr_below_discard
     assert v.asr_below_top_delta is None
+    assert "asr_below_drop_attention" not in v  # a bench that did not run it keeps its columns
+    drop = rows.iloc[[1]].assign(defence="drop_attention", asr_lo=0.06, skill_kept_hi=0.89)
+    v = verdict_frame(pd.concat([rows, drop])).iloc[0]
+    assert v.asr_below_drop_attention and v.skill_above_drop_attention
 
 
 def test_defender_controlled_training_rows_get_their_own_table():
@@ -237,10 +241,13 @@ def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monke
     assert Bench(BenchConfig(repair=False)).rows_dir != Bench(BenchConfig()).rows_dir
     monkeypatch.setenv("BDVAX_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, repair=False).replace(random_seeds=(0,))
-    assert [d for d in cfg.defences if cfg.applies(d, "lora")] == ["bdvax", "discard", "random", "top_delta"]
+    cfg = cfg.replace(defences=(*cfg.defences, "drop_attention"))
+    ran = ["bdvax", "discard", "random", "top_delta", "drop_attention"]
+    assert [d for d in cfg.defences if cfg.applies(d, "lora")] == ran
+    assert not cfg.applies("drop_attention", "full")  # a full finetune has no adapter to split
     df = Bench(cfg, base=tiny_pair, progress=False, log=lambda _: None).run()
-    assert set(df.defence) == {"none", "bdvax", "discard", "random", "top_delta"}
-    for name in ("bdvax", "random", "top_delta"):
+    assert set(df.defence) == {"none", *ran}
+    for name in ("bdvax", "random", "top_delta", "drop_attention"):
         row = df[df.defence == name].iloc[0]
         assert row.repair_steps == 0 and pd.isna(row.lr), name
     # rows of another implant seed (run with --seeds) are tabled by a bench whose config lacks that seed

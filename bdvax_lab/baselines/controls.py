@@ -16,6 +16,11 @@ Every claim that a signature localises the backdoor stands next to these, at the
     The channels the suspicious update itself moved most, ‖ΔW‖ per channel (no twins), in the same
     counts, suppressed and repaired the same way. Adapter: ΔW = scaling·B@A. Full setting: ΔW needs the
     base, so this is a reference row.
+``drop_attention``
+    The crudest split of an adapter: every attention head's slice zeroed (the q/k/v/o part of the
+    update), the MLP part kept, then the same repair. No twins, no signature, no ranking. A signature
+    whose head budget approaches all heads must beat it to claim it localises anything. Adapter setting
+    only: a full finetune has no update to split without the base.
 
 ``random`` and ``top_delta`` take their counts from :class:`ControlConfig` (``counts`` from
 :func:`bdvax_lab.weights.selection.counts_like` of a BD-VAX signature, ``head_counts`` likewise).
@@ -283,6 +288,32 @@ def top_delta(
     )
 
 
+def drop_attention(
+    suspicious_model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    clean_data: Sequence[Example] | None = None,
+    config: ControlConfig | None = None,
+    *,
+    progress: bool | str = True,
+    on_stage: Callable[[str, Any], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Every attention head of the adapter zeroed (its q/k/v/o slices), the MLP part kept, then repaired.
+
+    ``config.counts``/``head_counts`` are ignored: the selection is all heads of every block."""
+    if setting_of(suspicious_model) != "lora":
+        raise ValueError(
+            "drop_attention zeroes the attention part of an adapter; a full finetune has no adapter to split"
+        )
+    cfg = config or ControlConfig()
+    t0 = time.time()
+    layout = layout_of(suspicious_model)
+    heads = {b: torch.arange(layout.n_heads) for b in range(layout.n_blocks)}
+    sel = Selection({}, heads, {"kind": "drop_attention"})
+    return _suppress_and_repair(
+        "drop_attention", suspicious_model, tokenizer, clean_data, cfg, sel, False, t0, progress, on_stage
+    )
+
+
 register_defence(
     "discard",
     discard,
@@ -311,4 +342,12 @@ register_defence(
     ControlConfig,
     kind="control",
     description="the channels the suspicious update moved most, in the signature's counts",
+)
+register_defence(
+    "drop_attention",
+    drop_attention,
+    ControlConfig,
+    paper_settings=("lora",),
+    kind="control",
+    description="the adapter's attention part zeroed (all heads, no ranking), the MLP part kept, repaired",
 )

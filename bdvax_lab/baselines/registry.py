@@ -38,6 +38,7 @@ BUILTIN_DEFENCES: tuple[str, ...] = (
     "retrain",
     "random",
     "top_delta",
+    "drop_attention",
     "finetune_only",
     "magnitude_prune",
     "fine_prune",
