@@ -676,10 +676,36 @@ class Bench:
             )
         return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
 
+    def rows_elsewhere(self, df: pd.DataFrame) -> int:
+        """How many rows of the table already in ``out_dir`` the row cache lacks: rows measured on another
+        machine or in a cache since deleted (``runs/`` is not versioned). Tabling would drop them."""
+        old = Path(self.config.out_dir) / "rows.csv"
+        if not old.is_file():
+            return 0
+        cols = ("target", "implant_seed", "defence", "control_seed")
+        prev = pd.read_csv(old, usecols=lambda c: c in cols)
+
+        def keys(d: pd.DataFrame) -> set[tuple[str, int, str, int]]:
+            if d.empty or not set(cols) <= set(d.columns):
+                return set()
+            cs = pd.to_numeric(d.control_seed, errors="coerce").fillna(-1).astype(int)
+            return set(zip(d.target, d.implant_seed.astype(int), d.defence, cs))
+
+        return len(keys(prev) - keys(df))
+
     def tables(self) -> pd.DataFrame:
-        """Write ``rows.csv``, ``table.md`` and ``verdicts.csv`` under ``out_dir`` from the cached rows."""
+        """Write ``rows.csv``, ``table.md`` and ``verdicts.csv`` under ``out_dir`` from the cached rows.
+
+        Refuses (ValueError, nothing written) when that would drop rows of the table already there that the
+        row cache lacks (:meth:`rows_elsewhere`)."""
         df = self.frame()
         out = Path(self.config.out_dir)
+        lost = self.rows_elsewhere(df)
+        if lost:
+            raise ValueError(
+                f"{out / 'rows.csv'} has {lost} row(s) that the row cache {self.rows_dir} lacks (measured on "
+                "another machine?); not overwriting it: table to another directory with --out, or rerun them"
+            )
         if df.empty:
             self.log("bench: no rows measured yet")
             return df
@@ -1095,8 +1121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.to_string(index=False))
         print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
         return 0
-    if ns.tables:
-        bench.tables()
-        return 0
-    bench.run(targets, seeds)
+    try:
+        bench.tables() if ns.tables else bench.run(targets, seeds)
+    except ValueError as e:  # e.g. tabling would drop rows measured elsewhere: the rows stay cached
+        p.error(str(e))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -233,6 +235,28 @@ def test_heads_grid_reaches_the_calibration_and_keeps_older_rows():
     assert cfg.heads_grid == (0, 90) and Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir
     with pytest.raises(ValueError, match="head counts"):
         BenchConfig(heads_grid=(-3,))
+
+
+def test_tables_refuse_to_drop_rows_measured_elsewhere(tmp_path, monkeypatch):
+    """A fresh clone has the committed table but not its row cache: tabling must not shrink the table."""
+    cfg = _config(tmp_path)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    committed = pd.DataFrame(
+        [
+            {"target": "t", "implant_seed": 0, "defence": "none", "control_seed": None, "asr": 1.0},
+            {"target": "t", "implant_seed": 0, "defence": "random", "control_seed": 1, "asr": 0.5},
+        ]
+    )
+    committed.to_csv(out / "rows.csv", index=False)
+    before = (out / "rows.csv").read_text()
+    bench = Bench(cfg, progress=False, log=lambda _: None)
+    assert bench.rows_elsewhere(committed) == 0
+    assert bench.rows_elsewhere(committed.iloc[:1]) == 1  # the random seed-1 row is not in the cache
+    monkeypatch.setattr(Bench, "frame", lambda self: committed.iloc[:1].copy())
+    with pytest.raises(ValueError, match="has 1 row"):
+        bench.tables()
+    assert (out / "rows.csv").read_text() == before and not (out / "table.md").exists()
 
 
 def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monkeypatch):
