@@ -15,6 +15,7 @@ BD-VAX does and does not beat random, top_delta and discard, by non-overlapping 
 
 from __future__ import annotations
 
+import ast
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,12 @@ METHODS = ("bdvax", AUTO_ROW)
 DEFENCES = (*METHODS, *BUILTIN_DEFENCES)
 #: The row of the suspicious model whose finetune carried MB-Defense's defensive poison, untreated.
 UNTREATED_MB = "none_mb"
+# columns a table adds to the cached rows: who the row is (from its path), and what frame() derives
+IDENT_COLUMNS = (
+    *("target", "attack", "task", "setting", "skill_name"),
+    *("implant_seed", "defence", "kind", "control_seed"),
+)
+DERIVED_COLUMNS = ("skill_kept", "skill_kept_lo", "skill_kept_hi", "ppl_ratio", "ppl_text_ratio")
 #: Figures every row keeps (the evaluation summary's).
 METRICS = (
     *BACKDOOR_COLUMNS,
@@ -459,17 +466,7 @@ class Bench:
         attack, task, setting, skill = parse_target(target)
         own = {"none": "untreated", UNTREATED_MB: "untreated", **dict.fromkeys(METHODS, "method")}
         kind = own.get(defence) or defences()[defence].kind
-        return {
-            "target": target,
-            "attack": attack,
-            "task": task,
-            "setting": setting,
-            "skill_name": skill,
-            "implant_seed": seed,
-            "defence": defence,
-            "kind": kind,
-            "control_seed": cseed,
-        }
+        return dict(zip(IDENT_COLUMNS, (target, attack, task, setting, skill, seed, defence, kind, cseed)))
 
     def _bdvax(
         self, sm: Any, attack: str, task: str, setting: str, skill: str, rho: float | str | None = None
@@ -671,7 +668,7 @@ class Bench:
                         for r in c
                     )
                     if isinstance(c, list)
-                    else None
+                    else (c if isinstance(c, str) else None)  # adopted rows keep the table's string
                 )
             )
         return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
@@ -693,6 +690,64 @@ class Bench:
 
         return len(keys(prev) - keys(df))
 
+    def adopt(self) -> int:
+        """Copy the rows of the table already in ``out_dir`` that the row cache lacks into the cache.
+
+        ``runs/`` is not versioned, so a fresh clone has a committed ``rows.csv`` but not the cache it was
+        tabled from; adopting it lets a bench run there extend the table instead of refusing to table.
+        Only fields the table keeps come back (no per-channel counts); each adopted row says where it came
+        from (``adopted_from``). Returns how many rows were written."""
+        old = Path(self.config.out_dir) / "rows.csv"
+        if not old.is_file():
+            return 0
+        made = old.with_name("config.json")
+        try:  # rows measured under another config (another ρ, no repair, ...) must not enter this cache
+            cfg = BenchConfig.from_dict(read_json(made)["config"])
+            theirs = Bench(cfg.replace(runs_dir=self.config.runs_dir))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{made}: cannot tell which bench made {old} ({e}); not adopting") from None
+        if theirs.rows_dir != self.rows_dir:
+            raise ValueError(
+                f"{old} was measured by another bench config (rows {theirs.rows_dir.parent.name}, this one "
+                f"{self.rows_dir.parent.name}); not adopting: give the flags it was run with"
+            )
+        prev = pd.read_csv(old)
+        need = {"target", "implant_seed", "defence"}
+        if not need <= set(prev.columns):
+            raise ValueError(f"{old}: not a bench table (no {sorted(need - set(prev.columns))} column)")
+        derived = {*IDENT_COLUMNS, *DERIVED_COLUMNS}
+        empty = set(prev.columns[prev.isna().all()])
+        wrote = 0
+        for r in prev.to_dict("records"):
+            if r["target"] not in self.config.targets:
+                continue
+            cs = r.get("control_seed")
+            name = r["defence"] + ("" if pd.isna(cs) else f"-seed{int(cs)}")
+            path = self._path(r["target"], int(r["implant_seed"]), name)
+            if path.exists():
+                continue
+            row: dict[str, Any] = {"seconds": {}, "adopted_from": str(old)}
+            for k, v in r.items():
+                if k in derived:
+                    continue
+                if not isinstance(v, str) and pd.isna(v):
+                    if k not in empty:
+                        continue  # the row lacked it (or had null): either way the table shows it empty
+                    v = None  # a column empty in every row stays in the table
+                if k.startswith("seconds_"):
+                    if v is not None:  # stages the row did not have stay out, as in the original
+                        row["seconds"][k.removeprefix("seconds_")] = v
+                elif k == "defensive_rates" and isinstance(v, str):
+                    try:  # a dict of floats as to_csv wrote it; literal_eval reads literals only
+                        row[k] = ast.literal_eval(v)
+                    except (ValueError, SyntaxError):
+                        raise ValueError(f"{old}: defensive_rates {v!r} is not a dict of rates") from None
+                else:
+                    row[k] = v.item() if hasattr(v, "item") else v
+            write_json(path, row)
+            wrote += 1
+        return wrote
+
     def tables(self) -> pd.DataFrame:
         """Write ``rows.csv``, ``table.md`` and ``verdicts.csv`` under ``out_dir`` from the cached rows.
 
@@ -704,11 +759,15 @@ class Bench:
         if lost:
             raise ValueError(
                 f"{out / 'rows.csv'} has {lost} row(s) that the row cache {self.rows_dir} lacks (measured on "
-                "another machine?); not overwriting it: table to another directory with --out, or rerun them"
+                "another machine?); not overwriting it: add them to the cache with --adopt, table to another "
+                "directory with --out, or rerun them"
             )
         if df.empty:
             self.log("bench: no rows measured yet")
             return df
+        if (out / "rows.csv").is_file():  # keep the committed column order, new columns last: clean diffs
+            known = list(pd.read_csv(out / "rows.csv", nrows=0).columns)
+            df = df[[c for c in known if c in df] + [c for c in df if c not in known]]
         atomic_write_text(out / "rows.csv", df.to_csv(index=False))
         verdicts = verdict_frame(df)
         atomic_write_text(out / "verdicts.csv", verdicts.to_csv(index=False))
@@ -1041,6 +1100,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plan", action="store_true", help="list the rows and which are cached; run nothing")
     p.add_argument("--tables", action="store_true", help="only rewrite the tables from the cached rows")
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="first copy the rows of the committed table that the row cache lacks into it (a fresh clone)",
+    )
     p.add_argument("--runs", default="runs")
     p.add_argument(
         "--out",
@@ -1122,6 +1186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{int(plan.cached.sum())} of {len(plan)} rows cached")
         return 0
     try:
+        if ns.adopt:
+            n = bench.adopt()
+            print(f"bench: adopted {n} row(s) of {Path(cfg.out_dir) / 'rows.csv'} into {bench.rows_dir}")
         bench.tables() if ns.tables else bench.run(targets, seeds)
     except ValueError as e:  # e.g. tabling would drop rows measured elsewhere: the rows stay cached
         p.error(str(e))

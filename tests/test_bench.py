@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bdvax_lab.core.artifacts import read_json
 from experiments.bench import Bench, BenchConfig, parse_target, table_markdown, verdict_frame
 
 
@@ -282,3 +283,17 @@ def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monke
         rows / "badnets-refusal-lora-knowledge-seed0", rows / "badnets-refusal-lora-knowledge-seed3"
     )
     assert set(Bench(cfg, log=lambda _: None).tables().implant_seed) == {0, 3}
+    # a fresh clone: the committed table without its row cache; --adopt brings the rows back unchanged
+    table = Path(cfg.out_dir) / "rows.csv"
+    before = pd.read_csv(table)
+    shutil.rmtree(rows)
+    with pytest.raises(ValueError, match="--adopt"):
+        Bench(cfg, log=lambda _: None).tables()
+    with pytest.raises(ValueError, match="another bench config"):  # e.g. the flags of another table
+        Bench(cfg.replace(repair=True)).adopt()
+    assert Bench(cfg).adopt() == len(before) and Bench(cfg).adopt() == 0
+    assert read_json(next(rows.rglob("bdvax.json")))["adopted_from"] == str(table)
+    Bench(cfg, log=lambda _: None).tables()
+    after = pd.read_csv(table)
+    assert set(after.adopted_from) == {str(table)}
+    pd.testing.assert_frame_equal(after.drop(columns="adopted_from"), before, check_like=True)
