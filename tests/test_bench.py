@@ -162,7 +162,25 @@ def test_verdicts_need_non_overlapping_intervals():
     assert "asr_below_drop_attention" not in v  # a bench that did not run it keeps its columns
     drop = rows.iloc[[1]].assign(defence="drop_attention", asr_lo=0.06, skill_kept_hi=0.89)
     v = verdict_frame(pd.concat([rows, drop])).iloc[0]
-    assert v.asr_below_drop_attention and v.skill_above_drop_attention
+    assert v.asr_below_drop_attention and v.skill_above_drop_attention and v.beaten_by is None
+    # the reverse: controls whose every interval is better than BD-VAX's are named, overlap is not
+    lost = pd.DataFrame(
+        [
+            {"defence": d, "asr_lo": a[0], "asr_hi": a[1], "skill_kept_lo": k[0], "skill_kept_hi": k[1]}
+            for d, a, k in (
+                ("bdvax", (0.0, 0.02), (0.25, 0.39)),
+                ("random", (0.0, 0.02), (0.63, 0.75)),
+                ("random", (0.0, 0.02), (0.65, 0.81)),
+                ("top_delta", (0.0, 0.02), (0.38, 0.61)),  # overlaps BD-VAX's skill interval
+                ("discard", (0.0, 0.02), (0.0, 0.02)),
+            )
+        ]
+    ).assign(target="t", implant_seed=0, asr=0.0, skill_kept=0.5)
+    assert verdict_frame(lost).iloc[0].beaten_by == "random:skill"
+    high = lost.assign(asr_lo=lost.asr_lo + (lost.defence == "bdvax") * 0.5, asr_hi=0.6)
+    assert verdict_frame(high.assign(asr_hi=[0.6, 0.4, 0.45, 0.6, 0.3])).iloc[0].beaten_by == (
+        "random:asr, random:skill, discard:asr"
+    )
 
 
 def test_defender_controlled_training_rows_get_their_own_table():
