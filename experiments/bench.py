@@ -52,6 +52,19 @@ IDENT_COLUMNS = (
     *("implant_seed", "defence", "kind", "control_seed"),
 )
 DERIVED_COLUMNS = ("skill_kept", "skill_kept_lo", "skill_kept_hi", "ppl_ratio", "ppl_text_ratio")
+
+
+def row_name(defence: str, control_seed: int | None) -> str:
+    """A row's file stem in its unit's cache directory: the defence, with its control seed if it has one."""
+    return defence if control_seed is None else f"{defence}-seed{control_seed}"
+
+
+def parse_row_name(name: str) -> tuple[str, int | None]:
+    """Inverse of :func:`row_name`."""
+    defence, _, cs = name.partition("-seed")
+    return defence, int(cs) if cs else None
+
+
 #: Figures every row keeps (the evaluation summary's).
 METRICS = (
     *BACKDOOR_COLUMNS,
@@ -439,11 +452,10 @@ class Bench:
             if name in METHODS or not cfg.applies(name, setting):
                 continue
             for cseed in cfg.random_seeds if name == "random" else (None,):
-                key = name if cseed is None else f"{name}-seed{cseed}"
                 row = self._row(
                     target,
                     seed,
-                    key,
+                    row_name(name, cseed),
                     lambda n=name, s=cseed: self._defend(
                         model(defences()[n].kind == "in_training"), n, attack, task, skill, bd, s
                     ),
@@ -636,10 +648,7 @@ class Bench:
         rows = []
         for target, seed in self._cached_units():
             for path in sorted((self.rows_dir / f"{target.replace(':', '-')}-seed{seed}").glob("*.json")):
-                name = path.stem
-                defence, _, cs = name.partition("-seed")
-                row = read_json(path)
-                rows.append(self._ident(target, seed, defence, int(cs) if cs else None) | row)
+                rows.append(self._ident(target, seed, *parse_row_name(path.stem)) | read_json(path))
         df = pd.DataFrame(rows)
         if df.empty:
             return df
@@ -673,14 +682,23 @@ class Bench:
             )
         return df.drop(columns=[c for c in ("counts", "head_counts") if c in df])
 
-    def rows_elsewhere(self, df: pd.DataFrame) -> int:
-        """How many rows of the table already in ``out_dir`` the row cache lacks: rows measured on another
-        machine or in a cache since deleted (``runs/`` is not versioned). Tabling would drop them."""
-        old = Path(self.config.out_dir) / "rows.csv"
-        if not old.is_file():
+    @property
+    def table_path(self) -> Path:
+        """Where :meth:`tables` writes the tidy table: ``<out_dir>/rows.csv``."""
+        return Path(self.config.out_dir) / "rows.csv"
+
+    def committed(self) -> pd.DataFrame | None:
+        """The table already at :attr:`table_path` (committed, or tabled earlier), or None."""
+        return pd.read_csv(self.table_path) if self.table_path.is_file() else None
+
+    def rows_elsewhere(self, df: pd.DataFrame, committed: pd.DataFrame | None = None) -> int:
+        """How many rows of the table already in ``out_dir`` (``committed``, read if not given) are not in
+        ``df``: rows measured on another machine or in a cache since deleted (``runs/`` is not versioned).
+        Tabling would drop them."""
+        prev = self.committed() if committed is None else committed
+        if prev is None:
             return 0
         cols = ("target", "implant_seed", "defence", "control_seed")
-        prev = pd.read_csv(old, usecols=lambda c: c in cols)
 
         def keys(d: pd.DataFrame) -> set[tuple[str, int, str, int]]:
             if d.empty or not set(cols) <= set(d.columns):
@@ -697,21 +715,25 @@ class Bench:
         tabled from; adopting it lets a bench run there extend the table instead of refusing to table.
         Only fields the table keeps come back (no per-channel counts); each adopted row says where it came
         from (``adopted_from``). Returns how many rows were written."""
-        old = Path(self.config.out_dir) / "rows.csv"
-        if not old.is_file():
+        old = self.table_path
+        prev = self.committed()
+        if prev is None:
             return 0
         made = old.with_name("config.json")
         try:  # rows measured under another config (another ρ, no repair, ...) must not enter this cache
-            cfg = BenchConfig.from_dict(read_json(made)["config"])
+            made_by = read_json(made)
+        except (OSError, ValueError) as e:  # read_json's errors name the file
+            raise ValueError(f"{e}; cannot tell which bench made {old}, not adopting") from None
+        try:
+            cfg = BenchConfig.from_dict(made_by["config"])
             theirs = Bench(cfg.replace(runs_dir=self.config.runs_dir))
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{made}: cannot tell which bench made {old} ({e}); not adopting") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{made}: not a bench config ({e!r}); not adopting {old}") from None
         if theirs.rows_dir != self.rows_dir:
             raise ValueError(
                 f"{old} was measured by another bench config (rows {theirs.rows_dir.parent.name}, this one "
                 f"{self.rows_dir.parent.name}); not adopting: give the flags it was run with"
             )
-        prev = pd.read_csv(old)
         need = {"target", "implant_seed", "defence"}
         if not need <= set(prev.columns):
             raise ValueError(f"{old}: not a bench table (no {sorted(need - set(prev.columns))} column)")
@@ -722,7 +744,7 @@ class Bench:
             if r["target"] not in self.config.targets:
                 continue
             cs = r.get("control_seed")
-            name = r["defence"] + ("" if pd.isna(cs) else f"-seed{int(cs)}")
+            name = row_name(r["defence"], None if pd.isna(cs) else int(cs))
             path = self._path(r["target"], int(r["implant_seed"]), name)
             if path.exists():
                 continue
@@ -755,20 +777,21 @@ class Bench:
         row cache lacks (:meth:`rows_elsewhere`)."""
         df = self.frame()
         out = Path(self.config.out_dir)
-        lost = self.rows_elsewhere(df)
+        prev = self.committed()
+        lost = self.rows_elsewhere(df, prev)
         if lost:
             raise ValueError(
-                f"{out / 'rows.csv'} has {lost} row(s) that the row cache {self.rows_dir} lacks (measured on "
+                f"{self.table_path} has {lost} row(s) that the row cache {self.rows_dir} lacks (measured on "
                 "another machine?); not overwriting it: add them to the cache with --adopt, table to another "
                 "directory with --out, or rerun them"
             )
         if df.empty:
             self.log("bench: no rows measured yet")
             return df
-        if (out / "rows.csv").is_file():  # keep the committed column order, new columns last: clean diffs
-            known = list(pd.read_csv(out / "rows.csv", nrows=0).columns)
+        if prev is not None:  # keep the committed column order, new columns last: clean diffs
+            known = list(prev.columns)
             df = df[[c for c in known if c in df] + [c for c in df if c not in known]]
-        atomic_write_text(out / "rows.csv", df.to_csv(index=False))
+        atomic_write_text(self.table_path, df.to_csv(index=False))
         verdicts = verdict_frame(df)
         atomic_write_text(out / "verdicts.csv", verdicts.to_csv(index=False))
         atomic_write_text(out / "table.md", table_markdown(df, verdicts, self.config))
@@ -1197,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.adopt:
             n = bench.adopt()
-            print(f"bench: adopted {n} row(s) of {Path(cfg.out_dir) / 'rows.csv'} into {bench.rows_dir}")
+            print(f"bench: adopted {n} row(s) of {bench.table_path} into {bench.rows_dir}")
         bench.tables() if ns.tables else bench.run(targets, seeds)
     except ValueError as e:  # e.g. tabling would drop rows measured elsewhere: the rows stay cached
         p.error(str(e))

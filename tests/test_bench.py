@@ -8,7 +8,15 @@ import pandas as pd
 import pytest
 
 from bdvax_lab.core.artifacts import read_json
-from experiments.bench import Bench, BenchConfig, parse_target, table_markdown, verdict_frame
+from experiments.bench import (
+    Bench,
+    BenchConfig,
+    parse_row_name,
+    parse_target,
+    row_name,
+    table_markdown,
+    verdict_frame,
+)
 
 
 def _config(tmp_path, **over):
@@ -272,6 +280,10 @@ def test_tables_refuse_to_drop_rows_measured_elsewhere(tmp_path, monkeypatch):
     bench = Bench(cfg, progress=False, log=lambda _: None)
     assert bench.rows_elsewhere(committed) == 0
     assert bench.rows_elsewhere(committed.iloc[:1]) == 1  # the random seed-1 row is not in the cache
+    assert [parse_row_name(row_name(d, s)) for d, s in (("random", 1), ("bdvax", None))] == [
+        ("random", 1),
+        ("bdvax", None),
+    ]
     monkeypatch.setattr(Bench, "frame", lambda self: committed.iloc[:1].copy())
     with pytest.raises(ValueError, match="has 1 row"):
         bench.tables()
@@ -309,6 +321,12 @@ def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monke
         Bench(cfg, log=lambda _: None).tables()
     with pytest.raises(ValueError, match="another bench config"):  # e.g. the flags of another table
         Bench(cfg.replace(repair=True)).adopt()
+    made = table.with_name("config.json")  # which bench made the table: without it, nothing is adopted
+    kept = made.read_text()
+    made.unlink()
+    with pytest.raises(ValueError, match=r"config\.json: no such file; .* not adopting"):
+        Bench(cfg).adopt()
+    made.write_text(kept)
     assert Bench(cfg).adopt() == len(before) and Bench(cfg).adopt() == 0
     assert read_json(next(rows.rglob("bdvax.json")))["adopted_from"] == str(table)
     Bench(cfg, log=lambda _: None).tables()
