@@ -17,7 +17,9 @@ from bdvax_lab.analysis.ranking import (
     auroc,
     neuron_scores,
     precision_at_k,
+    rank_correlation,
     ranking_overlap,
+    selection_share,
     top_set,
 )
 from bdvax_lab.core.data import Example
@@ -106,6 +108,19 @@ def test_precision_at_k_and_auroc_by_hand():
     assert auroc(torch.zeros(2, 3), truth) == 0.5  # ties count one half
     with pytest.raises(ValueError, match="k=7"):
         precision_at_k(scores, truth, 7)
+
+
+def test_rank_correlation_and_selection_share_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert math.isclose(rank_correlation(a, a * 10), 1.0) and math.isclose(rank_correlation(a, -a), -1.0)
+    # ranks (1, 2, 3, 4) against (2, 1, 4, 3): Σd² = 4, so 1 − 6·4 / (4·15) = 0.6
+    assert math.isclose(rank_correlation(a, torch.tensor([2.0, 1.0, 4.0, 3.0])), 0.6)
+    with pytest.raises(ValueError, match="same"):
+        rank_correlation(a, torch.zeros(3))
+    chosen = {(0, "up"): torch.tensor([0, 1, 2]), (1, "up"): torch.tensor([5])}
+    other = {(0, "up"): torch.tensor([2, 1, 9]), (1, "up"): torch.tensor([4])}
+    assert selection_share(chosen, other) == 2 / 4  # channels 1 and 2 of block 0
+    assert math.isnan(selection_share({}, other))
 
 
 def test_ranking_overlap_frame_folds_module_scores_and_adds_random_seeds():

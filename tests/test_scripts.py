@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("lovo_heads.py", ["--rhos", "0.5,x"], "'0.5,x': item 'x': expected float"),
         ("lovo_heads.py", ["--heads", "0,-3"], "item '-3': must be ≥ 0"),
         ("oracle_ablation.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
+        ("signature_vs_delta.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
+        ("signature_vs_delta.py", ["--rhos", "0.1,0"], "'0.1,0': item '0': must be in (0, 1]"),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):

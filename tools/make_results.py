@@ -299,6 +299,7 @@ def section_bench() -> list[str]:
         section_bench_no_repair,
         section_twin_recipe,
         section_oracle_ablation,
+        section_signature_vs_delta,
     )
     return out + [line for section in extra for line in section()] + section_implants()
 
@@ -408,6 +409,40 @@ def section_oracle_ablation() -> list[str]:
             "",
         ]
     return [*out, reading("oracle-ablation")] if out else []
+
+
+def section_signature_vs_delta() -> list[str]:
+    """benchmarks/signature_vs_delta.py: how far the signature's ranking follows the finetune's own ‖ΔW‖."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("signature_vs_delta-*.csv")):
+        rows = []
+        for r in read_csv(path):
+            budget = (
+                ""
+                if not r["budget"]
+                else (
+                    f"ρ {float(r['budget']):g}"
+                    if r["unit"] == "channel"
+                    else f"top {int(float(r['budget']))}"
+                )
+            )
+            chance = f"{float(r['chance']):.3f}" if r["chance"] else ""
+            rows.append(
+                [r["unit"], r["measure"].replace("_", " "), budget, f"{float(r['value']):.3f}", chance]
+            )
+        target = path.stem.removeprefix("signature_vs_delta-")
+        out += [
+            f"### Does the signature see more than the finetune's own update? {target}",
+            "",
+            f"From {link(path)} (`python benchmarks/signature_vs_delta.py`): Spearman's rank correlation "
+            "between the signature's scores and `top_delta`'s (the suspicious update's own ‖ΔW‖), and the "
+            "share of the signature's selection that `top_delta`'s selection of the same size holds, beside "
+            "a random selection's (`chance`). No trigger is used.",
+            "",
+            table(["unit", "measure", "budget", "value", "chance"], rows),
+            "",
+        ]
+    return [*out, reading("signature-vs-delta")] if out else []
 
 
 def _bench_budget(cfg: dict) -> tuple[str, str]:

@@ -79,6 +79,27 @@ def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two scores over the same units (ties get their average rank): how
+    closely one ranking follows the other, e.g. a signature and the finetune's own ‖ΔW‖ (``top_delta``)."""
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(
+            f"rank_correlation needs two scores over the same ≥ 2 units, got {a.numel()} and {b.numel()}"
+        )
+    ra = pd.Series(a.reshape(-1).double().numpy()).rank(method="average")
+    rb = pd.Series(b.reshape(-1).double().numpy()).rank(method="average")
+    return float(ra.corr(rb))
+
+
+def selection_share(chosen: Mapping[Any, torch.Tensor], other: Mapping[Any, torch.Tensor]) -> float:
+    """Share of the units in ``chosen`` (index tensors per module or block) that ``other`` chose too."""
+    total = sum(int(t.numel()) for t in chosen.values())
+    if not total:
+        return float("nan")
+    both = sum(len(set(t.tolist()) & set(other[k].tolist())) for k, t in chosen.items() if k in other)
+    return both / total
+
+
 def random_scores(shape: Sequence[int], seed: int) -> torch.Tensor:
     """Seeded uniform scores: the ranking of a random selection (what ``random`` controls draw)."""
     g = torch.Generator().manual_seed(int(seed))
