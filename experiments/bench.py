@@ -258,8 +258,12 @@ class Bench:
                 cfg.pop(late, None)
         return Path(self.config.runs_dir) / "bench" / stable_hash(cfg, 8) / "rows"
 
+    def unit_dir(self, target: str, seed: int) -> Path:
+        """The row cache of one (target, implant seed): a JSON file per row (:func:`row_name`)."""
+        return self.rows_dir / f"{target.replace(':', '-')}-seed{seed}"
+
     def _path(self, target: str, seed: int, name: str) -> Path:
-        return self.rows_dir / f"{target.replace(':', '-')}-seed{seed}" / f"{name}.json"
+        return self.unit_dir(target, seed) / f"{name}.json"
 
     def _row(self, target: str, seed: int, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = self._path(target, seed, name)
@@ -647,7 +651,7 @@ class Bench:
         """Every cached row, tidy, with ``skill_kept`` against the untreated model of the same unit."""
         rows = []
         for target, seed in self._cached_units():
-            for path in sorted((self.rows_dir / f"{target.replace(':', '-')}-seed{seed}").glob("*.json")):
+            for path in sorted(self.unit_dir(target, seed).glob("*.json")):
                 rows.append(self._ident(target, seed, *parse_row_name(path.stem)) | read_json(path))
         df = pd.DataFrame(rows)
         if df.empty:
@@ -689,7 +693,12 @@ class Bench:
 
     def committed(self) -> pd.DataFrame | None:
         """The table already at :attr:`table_path` (committed, or tabled earlier), or None."""
-        return pd.read_csv(self.table_path) if self.table_path.is_file() else None
+        if not self.table_path.is_file():
+            return None
+        try:
+            return pd.read_csv(self.table_path)
+        except ValueError as e:  # pandas' parser and empty-file errors
+            raise ValueError(f"{self.table_path}: not a readable bench table ({e})") from None
 
     def rows_elsewhere(self, df: pd.DataFrame, committed: pd.DataFrame | None = None) -> int:
         """How many rows of the table already in ``out_dir`` (``committed``, read if not given) are not in

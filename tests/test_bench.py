@@ -287,6 +287,10 @@ def test_tables_refuse_to_drop_rows_measured_elsewhere(tmp_path, monkeypatch):
     monkeypatch.setattr(Bench, "frame", lambda self: committed.iloc[:1].copy())
     with pytest.raises(ValueError, match="has 1 row"):
         bench.tables()
+    (out / "rows.csv").write_text("")  # an empty or broken table is named, not a pandas traceback
+    with pytest.raises(ValueError, match=r"rows\.csv: not a readable bench table"):
+        bench.committed()
+    (out / "rows.csv").write_text(before)
     assert (out / "rows.csv").read_text() == before and not (out / "table.md").exists()
 
 
