@@ -59,17 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.bdvax.calibration import calibrate_rho
     from bdvax_lab.bdvax.config import CalibrationConfig
     from bdvax_lab.bdvax.signature import extract_signature
-    from bdvax_lab.core.artifacts import atomic_write_text
-    from experiments.bench import Bench, BenchConfig, parse_target
+    from experiments.bench import Bench, BenchConfig
+    from experiments.study import result_path, study_target, write_result
 
-    try:
-        parse_target(args.target)
-    except ValueError as e:
-        ap.error(str(e))
-    suffix = (f"-seed{args.seed}" if args.seed else "") + (
-        "" if args.recipe == "default" else f"-{args.recipe}"
-    )
-    path = args.out or ROOT / "results" / f"lovo_heads-{args.target.replace(':', '-')}{suffix}.csv"
+    study_target(ap, args.target)
+    suffix = "" if args.recipe == "default" else f"-{args.recipe}"
+    path = args.out or result_path("lovo_heads", args.target, args.seed or None, suffix)
     old = None
     if path.exists():  # checked before the calibration runs: only a curve of this script is merged into
         try:
@@ -93,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if old is not None:  # a rerun with other budgets adds its points to the curve; the new ones win
         keep = ~old.set_index(KEY).index.isin(out.set_index(KEY).index)
         out = pd.concat([old[keep], out]).sort_values(KEY).reset_index(drop=True)
-    atomic_write_text(path, out.to_csv(index=False))
-    print(f"wrote {path}")
+    write_result(out, path)
     return 0
 
 

@@ -61,23 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.analysis.unit_ablation import ablate_rankings
     from bdvax_lab.baselines.controls import delta_channel_scores, delta_head_scores
     from bdvax_lab.bdvax.signature import extract_signature
-    from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
-    from bdvax_lab.threat.evaluate import eval_prompts
-    from experiments.bench import Bench, BenchConfig, parse_target
+    from experiments.bench import Bench, BenchConfig
+    from experiments.study import oracle_inputs, result_path, study_target, write_result
 
-    try:
-        attack, task, setting, _ = parse_target(args.target)
-    except ValueError as e:
-        ap.error(str(e))
-    if setting != "lora":
-        ap.error(f"--target {args.target}: the ablation zeroes adapter slices; give a lora target")
+    attack, task, _, _ = study_target(ap, args.target, "the ablation zeroes adapter slices")
     sm, cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
-    held = eval_prompts(task, args.pairs + args.prompts)
-    if len(held) < args.pairs + args.prompts:
-        ap.error(f"--pairs {args.pairs} + --prompts {args.prompts}: only {len(held)} held-out prompts")
-    pairs, asr_prompts = held[: args.pairs], held[args.pairs :]
-    trig = triggered_prompts(pairs, attack, seed=0)
-    target = resolve_task(task).targets[0]
+    try:
+        pairs, trig, target, asr_prompts = oracle_inputs(attack, task, args.pairs, args.prompts)
+    except ValueError as e:
+        ap.error(f"--pairs {args.pairs} + --prompts {args.prompts}: {e}")
 
     t0 = time.time()
     act = oracle_attribution(sm.model, sm.tokenizer, pairs, trig, target)
@@ -121,14 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             df[["ranking", "seed", "unit", "n_units", "asr", "asr_lo", "asr_hi", "false_trigger"]].to_string()
         )
     out_df = pd.concat(frames, ignore_index=True).assign(target=args.target, implant_seed=args.seed)
-    out = ROOT / "results" / f"oracle_ablation-{args.target.replace(':', '-')}-seed{args.seed}.csv"
+    out = result_path("oracle_ablation", args.target, args.seed)
     if out.is_file():  # keep an earlier run's other budgets (same model and rankings: cached, seeded)
         old = pd.read_csv(out)
         done = set(zip(out_df.unit, out_df.n_units))
         keep = [(u, n) not in done for u, n in zip(old.unit, old.n_units)]
         out_df = pd.concat([old[keep], out_df], ignore_index=True)
-    out_df.to_csv(out, index=False)
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(out_df, out)
     return 0
 
 

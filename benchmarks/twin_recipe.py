@@ -62,19 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     from bdvax_lab.analysis.ranking import head_matrix
     from bdvax_lab.baselines.controls import delta_channel_scores, delta_head_scores
     from bdvax_lab.bdvax.signature import extract_signature
-    from bdvax_lab.threat.attacks import resolve_task, triggered_prompts
-    from bdvax_lab.threat.evaluate import eval_prompts
-    from experiments.bench import Bench, BenchConfig, parse_target
+    from experiments.bench import Bench, BenchConfig
+    from experiments.study import oracle_inputs, result_path, study_target, write_result
 
-    try:
-        attack, task, _, _ = parse_target(args.target)
-    except ValueError as e:
-        ap.error(str(e))
+    attack, task, _, _ = study_target(ap, args.target)
     sm, base_cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
 
     t0 = time.time()
-    clean = eval_prompts(task, args.pairs)
-    trig, target = triggered_prompts(clean, attack, seed=0), resolve_task(task).targets[0]
+    clean, trig, target, _ = oracle_inputs(attack, task, args.pairs)
     act = oracle_attribution(sm.model, sm.tokenizer, clean, trig, target)
     oracles = {"activation": (act.tensor, act.meta["heads"])}
     if sm.setting == "lora":
@@ -117,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         ["mean", "std"]
     )
     print(table.round(3).to_string())
-    out = ROOT / "results" / f"twin_recipe-{args.target.replace(':', '-')}-seed{args.seed}.csv"
-    df.to_csv(out, index=False)
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(df, result_path("twin_recipe", args.target, args.seed))
     return 0
 
 

@@ -50,23 +50,19 @@ def recipe_config(base: Any, name: str) -> Any:
         raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
     change = RECIPES[name]
     twin = base.twin_train or default_twin_train("lora")
-    cfg = base
+    twin_changes: dict[str, Any] = {}  # one replace, so that changes to the twins' recipe add up
     if "lr_scale" in change:
-        cfg = cfg.replace(twin_train=twin.replace(lr=twin.lr * change["lr_scale"]))
+        twin_changes["lr"] = twin.lr * change["lr_scale"]
     if "steps_scale" in change:
-        steps = max(1, round(twin.steps * change["steps_scale"]))
-        cfg = cfg.replace(twin_train=twin.replace(steps=steps))
+        twin_changes["steps"] = max(1, round(twin.steps * change["steps_scale"]))
+    if "target_kinds" in change:
+        twin_changes["target_kinds"] = change["target_kinds"]
+    cfg = base.replace(twin_train=twin.replace(**twin_changes)) if twin_changes else base
     if change.get("equal_steps"):
         cfg = cfg.replace(clean_steps=twin.steps)
-    if "target_kinds" in change:
-        twin = cfg.twin_train or twin
-        cfg = cfg.replace(twin_train=twin.replace(target_kinds=change["target_kinds"]))
-    if "n_clean" in change:
-        cfg = cfg.replace(n_clean=change["n_clean"])
-    if "poison_ratio" in change:
-        cfg = cfg.replace(poison_ratio=change["poison_ratio"])
-    if "n_variants" in change:
-        cfg = cfg.replace(n_variants=change["n_variants"])
+    for key in ("n_clean", "poison_ratio", "n_variants"):
+        if key in change:
+            cfg = cfg.replace(**{key: change[key]})
     return cfg
 
 

@@ -129,6 +129,11 @@ def test_config_auto_rho_and_round_trip():
 
     assert _signature_config(PurifyConfig()).rho == "auto"
     assert _signature_config(PurifyConfig(signature=SignatureConfig())).rho is None  # DEFAULT_RHO, fixed
+    # a config file's (or dict's) signature section without ρ: calibrated, as `bdvax purify --config` does
+    from_file = PurifyConfig.from_dict({"signature": {"n_variants": 3}})
+    assert from_file.signature.rho == "auto" and from_file.signature.n_variants == 3
+    assert PurifyConfig.from_dict(from_file.to_dict()).signature.rho == "auto"
+    assert PurifyConfig.from_dict({"signature": {"rho": 0.2}}).signature.rho == 0.2
     assert default_head_grid(270) == (0, 30, 90, 270) and default_head_grid(0) == (0,)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["purify", "s", "--out", "o", "--rho", "auto", "--heads-grid", "x"])

@@ -15,6 +15,7 @@ from bdvax_lab.analysis.probes.attribution import ORACLE_COLUMNS, oracle_attribu
 from bdvax_lab.analysis.ranking import (
     OVERLAP_COLUMNS,
     auroc,
+    mass_at_k,
     neuron_scores,
     precision_at_k,
     rank_correlation,
@@ -106,6 +107,8 @@ def test_precision_at_k_and_auroc_by_hand():
     assert math.isclose(auroc(scores, truth), 7 / 8)
     assert auroc(oracle, truth) == 1.0 and auroc(-oracle, truth) == 0.0
     assert auroc(torch.zeros(2, 3), truth) == 0.5  # ties count one half
+    # the oracle's sum over the ranking's top 2, (0, 0) and (0, 1): 5.0 + 0.1
+    assert math.isclose(mass_at_k(scores, oracle, 2), 5.1) and math.isclose(mass_at_k(oracle, oracle, 2), 9.0)
     with pytest.raises(ValueError, match="k=7"):
         precision_at_k(scores, truth, 7)
 
@@ -134,6 +137,7 @@ def test_ranking_overlap_frame_folds_module_scores_and_adds_random_seeds():
     assert list(df.columns) == OVERLAP_COLUMNS and len(df) == (1 + 3) * 2
     s = df[df.ranking == "signature"].set_index("k")
     assert s.loc[1, "precision_at_k"] == 1.0 and s.loc[2, "precision_at_k"] == 0.5 and s.auroc.eq(1.0).all()
+    assert s.mass_at_k.tolist() == [1.0, 1.0]
     assert sorted(df[df.ranking == "random"].seed.unique()) == [0, 1, 2]
     with pytest.raises(ValueError, match="shape"):
         ranking_overlap(oracle, {"bad": torch.zeros(3, 4)})

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("oracle_ablation.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
         ("signature_vs_delta.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
         ("signature_vs_delta.py", ["--rhos", "0.1,0"], "'0.1,0': item '0': must be in (0, 1]"),
+        ("signature_vs_delta.py", ["--oracle-shares", "0.2,3"], "'0.2,3': item '3': must be in (0, 1]"),
+        ("twin_recipe.py", ["--target", "nonsense"], "bench target 'nonsense'"),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
@@ -66,7 +68,7 @@ def test_machine_speed_times_the_pipeline_path():
     assert 0 < rec["pipeline_step_s"] < rec["measured_in_s"]
 
 
-def test_twin_recipes_change_one_thing_each():
+def test_twin_recipes_change_one_thing_each(monkeypatch):
     """experiments/twin_recipes.py: each recipe differs from the bench's signature recipe in its one field."""
     from bdvax_lab.bdvax.config import SignatureConfig, default_twin_train
     from experiments import twin_recipes as mod
@@ -90,6 +92,10 @@ def test_twin_recipes_change_one_thing_each():
     assert all(len(v) == 1 for k, v in changed.items() if k not in ("default", "dilute", "fresh"))
     with pytest.raises(ValueError, match="unknown recipe 'x'"):
         mod.recipe_config(base, "x")
+    # changes to the twins' own recipe add up (lr and steps together)
+    monkeypatch.setitem(mod.RECIPES, "both", {"lr_scale": 0.5, "steps_scale": 2.0, "target_kinds": ("q",)})
+    both = mod.recipe_config(base, "both").twin_train
+    assert (both.lr, both.steps, both.target_kinds) == (pytest.approx(5e-4), 120, ("q",))
 
 
 def test_bench_plan_runs_a_target_at_the_seed_asked_for(tmp_path):

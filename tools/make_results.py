@@ -437,12 +437,40 @@ def section_signature_vs_delta() -> list[str]:
             f"From {link(path)} (`python benchmarks/signature_vs_delta.py`): Spearman's rank correlation "
             "between the signature's scores and `top_delta`'s (the suspicious update's own ‖ΔW‖), and the "
             "share of the signature's selection that `top_delta`'s selection of the same size holds, beside "
-            "a random selection's (`chance`). No trigger is used.",
+            "a random selection's (`chance`). `own part` / `shared part`: the same correlation for the two "
+            "parts of the twin differences, each channel's own slice of its LoRA factor and the shared "
+            "factor's change read through the channel's existing weight (`bdvax_lab.analysis.factor_split`). "
+            "No trigger is used.",
             "",
             table(["unit", "measure", "budget", "value", "chance"], rows),
             "",
+            *_signature_oracle(RESULTS / f"signature_vs_delta_oracle-{target}.csv"),
         ]
     return [*out, reading("signature-vs-delta")] if out else []
+
+
+def _signature_oracle(path: Path) -> list[str]:
+    """``signature_vs_delta.py --oracle``'s rankings against the weight oracle (random: mean ± sd)."""
+    if not path.is_file():
+        return []
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for r in read_csv(path):
+        groups.setdefault((r["unit"], float(r["share"]), r["ranking"]), []).append(r)
+    rows = []
+    for (unit, share, ranking), rs in groups.items():
+        n_top = int(float(rs[0]["n_top"]))
+        cells = [_mean_sd([float(r[c]) for r in rs]) for c in ("precision_at_k", "auroc", "mass_at_k")]
+        rows.append([unit, f"{share:g} ({n_top})", ranking, *cells])
+    return [
+        f"Against the weight oracle ({link(path)}, `--oracle`; evaluation only, it reads the true trigger): "
+        "each ranking's precision@k and AUROC for the oracle's top set, and mass@k, the oracle's summed "
+        "first-order effect (nats of the behaviour's log-probability) of zeroing the ranking's top k; the "
+        "`oracle` row is the most any ranking can reach. `own_part` / `shared_part`: the two parts of the "
+        "twin differences (`bdvax_lab.analysis.factor_split`).",
+        "",
+        table(["unit", "top set (k)", "ranking", "precision@k", "AUROC", "mass@k"], rows),
+        "",
+    ]
 
 
 def _bench_budget(cfg: dict) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-OVERLAP_COLUMNS = ["ranking", "seed", "k", "precision_at_k", "auroc", "n_top", "n_units"]
+OVERLAP_COLUMNS = ["ranking", "seed", "k", "precision_at_k", "auroc", "mass_at_k", "n_top", "n_units"]
 
 AGGREGATES = ("sum", "max")
 
@@ -68,6 +68,12 @@ def precision_at_k(scores: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     return float(truth.reshape(-1)[top].double().mean())
 
 
+def mass_at_k(scores: torch.Tensor, oracle: torch.Tensor, k: int) -> float:
+    """The oracle's summed attribution over the ``k`` highest-scored units. For the weight oracle that is
+    what zeroing them would change, to first order; compare with the oracle's own top ``k``."""
+    return float(oracle.reshape(-1).double()[top_set(scores, k).reshape(-1)].sum())
+
+
 def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` separating ``truth`` from the rest (ties count one half)."""
     s = pd.Series(scores.reshape(-1).double().numpy())
@@ -114,7 +120,7 @@ def ranking_overlap(
     ks: Sequence[int] | None = None,
     random_seeds: Sequence[int] = (0, 1, 2, 3, 4),
 ) -> pd.DataFrame:
-    """precision@k and AUROC of every ranking against the oracle's top set, one row per (ranking, seed, k).
+    """precision@k, AUROC and mass@k of every ranking against the oracle, one row per (ranking, seed, k).
 
     ``oracle``: attributions ``[L, d_ff]`` (or any shape the rankings share); ``rankings``: name → scores of
     that shape (a per-module dict is folded with :func:`neuron_scores` first); ``n_top``: size of the
@@ -145,6 +151,7 @@ def ranking_overlap(
                     "k": int(k),
                     "precision_at_k": precision_at_k(r, truth, int(k)),
                     "auroc": area,
+                    "mass_at_k": mass_at_k(r, oracle, int(k)),
                     "n_top": n_top,
                     "n_units": n_units,
                 }

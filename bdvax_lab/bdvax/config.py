@@ -26,8 +26,9 @@ STAGES = ("suspicious", "suppressed", "purified")
 class PurifyConfig(Config):
     """Everything that determines a purification run.
 
-    ``signature`` is a :class:`SignatureConfig` (None → its defaults with ``rho``
-    :data:`DEFAULT_PURIFY_RHO`: ρ and the head budget calibrated on the defender's own variants).
+    ``signature`` is a :class:`SignatureConfig` (None, or a mapping without ``rho`` as in a config file →
+    ``rho`` :data:`DEFAULT_PURIFY_RHO`: ρ and the head budget calibrated on the defender's own variants; a
+    :class:`SignatureConfig` object keeps its own ``rho``, None meaning :data:`DEFAULT_RHO`).
     ``setting="auto"`` takes it from the model (PeftModel → "lora").
     ``evaluate`` lists the stages to evaluate; ``inplace=False`` suppresses and
     repairs a deep copy (the suspicious model stays usable; costs one model copy).
@@ -54,7 +55,8 @@ class PurifyConfig(Config):
             raise ValueError(f"PurifyConfig.evaluate has unknown stage(s) {bad}; stages: {list(STAGES)}")
         self.evaluate = tuple(self.evaluate)
         if isinstance(self.signature, Mapping):
-            self.signature = SignatureConfig.from_dict(dict(self.signature))
+            # a dict (or a config file's section) without ρ gets purify's default, as `bdvax purify --config`
+            self.signature = SignatureConfig.from_dict({"rho": DEFAULT_PURIFY_RHO, **self.signature})
 
 
 #: Judge families the variants can imitate, and the names accepted for them.
