@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.study import oracle_inputs, result_path, study_target, write_result
 
     attack, task, _, _ = study_target(ap, args.target, "the ablation zeroes adapter slices")
-    sm, cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
-    try:
+    try:  # before the model, which may have to be implanted
         pairs, trig, target, asr_prompts = oracle_inputs(attack, task, args.pairs, args.prompts)
     except ValueError as e:
         ap.error(f"--pairs {args.pairs} + --prompts {args.prompts}: {e}")
+    sm, cfg = Bench(BenchConfig(targets=(args.target,))).target_model(args.target, args.seed)
 
     t0 = time.time()
     act = oracle_attribution(sm.model, sm.tokenizer, pairs, trig, target)

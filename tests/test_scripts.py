@@ -37,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ("signature_vs_delta.py", ["--rhos", "0.1,0"], "'0.1,0': item '0': must be in (0, 1]"),
         ("signature_vs_delta.py", ["--oracle-shares", "0.2,3"], "'0.2,3': item '3': must be in (0, 1]"),
         ("twin_recipe.py", ["--target", "nonsense"], "bench target 'nonsense'"),
+        (
+            "oracle_ablation.py",
+            ["--prompts", "100000"],
+            "--pairs 32 + --prompts 100000: 32 + 100000 prompts asked",
+        ),
     ],
 )
 def test_benchmark_scripts_import_from_anywhere(tmp_path, script, args, expect):
