@@ -55,8 +55,7 @@ class PurifyConfig(Config):
             raise ValueError(f"PurifyConfig.evaluate has unknown stage(s) {bad}; stages: {list(STAGES)}")
         self.evaluate = tuple(self.evaluate)
         if isinstance(self.signature, Mapping):
-            # a dict (or a config file's section) without ρ gets purify's default, as `bdvax purify --config`
-            self.signature = SignatureConfig.from_dict({"rho": DEFAULT_PURIFY_RHO, **self.signature})
+            self.signature = purify_signature(self.signature)
 
 
 #: Judge families the variants can imitate, and the names accepted for them.
@@ -109,6 +108,18 @@ DEFAULT_PURIFY_RHO = AUTO_RHO
 #: head budgets that calibration searches by default, as shares of the model's attention heads (SmolLM2's
 #: 270 heads: 0, 30, 90, 270); :func:`default_head_grid` turns them into counts
 DEFAULT_HEAD_SHARES: tuple[float, ...] = (0.0, 1 / 9, 1 / 3, 1.0)
+
+
+def purify_signature(signature: Any) -> Any:
+    """The :class:`SignatureConfig` purify extracts with: None → ``rho`` :data:`DEFAULT_PURIFY_RHO`; a
+    mapping (a dict, a config file's section) → its fields, ``rho`` defaulting the same way, as
+    ``bdvax purify --config`` does; a :class:`SignatureConfig` as it is (its ``rho=None`` is
+    :data:`DEFAULT_RHO`)."""
+    if signature is None:
+        return SignatureConfig(rho=DEFAULT_PURIFY_RHO)
+    if isinstance(signature, Mapping):
+        return SignatureConfig.from_dict({"rho": DEFAULT_PURIFY_RHO, **signature})
+    return signature
 
 
 def default_head_grid(n_heads: int) -> tuple[int, ...]:

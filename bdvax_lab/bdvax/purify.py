@@ -49,7 +49,7 @@ manifest, and ASR is skipped when neither is known.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ from ..threat.suspicious import (
 )
 from ..training.repair import RepairResult, repair
 from ..weights.suppression import SuppressionReport, suppress
-from .config import AUTO_RHO, DEFAULT_PURIFY_RHO, STAGES, PurifyConfig
+from .config import AUTO_RHO, STAGES, PurifyConfig, purify_signature
 
 #: the manifest ``kind`` of a purified artifact directory
 PURIFIED_KIND = "bdvax.purified"
@@ -187,13 +187,9 @@ def _default_extractor(
 
 def _signature_config(config: PurifyConfig, custom_extractor: bool = False) -> Any:
     """The signature config to extract with; a custom extractor gets ``config.signature`` as it is."""
-    if custom_extractor or (config.signature is not None and not isinstance(config.signature, Mapping)):
+    if custom_extractor:
         return config.signature
-    from .config import SignatureConfig
-
-    if config.signature:
-        return SignatureConfig.from_dict(dict(config.signature))
-    return SignatureConfig(rho=DEFAULT_PURIFY_RHO)  # nothing set: calibrate the budget (config.py says why)
+    return purify_signature(config.signature)  # nothing set: calibrate the budget (config.py says why)
 
 
 def purify(
