@@ -176,6 +176,31 @@ def test_flags_override_a_purify_config_file(tmp_path):
     assert _purify_config(_ns(argv + ["--no-repair"]), "lora").finetune is False
 
 
+def test_purify_reads_rho_as_purify_does(tmp_path):
+    """No ρ anywhere → calibrate; an explicit ``rho: null`` → the paper's ρ, in the CLI as in purify()."""
+    from bdvax_lab.bdvax.config import AUTO_RHO, PurifyConfig, purify_signature
+    from bdvax_lab.cli import _purify_config
+
+    assert _purify_config(_ns(["purify", "s", "--out", "o"]), "lora").signature.rho == AUTO_RHO
+    cases = [
+        ({"signature": {"family": "insult"}}, AUTO_RHO),
+        ({"signature": {"family": "insult", "rho": None}}, None),
+        ({"family": "insult"}, AUTO_RHO),  # a bare SignatureConfig file
+        ({"family": "insult", "rho": None}, None),
+    ]
+    for i, (body, want) in enumerate(cases):
+        path = tmp_path / f"c{i}.json"
+        path.write_text(json.dumps(body))
+        got = _purify_config(_ns(["purify", "s", "--out", "o", "--config", str(path)]), "lora").signature
+        api = PurifyConfig.from_file(path).signature if "signature" in body else purify_signature(body)
+        assert got.rho == api.rho == want, body
+    got = _purify_config(_ns(["purify", "s", "--out", "o", "--config", str(path), "--rho", "0.3"]), "lora")
+    assert got.signature.rho == 0.3  # the flag is written over the file
+    path.write_text(json.dumps({"rho": 2.0}))
+    with pytest.raises(ValueError, match=path.name):
+        _purify_config(_ns(["purify", "s", "--out", "o", "--config", str(path)]), "lora")
+
+
 def test_a_bad_config_value_names_the_file(tmp_path, capsys):
     from bdvax_lab.cli import _signature_config
 
