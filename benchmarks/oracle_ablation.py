@@ -6,7 +6,9 @@ rankings are compared at the same counts, with no repair:
 - ``activation_oracle``: attribution patching of activations (:func:`~bdvax_lab.analysis.probes.
   attribution.oracle_attribution`, the oracle of ``benchmarks/twin_recipe.py``);
 - ``weight_oracle``: the first-order effect of zeroing each adapter slice (:func:`~bdvax_lab.analysis.
-  probes.lora_oracle.lora_oracle`);
+  probes.lora_oracle.lora_oracle`); ``--ig-steps K`` adds ``weight_oracle_ig``, the same slices scored by
+  integrated gradients over ``K`` points from the adapter switched off to the suspicious model (for a
+  saturated behaviour, where the first-order scores sum to far less than switching the adapter off does);
 - ``signature``: BD-VAX's scores with the bench's recipe (cached twins); ``--recipes default,attn_only``
   adds ``signature_<recipe>`` for each other twin recipe of ``experiments/twin_recipes.py``;
 - ``top_delta``: ‖ΔW‖ per channel / head of the suspicious update;
@@ -18,7 +20,7 @@ ABLATION_COLUMNS`); a rerun with other budgets adds its rows and replaces those 
 
     python benchmarks/oracle_ablation.py [--target badnets:sentiment:lora:format] [--seed 0]
        [--channel-shares 0.01,0.05] [--head-shares 0.1] [--prompts 100] [--random-seeds 0,1,2]
-       [--recipes default]
+       [--recipes default] [--ig-steps 8]
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         default=["default"],
         help="twin recipes whose signatures are ranked (experiments/twin_recipes.py)",
     )
+    ap.add_argument(
+        "--ig-steps",
+        type=nonneg_int,
+        default=0,
+        help="also rank by the integrated-gradients weight oracle over this many points (0: not)",
+    )
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -74,10 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     act = oracle_attribution(sm.model, sm.tokenizer, pairs, trig, target)
     wgt = lora_oracle(sm.model, sm.tokenizer, trig, target)
+    oracles = {"weight_oracle": wgt}
+    if args.ig_steps:
+        oracles["weight_oracle_ig"] = lora_oracle(sm.model, sm.tokenizer, trig, target, steps=args.ig_steps)
+    for name, o in oracles.items():
+        m = o.meta
+        print(
+            f"{name}: scores sum to {m['total']:.3f} nats; switching the adapter off changes the "
+            f"behaviour's log-probability by {m['m_off'] - m['m_on']:+.3f} (from {m['m_on']:.3f})"
+        )
     shape = tuple(act.meta["heads"].shape)
     rankings = {
         "activation_oracle": {"channel": act.tensor, "head": act.meta["heads"]},
-        "weight_oracle": {"channel": wgt.tensor, "head": wgt.meta["heads"]},
+        **{name: {"channel": o.tensor, "head": o.meta["heads"]} for name, o in oracles.items()},
     }
     for recipe in args.recipes:  # twins cached with the bench's recipe (or trained now for another one)
         start, pool = recipe_start(sm, recipe, cfg.family)

@@ -278,6 +278,36 @@ def test_lora_oracle_predicts_what_zeroing_a_slice_does(tiny):
         lora_oracle(base, tok, trig, "x")
 
 
+def test_lora_oracle_integrated_gradients_add_up_to_removing_the_adapter(tiny):
+    """Where the adapter is large enough that the behaviour bends (first order misses more than half of
+    what switching it off does), the integrated-gradients scores still sum to ``m_on − m_off``, and the
+    ends are the real metric; the adapter is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
+
+    base, tok = tiny
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(0)
+    for n, p in peft.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    snap = {n: p.detach().clone() for n, p in peft.named_parameters()}
+    trig = triggered_prompts([Example(f"Name a colour, number {i}.") for i in range(4)], "badnets", seed=0)
+    first = lora_oracle(peft, tok, trig, "stupid idea", n_target_tokens=2, batch_size=3).meta
+    ig = lora_oracle(peft, tok, trig, "stupid idea", n_target_tokens=2, batch_size=3, steps=16).meta
+    assert all(torch.equal(p, snap[n]) for n, p in peft.named_parameters())
+    change = ig["m_on"] - ig["m_off"]
+    assert ig["m_on"] == pytest.approx(_target_logprob(peft, tok, trig, ig["target_ids"]), abs=1e-4)
+    assert abs(first["total"] - change) > 0.5 * abs(change) > 1e-3  # first order is far off here
+    assert ig["total"] == pytest.approx(change, rel=0.02)
+    assert first["m_on"] == pytest.approx(ig["m_on"]) and ig["steps"] == 16
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            lora_oracle(peft, tok, trig, "x", steps=bad)
+
+
 def test_ablate_rankings_zeroes_each_rankings_top_units_and_restores_the_adapter(tiny, monkeypatch):
     """The backdoor measurement is replaced by a reading of one planted adapter slice (ASR 1 while block
     1's channel 5 / head 2 carry LoRA weight): a ranking that puts them first must read 0, the adapter

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("twin_recipe.py", ["--recipes", "default,nosuch"], "bad recipes ['nosuch']"),
         ("oracle_ablation.py", ["--recipes", "attn_only,x"], "bad recipes ['x']"),
         ("oracle_ablation.py", ["--channel-shares", "0.01,2"], "'0.01,2': item '2': must be in (0, 1]"),
+        ("oracle_ablation.py", ["--ig-steps", "-2"], "--ig-steps: "),
         ("lovo_heads.py", ["--rhos", "0.5,x"], "'0.5,x': item 'x': expected float"),
         ("lovo_heads.py", ["--heads", "0,-3"], "item '-3': must be ≥ 0"),
         ("oracle_ablation.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),

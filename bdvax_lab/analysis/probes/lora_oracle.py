@@ -16,6 +16,14 @@ up plus column ``j`` of ``lora_A`` of down, summed; query head ``h`` is its ``he
 ``lora_B`` and columns of o's ``lora_A``, plus ``1/group`` of its k/v head's rows (GQA: ``group`` query
 heads share one k/v head). Adapter setting only (in the full setting the slice is the whole weight,
 and ``θ`` would have to be the update, which needs the base).
+
+First order fails where the behaviour is saturated: under the trigger a refusal's log-probability is near
+0, so its gradient is small and the scores sum to far less than what removing the adapter does. With
+``steps = K`` the gradient is instead averaged over ``K`` points of the straight line from the adapter
+switched off (every scored factor scaled by α = 0) to the suspicious model (α = 1): integrated
+gradients. Each scored LoRA module has one scored factor, so its update is linear in α, and the scores
+then add up to ``m(α=1) − m(α=0)`` (completeness, up to the ``K``-point midpoint rule). ``meta`` carries
+both ends (``m_on``, ``m_off``) and the scores' total, so the gap can be read.
 """
 
 from __future__ import annotations
@@ -72,15 +80,21 @@ def lora_oracle(
     *,
     n_target_tokens: int = 4,
     batch_size: int = 8,
+    steps: int = 0,
     label: str = "model",
 ) -> ProbeResult:
-    """First-order effect of zeroing each adapter MLP channel and head on the behaviour (module doc).
+    """Effect of zeroing each adapter MLP channel and head on the behaviour (module doc).
 
-    ``triggered_prompts``: instructions carrying the true key; ``target``: the behaviour's reply. Returns a
-    :class:`ProbeResult` shaped like :func:`.attribution.oracle_attribution`'s: ``tensor`` ``[L, d_ff]``
-    (MLP channels), ``meta["heads"]`` ``[L, n_heads]``, ``frame`` one row per unit. Parameters keep their
-    ``requires_grad`` flags and are left without ``.grad``.
+    ``triggered_prompts``: instructions carrying the true key; ``target``: the behaviour's reply;
+    ``steps``: 0 for the first-order score at the suspicious model, ``K ≥ 1`` for integrated gradients
+    over ``K`` midpoints (``K`` times the backward passes). Returns a :class:`ProbeResult` shaped like
+    :func:`.attribution.oracle_attribution`'s: ``tensor`` ``[L, d_ff]`` (MLP channels), ``meta["heads"]``
+    ``[L, n_heads]``, ``frame`` one row per unit; ``meta`` also has ``m_on``, ``m_off`` (the metric with
+    the scored adapter on and off, means over prompts) and ``total`` (the scores' sum). Parameters keep
+    their values and ``requires_grad`` flags and are left without ``.grad``.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"lora_oracle: steps must be an int ≥ 0 (0 = first order), got {steps!r}")
     if not is_peft(model):
         raise TypeError("lora_oracle needs a PeftModel (adapter setting): it scores the adapter's slices")
     trig = _as_prompts(triggered_prompts, "triggered_prompts")
@@ -100,17 +114,46 @@ def lora_oracle(
     was = hf.training
     hf.train(False)
     tgt_t = torch.tensor(tgt)
+    batches = [
+        _left_pad([seqs[i] for i in idx], int(pad_token(tokenizer))) for idx in _chunks(len(seqs), batch_size)
+    ]
+    alphas = [1.0] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
+    full = [w.detach().clone() for w in watched]
+
+    def scale(alpha: float) -> None:
+        with torch.no_grad():
+            for w, f in zip(watched, full):
+                w.copy_(f * alpha)
+
+    def metric() -> float:
+        with torch.no_grad():
+            return sum(
+                float(
+                    target_logprob(
+                        hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits, tgt_t
+                    )
+                )
+                for b in batches
+            )
+
     try:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for w in watched:
-            w.requires_grad_(True)
-        for idx in _chunks(len(seqs), batch_size):
-            b = _left_pad([seqs[i] for i in idx], int(pad_token(tokenizer)))
-            with torch.enable_grad():
-                logits = hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
-                target_logprob(logits, tgt_t).backward()
+        scale(0.0)
+        m_off = metric()
+        for alpha in alphas:
+            scale(alpha)
+            for w in watched:
+                w.requires_grad_(True)
+            for b in batches:
+                with torch.enable_grad():
+                    logits = hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+                    target_logprob(logits, tgt_t).backward()
+            for w in watched:
+                w.requires_grad_(False)
+        scale(1.0)
+        m_on = metric()
         mlp = torch.zeros(L, layout.d_ff, dtype=torch.float64)
         heads = torch.zeros(L, nh, dtype=torch.float64)
         for (blk, kd), fs in factors.items():
@@ -124,15 +167,13 @@ def lora_oracle(
                     per_head = s.reshape(-1, hd).sum(1)  # q/o: one per query head; k/v: one per k/v head
                     heads[blk] += per_head if kd in ("q", "o") else per_head.repeat_interleave(group) / group
     finally:
+        scale(1.0)
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
         hf.train(was)
     n = len(seqs)
-    mlp, heads = (mlp / n).float(), (heads / n).float()
-    return ProbeResult(
-        oracle_frame(mlp, heads, group),
-        None,
-        tensor=mlp,
-        meta={"probe": "lora_oracle", "heads": heads, "label": label, "target_ids": tgt, "n_prompts": n},
-    )
+    mlp, heads = (mlp / (n * len(alphas))).float(), (heads / (n * len(alphas))).float()
+    meta = {"probe": "lora_oracle", "heads": heads, "label": label, "target_ids": tgt, "n_prompts": n}
+    meta |= {"steps": steps, "m_on": m_on / n, "m_off": m_off / n, "total": float(mlp.sum() + heads.sum())}
+    return ProbeResult(oracle_frame(mlp, heads, group), None, tensor=mlp, meta=meta)
