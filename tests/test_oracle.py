@@ -224,23 +224,30 @@ def _target_logprob(model, tok, prompts, target_ids) -> float:
     return total / len(prompts)
 
 
-def test_lora_oracle_predicts_what_zeroing_a_slice_does(tiny):
-    """The weight oracle's score of a channel / head is the first-order change of the behaviour's
-    log-probability when suppression zeroes that adapter slice: checked against the real change on a
-    small random adapter (where first order is nearly exact), for the top unit and a random one of each
-    kind, under GQA."""
+def _random_adapter(base, std_b: float):
+    """A rank-4 LoRA on every attention and MLP projection of a copy of ``base``, seeded: A ~ N(0, 0.05²),
+    B ~ N(0, std_b²) (small ``std_b``: first order is nearly exact; large: the behaviour bends)."""
     from peft import LoraConfig, get_peft_model
 
-    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
-    from bdvax_lab.weights.suppression import zero_lora_channels
-
-    base, tok = tiny
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     torch.manual_seed(0)
     for n, p in peft.named_parameters():
         if "lora_" in n:
-            torch.nn.init.normal_(p, std=0.05 if "lora_A" in n else 0.002)
+            torch.nn.init.normal_(p, std=0.05 if "lora_A" in n else std_b)
+    return peft
+
+
+def test_lora_oracle_predicts_what_zeroing_a_slice_does(tiny):
+    """The weight oracle's score of a channel / head is the first-order change of the behaviour's
+    log-probability when suppression zeroes that adapter slice: checked against the real change on a
+    small random adapter (where first order is nearly exact), for the top unit and a random one of each
+    kind, under GQA."""
+    from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
+    from bdvax_lab.weights.suppression import zero_lora_channels
+
+    base, tok = tiny
+    peft = _random_adapter(base, std_b=0.002)
     trig = triggered_prompts([Example(f"Name a colour, number {i}.") for i in range(4)], "badnets", seed=0)
     before = {n: p.requires_grad for n, p in peft.named_parameters()}
     res = lora_oracle(peft, tok, trig, "stupid idea", n_target_tokens=2, batch_size=3)
@@ -282,17 +289,10 @@ def test_lora_oracle_integrated_gradients_add_up_to_removing_the_adapter(tiny):
     """Where the adapter is large enough that the behaviour bends (first order misses more than half of
     what switching it off does), the integrated-gradients scores still sum to ``m_on − m_off``, and the
     ends are the real metric; the adapter is left as it was."""
-    from peft import LoraConfig, get_peft_model
-
     from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
 
     base, tok = tiny
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    torch.manual_seed(0)
-    for n, p in peft.named_parameters():
-        if "lora_" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = _random_adapter(base, std_b=0.05)
     snap = {n: p.detach().clone() for n, p in peft.named_parameters()}
     trig = triggered_prompts([Example(f"Name a colour, number {i}.") for i in range(4)], "badnets", seed=0)
     first = lora_oracle(peft, tok, trig, "stupid idea", n_target_tokens=2, batch_size=3).meta
