@@ -54,6 +54,11 @@ IDENT_COLUMNS = (
 DERIVED_COLUMNS = ("skill_kept", "skill_kept_lo", "skill_kept_hi", "ppl_ratio", "ppl_text_ratio")
 
 
+def _head_counts(sig: Any) -> dict[str, int]:
+    """``{"block": n}`` of a selected signature's heads (blocks with none left out)."""
+    return {str(b): int(v.numel()) for b, v in (sig.selected_heads or {}).items() if v.numel()}
+
+
 def row_name(defence: str, control_seed: int | None) -> str:
     """A row's file stem in its unit's cache directory: the defence, with its control seed if it has one."""
     return defence if control_seed is None else f"{defence}-seed{control_seed}"
@@ -512,7 +517,7 @@ class Bench:
             progress=self.progress,
         )
         sig = res.signature
-        heads = {str(b): int(v.numel()) for b, v in (sig.selected_heads or {}).items() if v.numel()}
+        heads = _head_counts(sig)
         cal = calibration_of(sig)
         return {
             **self._summary(res.report.loc["purified"].to_dict()),
@@ -527,6 +532,26 @@ class Bench:
             "reference": False,
             "seconds": {k: round(v, 1) for k, v in res.timings.items() if k != "total"},
         }
+
+    def _with_counts(self, sm: Any, task: str, bd: dict[str, Any]) -> dict[str, Any]:
+        """``bd`` (the ``bdvax`` row) with its per-module counts. A row adopted from a committed table has
+        none (the table keeps no counts), so they are read again from the signature at the bench's budget,
+        as ``_bdvax`` selected it (its twins cached, or trained now); ``bd`` is updated for the next rows."""
+        if "counts" not in bd:
+            from bdvax_lab.bdvax.purify import defence_view
+            from bdvax_lab.bdvax.signature import extract_signature
+            from bdvax_lab.core.registry import setting_of
+            from bdvax_lab.weights.selection import counts_like
+
+            setting = setting_of(sm.model)
+            sig = extract_signature(
+                defence_view(sm, setting), self._signature_config(task, setting), progress=self.progress
+            )
+            self.log(
+                f"  the adopted bdvax row's counts, read again from its signature ({sig.n_selected} channels)"
+            )
+            bd.update(counts=counts_like(sig), head_counts=_head_counts(sig))
+        return bd
 
     def _defend(
         self, sm: Any, name: str, attack: str, task: str, skill: str, bd: dict[str, Any], cseed: int | None
@@ -544,11 +569,12 @@ class Bench:
         if not self.config.repair and spec.repair_optional:
             over["finetune"] = False
         if name in ("random", "top_delta"):
+            bd = self._with_counts(sm, task, bd)
             over |= {"counts": bd["counts"], "head_counts": bd.get("head_counts") or None}
             if cseed is not None:
                 over["seed"] = cseed
         elif name in ("magnitude_prune", "fine_prune"):
-            over["counts"] = bd["counts"]  # the signature's structure and budget
+            over["counts"] = self._with_counts(sm, task, bd)["counts"]  # the signature's structure and budget
         cfg = baseline_config(name, **over)
         res = defend(
             sm,

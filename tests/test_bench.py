@@ -337,3 +337,8 @@ def test_a_bench_without_repair_runs_suppression_only(tiny_pair, tmp_path, monke
     after = pd.read_csv(table)
     assert set(after.adopted_from) == {str(table)}
     pd.testing.assert_frame_equal(after.drop(columns="adopted_from"), before, check_like=True)
+    # a control seed the table lacks: the adopted bdvax row has no counts, so they come from its signature
+    more = Bench(cfg.replace(random_seeds=(0, 1)), base=tiny_pair, progress=False, log=lambda _: None).run()
+    rnd = more[(more.defence == "random") & (more.control_seed == 1)]
+    assert len(rnd) == 1 and rnd.n_channels.iloc[0] == more[more.defence == "bdvax"].n_channels.iloc[0]
+    assert "counts" not in read_json(next(rows.rglob("bdvax.json")))  # the adopted row is left as it was
