@@ -24,10 +24,13 @@ oracle (:func:`~bdvax_lab.analysis.probes.lora_oracle.lora_oracle`, ``--pairs`` 
 prompts): precision@k, AUROC and mass@k (the oracle's first-order effect of zeroing the ranking's top k)
 at each ``--oracle-shares`` top set, beside random rankings. Writes
 results/signature_vs_delta_oracle-<target>-seed<k>.csv (:data:`~bdvax_lab.analysis.ranking.
-OVERLAP_COLUMNS` plus unit and share).
+OVERLAP_COLUMNS` plus unit and share). With ``--oracle-steps K`` the oracle is the integrated-gradients
+one (``K`` points from the adapter switched off; for a saturated behaviour, where first order sees little),
+written to ...-seed<k>-ig<K>.csv.
 
 Usage: python benchmarks/signature_vs_delta.py [--target attack:task:lora:skill] [--seed 0]
-       [--rhos 0.1,0.3,0.5,0.8] [--heads 27,90] [--oracle [--oracle-shares 0.01,0.05,0.2] [--pairs 32]]
+       [--rhos 0.1,0.3,0.5,0.8] [--heads 27,90]
+       [--oracle [--oracle-shares 0.01,0.05,0.2] [--pairs 32] [--oracle-steps 8]]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bdvax_lab.cli import number_list, positive_int, rate
+    from bdvax_lab.cli import nonneg_int, number_list, positive_int, rate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="badnets:sentiment:lora:format")
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--pairs", type=positive_int, default=32, help="held-out triggered prompts for the oracle"
+    )
+    ap.add_argument(
+        "--oracle-steps",
+        type=nonneg_int,
+        default=0,
+        help="0: the first-order weight oracle; K: integrated gradients over K points",
     )
     args = ap.parse_args(argv)
 
@@ -125,19 +134,27 @@ def main(argv: list[str] | None = None) -> int:
             "channel": {"signature": sig.scores, "top_delta": delta, "own_part": own, "shared_part": shared},
             "head": {"signature": hs, "top_delta": hd},
         }
-        odf = oracle_overlap(sm, attack, task, rankings, args.oracle_shares, args.pairs)
+        odf = oracle_overlap(sm, attack, task, rankings, args.oracle_shares, args.pairs, args.oracle_steps)
         show = odf.groupby(["unit", "share", "ranking"], sort=False)[["precision_at_k", "auroc", "mass_at_k"]]
         print(show.mean().round(3).to_string())
         write_result(
             odf.assign(target=args.target, implant_seed=args.seed),
-            result_path("signature_vs_delta_oracle", args.target, args.seed),
+            result_path(
+                "signature_vs_delta_oracle",
+                args.target,
+                args.seed,
+                f"-ig{args.oracle_steps}" if args.oracle_steps else "",
+            ),
         )
     return 0
 
 
-def oracle_overlap(sm: Any, attack: str, task: str, rankings: dict, shares: list, n_pairs: int) -> Any:
+def oracle_overlap(
+    sm: Any, attack: str, task: str, rankings: dict, shares: list, n_pairs: int, steps: int = 0
+) -> Any:
     """Every ranking against the weight oracle's top set at each share of the units (evaluation only: the
-    oracle reads ``n_pairs`` held-out prompts carrying the true trigger); three random rankings beside."""
+    oracle reads ``n_pairs`` held-out prompts carrying the true trigger; ``steps`` as
+    :func:`~bdvax_lab.analysis.probes.lora_oracle.lora_oracle`'s); three random rankings beside."""
     import pandas as pd
 
     from bdvax_lab.analysis.probes.lora_oracle import lora_oracle
@@ -145,7 +162,9 @@ def oracle_overlap(sm: Any, attack: str, task: str, rankings: dict, shares: list
     from experiments.study import oracle_inputs
 
     _, trig, target, _ = oracle_inputs(attack, task, n_pairs)
-    wgt = lora_oracle(sm.model, sm.tokenizer, trig, target)
+    wgt = lora_oracle(sm.model, sm.tokenizer, trig, target, steps=steps)
+    m = wgt.meta
+    print(f"switching the adapter off: {m['m_off'] - m['m_on']:+.3f} nats (from {m['m_on']:.3f})")
     oracles = {"channel": wgt.tensor, "head": wgt.meta["heads"]}
     frames = []
     for unit, oracle in oracles.items():

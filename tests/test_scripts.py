@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("signature_vs_delta.py", ["--target", "badnets:refusal:full:format"], "give a lora target"),
         ("signature_vs_delta.py", ["--rhos", "0.1,0"], "'0.1,0': item '0': must be in (0, 1]"),
         ("signature_vs_delta.py", ["--oracle-shares", "0.2,3"], "'0.2,3': item '3': must be in (0, 1]"),
+        ("signature_vs_delta.py", ["--oracle-steps", "x"], "--oracle-steps: "),
         ("twin_recipe.py", ["--target", "nonsense"], "bench target 'nonsense'"),
         (
             "oracle_ablation.py",

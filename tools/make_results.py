@@ -445,6 +445,11 @@ def section_signature_vs_delta() -> list[str]:
             table(["unit", "measure", "budget", "value", "chance"], rows),
             "",
             *_signature_oracle(RESULTS / f"signature_vs_delta_oracle-{target}.csv"),
+            *(
+                line
+                for ig in sorted(RESULTS.glob(f"signature_vs_delta_oracle-{target}-ig*.csv"))
+                for line in _signature_oracle(ig)
+            ),
         ]
     return [*out, reading("signature-vs-delta")] if out else []
 
@@ -461,10 +466,18 @@ def _signature_oracle(path: Path) -> list[str]:
         n_top = int(float(rs[0]["n_top"]))
         cells = [_mean_sd([float(r[c]) for r in rs]) for c in ("precision_at_k", "auroc", "mass_at_k")]
         rows.append([unit, f"{share:g} ({n_top})", ranking, *cells])
+    ig = re.search(r"-ig(\d+)$", path.stem)
+    steps = ig.group(1) if ig else ""
+    which, effect = (
+        (f"the integrated-gradients weight oracle ({steps} points", "integrated-gradients")
+        if steps
+        else ("the weight oracle (", "first-order")
+    )
+    flag = f"`--oracle --oracle-steps {steps}`" if steps else "`--oracle`"
     return [
-        f"Against the weight oracle ({link(path)}, `--oracle`; evaluation only, it reads the true trigger): "
+        f"Against {which}{link(path)}, {flag}; evaluation only, it reads the true trigger): "
         "each ranking's precision@k and AUROC for the oracle's top set, and mass@k, the oracle's summed "
-        "first-order effect (nats of the behaviour's log-probability) of zeroing the ranking's top k; the "
+        f"{effect} effect (nats of the behaviour's log-probability) of zeroing the ranking's top k; the "
         "`oracle` row is the most any ranking can reach. `own_part` / `shared_part`: the two parts of the "
         "twin differences (`bdvax_lab.analysis.factor_split`).",
         "",
