@@ -183,6 +183,7 @@ def test_purify_reads_rho_as_purify_does(tmp_path):
 
     assert _purify_config(_ns(["purify", "s", "--out", "o"]), "lora").signature.rho == AUTO_RHO
     cases = [
+        ({"eval": {"n_prompts": 7}}, AUTO_RHO),  # a PurifyConfig file with no signature section
         ({"signature": {"family": "insult"}}, AUTO_RHO),
         ({"signature": {"family": "insult", "rho": None}}, None),
         ({"family": "insult"}, AUTO_RHO),  # a bare SignatureConfig file
@@ -192,7 +193,7 @@ def test_purify_reads_rho_as_purify_does(tmp_path):
         path = tmp_path / f"c{i}.json"
         path.write_text(json.dumps(body))
         got = _purify_config(_ns(["purify", "s", "--out", "o", "--config", str(path)]), "lora").signature
-        api = PurifyConfig.from_file(path).signature if "signature" in body else purify_signature(body)
+        api = purify_signature(PurifyConfig.from_file(path).signature if i < 3 else body)
         assert got.rho == api.rho == want, body
     got = _purify_config(_ns(["purify", "s", "--out", "o", "--config", str(path), "--rho", "0.3"]), "lora")
     assert got.signature.rho == 0.3  # the flag is written over the file
