@@ -468,14 +468,14 @@ def _signature_oracle(path: Path) -> list[str]:
         rows.append([unit, f"{share:g} ({n_top})", ranking, *cells])
     ig = re.search(r"-ig(\d+)$", path.stem)
     steps = ig.group(1) if ig else ""
-    which, effect = (
-        (f"the integrated-gradients weight oracle ({steps} points", "integrated-gradients")
-        if steps
-        else ("the weight oracle (", "first-order")
-    )
-    flag = f"`--oracle --oracle-steps {steps}`" if steps else "`--oracle`"
+    if steps:
+        flag = f"`--oracle --oracle-steps {steps}`"
+        source = f"the integrated-gradients weight oracle ({steps} points, {link(path)}, {flag}"
+        effect = "integrated-gradients"
+    else:
+        source, effect = f"the weight oracle ({link(path)}, `--oracle`", "first-order"
     return [
-        f"Against {which}{link(path)}, {flag}; evaluation only, it reads the true trigger): "
+        f"Against {source}; evaluation only, it reads the true trigger): "
         "each ranking's precision@k and AUROC for the oracle's top set, and mass@k, the oracle's summed "
         f"{effect} effect (nats of the behaviour's log-probability) of zeroing the ranking's top k; the "
         "`oracle` row is the most any ranking can reach. `own_part` / `shared_part`: the two parts of the "

@@ -212,58 +212,29 @@ def reinit_channels(
     report = SuppressionReport(
         method=f"reinit:{init}", meta={"init": init, "seed": seed, "std": std, "kv_heads": kv_heads}
     )
-    for (block, kind), idx in _norm_selected(selected, layout).items():
-        name = layout.module_name(block, kind)
-        axis = CHANNEL_DIM[kind]
-        gen = torch.Generator().manual_seed(_module_seed(seed, block, kind))
-        _reinit_slice(
-            layout.weight(hf, block, kind),
-            layout.bias(hf, block, kind),
-            axis,
-            idx,
-            init=init,
-            std=std,
-            gen=gen,
-        )
+    def reinit(block: int, kind: str, axis: int, idx: torch.Tensor, target: str, seed_key: str) -> None:
+        gen = torch.Generator().manual_seed(_module_seed(seed, block, seed_key))
+        w, b = layout.weight(hf, block, kind), layout.bias(hf, block, kind)
+        _reinit_slice(w, b, axis, idx, init=init, std=std, gen=gen)
         report.records.append(
             {
                 "block": block,
                 "kind": kind,
-                "target": "channel",
+                "target": target,
                 "axis": _axis_name(axis),
                 "n": int(idx.numel()),
                 "adapter": None,
-                "param": f"{name}.weight",
+                "param": f"{layout.module_name(block, kind)}.weight",
             }
         )
+
+    for (block, kind), idx in _norm_selected(selected, layout).items():
+        reinit(block, kind, CHANNEL_DIM[kind], idx, "channel", kind)
     heads = _norm_heads(selected_heads, layout)
     for block, hs in heads.items():
         for kind, idx in head_slices(layout, hs, kv_heads).items():
-            if not idx.numel():
-                continue
-            name = layout.module_name(block, kind)
-            axis = 1 if kind == "o" else 0
-            gen = torch.Generator().manual_seed(_module_seed(seed, block, f"head.{kind}"))
-            _reinit_slice(
-                layout.weight(hf, block, kind),
-                layout.bias(hf, block, kind),
-                axis,
-                idx,
-                init=init,
-                std=std,
-                gen=gen,
-            )
-            report.records.append(
-                {
-                    "block": block,
-                    "kind": kind,
-                    "target": "head",
-                    "axis": _axis_name(axis),
-                    "n": int(idx.numel()),
-                    "adapter": None,
-                    "param": f"{name}.weight",
-                }
-            )
+            if idx.numel():
+                reinit(block, kind, 1 if kind == "o" else 0, idx, "head", f"head.{kind}")
     report.meta["n_heads"] = sum(int(h.numel()) for h in heads.values())
     return report
 

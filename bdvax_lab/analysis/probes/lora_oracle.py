@@ -142,6 +142,7 @@ def lora_oracle(
             p.grad = None
         scale(0.0)
         m_off = metric()
+        m_on = 0.0  # first order: the backward passes run at α = 1 and give it for free
         for alpha in alphas:
             scale(alpha)
             for w in watched:
@@ -149,11 +150,14 @@ def lora_oracle(
             for b in batches:
                 with torch.enable_grad():
                     logits = hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
-                    target_logprob(logits, tgt_t).backward()
+                    m = target_logprob(logits, tgt_t)
+                    m.backward()
+                m_on += float(m.detach())
             for w in watched:
                 w.requires_grad_(False)
         scale(1.0)
-        m_on = metric()
+        if steps:
+            m_on = metric()
         mlp = torch.zeros(L, layout.d_ff, dtype=torch.float64)
         heads = torch.zeros(L, nh, dtype=torch.float64)
         for (blk, kd), fs in factors.items():
