@@ -212,6 +212,7 @@ def reinit_channels(
     report = SuppressionReport(
         method=f"reinit:{init}", meta={"init": init, "seed": seed, "std": std, "kv_heads": kv_heads}
     )
+
     def reinit(block: int, kind: str, axis: int, idx: torch.Tensor, target: str, seed_key: str) -> None:
         gen = torch.Generator().manual_seed(_module_seed(seed, block, seed_key))
         w, b = layout.weight(hf, block, kind), layout.bias(hf, block, kind)
