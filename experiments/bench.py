@@ -1055,6 +1055,16 @@ def _calibration_lines(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _auto_grid_note(config: BenchConfig) -> str:
+    """Which head budgets the bench's calibration searched, and how that differs from ``bdvax purify``."""
+    if config.heads_grid is None:
+        return (
+            f"Head budget searched: {config.heads} only (`--heads-grid` unset); `bdvax purify` with no "
+            "`--rho` also searches head budgets (`default_head_grid`), so these rows are not its default."
+        )
+    return f"Head budgets searched: {', '.join(map(str, config.heads_grid))}."
+
+
 def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig) -> str:
     """The bench table: one line per target × defence, then the verdicts, then the cost per stage."""
     from bdvax_lab.viz.tables import markdown_table
@@ -1079,7 +1089,8 @@ def table_markdown(df: pd.DataFrame, verdicts: pd.DataFrame, config: BenchConfig
     if (s.defence == AUTO_ROW).any():
         notes[-1:-1] = [
             "bdvax_auto: ρ chosen by leave-one-variant-out calibration on the defender's own variants (no "
-            "trigger); random and top_delta use the fixed ρ's counts (the `bdvax` row)."
+            "trigger); random and top_delta use the fixed ρ's counts (the `bdvax` row). "
+            + _auto_grid_note(config)
         ]
     if own.any():
         units = set(zip(s[own].target, s[own].implant_seed))  # the (target, seed)s with in-training rows
