@@ -11,6 +11,7 @@ from bdvax_lab.core.artifacts import read_json
 from experiments.bench import (
     Bench,
     BenchConfig,
+    _auto_grid_note,
     parse_row_name,
     parse_target,
     row_name,
@@ -262,6 +263,10 @@ def test_heads_grid_reaches_the_calibration_and_keeps_older_rows():
     assert cfg.heads_grid == (0, 90) and Bench(cfg).rows_dir != Bench(BenchConfig()).rows_dir
     with pytest.raises(ValueError, match="head counts"):
         BenchConfig(heads_grid=(-3,))
+    # the table says which head budgets its bdvax_auto rows searched, and when that is not the CLI's default
+    assert "not its default" in _auto_grid_note(BenchConfig())
+    note = _auto_grid_note(cfg)
+    assert "0, 90" in note and "not its default" not in note
 
 
 def test_tables_refuse_to_drop_rows_measured_elsewhere(tmp_path, monkeypatch):
