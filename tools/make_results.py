@@ -295,6 +295,7 @@ def section_bench() -> list[str]:
     out.append(reading(name) if name else "_No reading yet: add `results/readings/bench.md`._")
     extra = (
         section_lovo_heads,
+        section_bench_head_grid,
         section_bench_in_domain,
         section_bench_no_repair,
         section_twin_recipe,
@@ -524,6 +525,18 @@ def _bench_sections(pattern: str, heading: Callable[[dict, str], tuple[str, str]
             "",
         ]
     return [*out, reading(name)] if out else []
+
+
+def section_bench_head_grid() -> list[str]:
+    """The benches whose ``bdvax_auto`` searches head budgets too (``--heads-grid``), as ``bdvax purify``'s
+    default does; repair data as the main bench's."""
+
+    def heading(cfg: dict, name: str) -> tuple[str, str]:
+        flags, _ = _bench_budget(cfg)
+        grid = ", ".join(str(h) for h in cfg.get("heads_grid") or ())
+        return flags.strip(), f"The calibrated budget as `bdvax purify` searches it (ρ, head budgets {grid})"
+
+    return _bench_sections("bench-hgrid*", heading, "bench-hgrid")
 
 
 def section_bench_in_domain() -> list[str]:
